@@ -1,0 +1,363 @@
+"""Batch inference from model bundles: arrays in, masks / probabilities / labels out.
+
+``Segmenter`` pre-processes with the bundle config (``input_size``, ``in_channels``, ``mean``,
+``std``, ``threshold``, ``inference: {mode, tile_overlap}``) and returns maps at each image's
+original size, either by resizing to the model input and back (mode ``resize``) or by
+overlap-tile inference (mode ``tile``). ``Classifier`` labels (image, mask) pairs and ``Chain``
+runs both and summarises each lesion.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from medseg_core.transforms import normalize_batch, resize_image, resize_mask, to_size
+
+if TYPE_CHECKING:
+    from medseg_core.checkpoint import Bundle
+
+__all__ = ["Segmenter", "Classifier", "Chain", "to_channels", "mask_bbox"]
+
+MODES = ("resize", "tile")
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 HxW / HxWx{1,2,3,4} image -> uint8 HxWx``channels`` (1 or 3).
+
+    Alpha is dropped; RGB -> grey uses PIL's ITU-R 601-2 luma (as decoding with one channel
+    does); grey -> RGB repeats the plane.
+    """
+    image = np.asarray(image)
+    if image.dtype == np.bool_:
+        image = image.astype(np.uint8) * 255
+    if image.dtype != np.uint8:
+        raise TypeError(f"images must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4) or min(image.shape[:2]) < 1:
+        raise ValueError(f"images must be HxW or HxWx{{1,2,3,4}}, got shape {image.shape}")
+    if image.shape[2] in (2, 4):  # grey + alpha, RGB + alpha
+        image = image[:, :, : image.shape[2] - 1]
+    have = image.shape[2]
+    if have == channels:
+        return np.ascontiguousarray(image)
+    if channels == 1:
+        grey = Image.fromarray(np.ascontiguousarray(image)).convert("L")
+        return np.asarray(grey)[:, :, None]
+    if channels == 3:
+        return np.repeat(image, 3, axis=2)
+    raise ValueError(f"cannot convert a {have}-channel image to {channels} channels")
+
+
+def mask_bbox(mask: np.ndarray) -> list[int] | None:
+    """[x0, y0, x1, y1] (inclusive-exclusive) of the non-zero pixels, None when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
+
+
+def _check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    if isinstance(images, np.ndarray) and images.ndim != 4:
+        raise TypeError("pass a list of images (or an (N,H,W,C) array), not a single image")
+    return list(images)
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+class _Runner:
+    """Shared model/device/config handling for the two predictors."""
+
+    def __init__(self, bundle: Bundle, device: str | torch.device, batch_size: int,
+                 amp: bool | None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.bundle = bundle
+        self.config: dict[str, Any] = dict(bundle.config)
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.model = bundle.model.to(self.device).eval()
+        self.input_size = to_size(self.config["input_size"])
+        self.in_channels = int(self.config.get("in_channels", 3))
+        self.mean = self.config.get("mean", 0.0)
+        self.std = self.config.get("std", 1.0)
+        # bf16 autocast only where it pays off (CUDA); CPU results stay float32.
+        self.amp = self.device.type == "cuda" if amp is None else bool(amp)
+
+    @property
+    def version(self) -> str | None:
+        return getattr(self.bundle, "version", None)
+
+    def _autocast(self):
+        if self.amp and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _normalize(self, batch: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        return normalize_batch(tensor, self.mean, self.std)
+
+
+class Segmenter(_Runner):
+    """Binary segmentation with a segmentation bundle.
+
+    Args:
+        bundle: a loaded bundle (``.model``, ``.config``, ``.version``).
+        device: torch device for the model.
+        batch_size: images (mode resize) or tiles (mode tile) per forward pass.
+        mode, tile_overlap: override ``config["inference"]`` (``tile_overlap``: pixels, or a
+            fraction of the tile size when below 1; default 0.25).
+        amp: bf16 autocast; default on for CUDA devices, off otherwise.
+
+    Tile mode: tiles are ``input_size``; neighbouring tiles overlap by ``tile_overlap`` pixels and
+    only each tile's centre (a margin of ``tile_overlap // 2`` removed on every side) is kept, the
+    image being reflect-padded so border pixels also get a full context (U-Net overlap-tile).
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+        *,
+        mode: str | None = None,
+        tile_overlap: int | None = None,
+        amp: bool | None = None,
+    ) -> None:
+        super().__init__(bundle, device, batch_size, amp)
+        inference = dict(self.config.get("inference") or {})
+        self.mode = mode or inference.get("mode", "resize")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown inference mode {self.mode!r}; expected one of {MODES}")
+        if tile_overlap is None:
+            tile_overlap = inference.get("tile_overlap", 0.25)
+        self.tile_overlap: int | float = tile_overlap
+        if not tile_overlap >= 0:
+            raise ValueError(f"tile_overlap must be >= 0, got {tile_overlap}")
+        threshold = self.config.get("threshold")
+        self.threshold = 0.5 if threshold is None else float(threshold)
+
+    @property
+    def margins(self) -> tuple[int, int]:
+        """Pixels dropped on each side of a tile, per axis (at most what leaves a 1-pixel core).
+
+        ``tile_overlap`` below 1 is a fraction of the tile size, otherwise a pixel count.
+        """
+        margins = []
+        for side in self.input_size:
+            ov = self.tile_overlap
+            overlap = round(ov * side) if isinstance(ov, float) and ov < 1 else int(ov)
+            margins.append(min(overlap // 2, (side - 1) // 2))
+        return margins[0], margins[1]
+
+    def _probabilities(self, batch: np.ndarray) -> torch.Tensor:
+        """uint8 (B,H,W,C) -> foreground probabilities (B,H,W) float32 on the device."""
+        x = self._normalize(batch)
+        with self._autocast():
+            out = self.model(x)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return torch.sigmoid(out[:, 0].float())
+
+    def _predict_resize(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        results: list[np.ndarray] = []
+        for part in _chunks(len(images), self.batch_size):
+            batch = np.stack([resize_image(im, self.input_size) for im in images[part]])
+            probs = self._probabilities(batch)
+            for im, prob in zip(images[part], probs):
+                size = im.shape[:2]
+                if tuple(prob.shape) != size:
+                    down = size[0] < prob.shape[0] or size[1] < prob.shape[1]
+                    prob = F.interpolate(prob[None, None], size=size, mode="bilinear",
+                                         align_corners=False, antialias=down)[0, 0]
+                    prob = prob.clamp_(0.0, 1.0)  # antialiased filtering can overshoot by an ulp
+                results.append(prob.cpu().numpy().astype(np.float32, copy=False))
+        return results
+
+    def _predict_tile(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        th, tw = self.input_size
+        mh, mw = self.margins
+        ch, cw = th - 2 * mh, tw - 2 * mw
+        outputs: list[np.ndarray] = []
+        tiles: list[tuple[int, int, int, np.ndarray]] = []  # (image index, row, col, tile)
+        for index, image in enumerate(images):
+            h, w = image.shape[:2]
+            ny, nx = math.ceil(h / ch), math.ceil(w / cw)
+            # After padding, tile (iy, ix) starts at (iy * ch, ix * cw) and its centre covers
+            # image rows iy * ch .. (iy + 1) * ch; the grid's far side is padded to a whole tile.
+            padded = np.pad(image, ((mh, ny * ch - h + mh), (mw, nx * cw - w + mw), (0, 0)),
+                            mode="reflect")
+            outputs.append(np.zeros((ny * ch, nx * cw), dtype=np.float32))
+            for iy in range(ny):
+                for ix in range(nx):
+                    y, x = iy * ch, ix * cw
+                    tiles.append((index, y, x, padded[y:y + th, x:x + tw]))
+        for part in _chunks(len(tiles), self.batch_size):
+            chunk = tiles[part]
+            probs = self._probabilities(np.stack([t[3] for t in chunk]))
+            centres = probs[:, mh:mh + ch, mw:mw + cw].cpu().numpy()
+            for (index, y, x, _), centre in zip(chunk, centres):
+                outputs[index][y:y + ch, x:x + cw] = centre
+        return [np.ascontiguousarray(out[:im.shape[0], :im.shape[1]])
+                for out, im in zip(outputs, images)]
+
+    def predict_proba(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Foreground probability maps (float32 HxW, each image's original size)."""
+        prepared = [to_channels(im, self.in_channels) for im in _check_images(images)]
+        if not prepared:
+            return []
+        with torch.inference_mode():
+            if self.mode == "tile":
+                return self._predict_tile(prepared)
+            return self._predict_resize(prepared)
+
+    def predict(self, images: Sequence[np.ndarray], threshold: float | None = None) -> list[np.ndarray]:
+        """Binary masks (uint8 {0,1} HxW, original sizes): probability > threshold.
+
+        ``threshold`` defaults to the bundle's ``threshold``.
+        """
+        t = self.threshold if threshold is None else float(threshold)
+        return [(p > t).astype(np.uint8) for p in self.predict_proba(images)]
+
+
+class Classifier(_Runner):
+    """Lesion classification of (image, mask) pairs with a classification bundle.
+
+    Images are resized (bilinear) and masks (nearest) to the bundle's ``input_size``; integer or
+    bool masks count non-zero pixels as lesion, float masks are taken as probabilities in [0, 1].
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+        *,
+        amp: bool | None = None,
+    ) -> None:
+        super().__init__(bundle, device, batch_size, amp)
+        names = self.config.get("class_names")
+        self.class_names: tuple[str, ...] | None = tuple(names) if names else None
+
+    def _mask(self, mask: np.ndarray) -> np.ndarray:
+        mask = np.asarray(mask)
+        if mask.ndim == 3 and mask.shape[2] == 1:
+            mask = mask[:, :, 0]
+        if mask.ndim != 2:
+            raise ValueError(f"masks must be HxW, got shape {mask.shape}")
+        h, w = self.input_size
+        if np.issubdtype(mask.dtype, np.floating):
+            resized = Image.fromarray(np.clip(mask, 0, 1).astype(np.float32))
+            return np.asarray(resized.resize((w, h), Image.BILINEAR), dtype=np.float32)
+        return resize_mask((mask > 0).astype(np.uint8), self.input_size).astype(np.float32)
+
+    def predict(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
+        """Class probabilities (softmax), float32 array (N, num_classes)."""
+        images = _check_images(images)
+        masks = list(masks)
+        if len(images) != len(masks):
+            raise ValueError(f"got {len(images)} images but {len(masks)} masks")
+        for i, (im, m) in enumerate(zip(images, masks)):
+            if np.shape(im)[:2] != np.shape(m)[:2]:
+                raise ValueError(f"image {i} has size {np.shape(im)[:2]} but its mask {np.shape(m)[:2]}")
+        out: list[np.ndarray] = []
+        with torch.inference_mode():
+            for part in _chunks(len(images), self.batch_size):
+                batch = np.stack([resize_image(to_channels(im, self.in_channels), self.input_size)
+                                  for im in images[part]])
+                mask = np.stack([self._mask(m) for m in masks[part]])[:, None]
+                x = self._normalize(batch)
+                m = torch.from_numpy(mask).to(self.device)
+                with self._autocast():
+                    logits = self.model(x, m)
+                out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        if not out:
+            k = len(self.class_names) if self.class_names else 0
+            return np.zeros((0, k), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def names_for(self, num_classes: int) -> tuple[str, ...]:
+        """Class names for ``num_classes`` outputs (``class_<i>`` where the bundle has none)."""
+        if self.class_names and len(self.class_names) == num_classes:
+            return self.class_names
+        return tuple(f"class_{i}" for i in range(num_classes))
+
+
+class Chain:
+    """Segment, then classify the lesion; one summary dict per image.
+
+    ``classifier`` may be None (segmentation only): label is then -1, label_name None and
+    probabilities empty.
+    """
+
+    def __init__(self, segmenter: Segmenter, classifier: Classifier | None = None) -> None:
+        self.segmenter = segmenter
+        self.classifier = classifier
+
+    @classmethod
+    def from_uris(
+        cls,
+        seg_uri: str,
+        cls_uri: str | None = None,
+        device: str | torch.device = "cpu",
+        storage_options: dict | None = None,
+        batch_size: int = 16,
+    ) -> Chain:
+        """Load both bundles (any fsspec URL) and build the chain."""
+        from medseg_core.checkpoint import load_bundle
+
+        seg = Segmenter(load_bundle(seg_uri, storage_options=storage_options), device, batch_size)
+        clf = None
+        if cls_uri is not None:
+            clf = Classifier(load_bundle(cls_uri, storage_options=storage_options), device, batch_size)
+        return cls(seg, clf)
+
+    @property
+    def versions(self) -> dict[str, str | None]:
+        """Bundle versions, ``{"segmenter": ..., "classifier": ...}``."""
+        return {
+            "segmenter": self.segmenter.version,
+            "classifier": None if self.classifier is None else self.classifier.version,
+        }
+
+    def predict(self, images: Sequence[np.ndarray], threshold: float | None = None) -> list[dict[str, Any]]:
+        """Per image: mask (uint8 HxW), label, label_name, probabilities (name -> p),
+        lesion_area_fraction and bbox ([x0, y0, x1, y1], None for an empty mask)."""
+        images = _check_images(images)
+        masks = self.segmenter.predict(images, threshold)
+        if self.classifier is not None and images:
+            probs = self.classifier.predict(images, masks)
+            names = self.classifier.names_for(probs.shape[1])
+        else:
+            probs, names = None, ()
+        results = []
+        for i, mask in enumerate(masks):
+            result: dict[str, Any] = {
+                "mask": mask,
+                "label": -1,
+                "label_name": None,
+                "probabilities": {},
+                "lesion_area_fraction": float(mask.mean()) if mask.size else 0.0,
+                "bbox": mask_bbox(mask),
+            }
+            if probs is not None:
+                label = int(np.argmax(probs[i]))
+                result.update(
+                    label=label,
+                    label_name=names[label],
+                    probabilities={n: float(p) for n, p in zip(names, probs[i])},
+                )
+            results.append(result)
+        return results

@@ -1,0 +1,328 @@
+"""Bytes <-> arrays: image and mask decoding, PNG and RLE encoding, fsspec reads and writes.
+
+Decoding rules (what every reader in medseg gets):
+- Output is uint8, HxWxC with C = 1 or 3 for images, HxW in {0, 1} for masks.
+- Alpha is dropped, not composited: the stored colour values are the measurement, and
+  compositing onto a background would change them wherever alpha < 255.
+- 16-bit images are scaled by their dtype range (x * 255 / 65535), never clipped. Mode ``I``
+  (32-bit int) holding values in [0, 65535] is treated as 16-bit (that is how some readers
+  expose 16-bit PNG and TIFF); wider values are scaled by the int32 range. Mode ``F`` (float)
+  in [0, 1] is scaled by 255; any other float range is min-max scaled per image.
+- Colour to grey uses ITU-R 601 luma (as Pillow's ``convert("L")``); grey to colour repeats.
+- Pixel count is checked from the header before any pixel is decoded (decompression bombs);
+  Pillow's own ``DecompressionBombError`` is reported as ``ImageTooLargeError`` too.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import BinaryIO
+
+import fsspec
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# Pillow plugins allowed to parse untrusted bytes. Formats like EPS (which runs Ghostscript)
+# are deliberately left out. Multi-picture camera JPEGs (MPO) come through the JPEG plugin.
+Image.init()
+DECODE_FORMATS = tuple(
+    f for f in ("PNG", "JPEG", "BMP", "DIB", "TIFF", "GIF", "WEBP", "PPM") if f in Image.OPEN
+)
+
+_LUMA = np.array([299, 587, 114], dtype=np.uint32)
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a readable image (empty, truncated, unknown format); names the file."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The image header declares more pixels than allowed (decompression-bomb guard)."""
+
+
+def _open(data: bytes | BinaryIO, name: str) -> Image.Image:
+    """Open (parse the header only) with the allowed format plugins, mapping errors."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        if len(data) == 0:
+            raise ImageDecodeError(f"{name}: empty file (0 bytes), not an image")
+        fp: BinaryIO = io.BytesIO(data)
+    else:
+        fp = data
+    try:
+        with warnings.catch_warnings():
+            # We apply our own pixel cap; Pillow's warning threshold is noise here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(fp, formats=DECODE_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{name}: image too large to decode ({e})") from e
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError(f"{name}: not a recognised image (PNG/JPEG/BMP/TIFF)") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(f"{name}: cannot read image header: {e}") from e
+
+
+def _check_pixels(im: Image.Image, max_pixels: int | None, name: str) -> None:
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise ImageDecodeError(f"{name}: image has an empty size {w}x{h}")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}"
+        )
+
+
+def _load(data: bytes | BinaryIO, max_pixels: int | None, name: str) -> Image.Image:
+    im = _open(data, name)
+    _check_pixels(im, max_pixels, name)
+    return _decode(im, name)
+
+
+def _decode(im: Image.Image, name: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.load()
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{name}: image too large to decode ({e})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(f"{name}: cannot decode image (truncated or corrupt): {e}") from e
+    return im
+
+
+def _scale16(a: np.ndarray) -> np.ndarray:
+    """uint16 range -> uint8, rounding x * 255 / 65535."""
+    return ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _to_uint8(im: Image.Image) -> np.ndarray:
+    """Pixels as uint8, HxW (grey) or HxWx3 (colour); alpha dropped."""
+    mode = im.mode
+    if mode == "L":
+        return np.asarray(im)
+    if mode == "1":
+        return np.asarray(im.convert("L"))
+    if mode in ("LA", "La"):
+        return np.asarray(im.getchannel(0))
+    if mode.startswith("I;16"):
+        return _scale16(np.asarray(im))
+    if mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        if a.size == 0 or (a.min() >= 0 and a.max() <= 65535):
+            return _scale16(a)
+        return ((a + 2**31) * 255 // (2**32 - 1)).astype(np.uint8)
+    if mode == "F":
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
+        if not (lo >= 0.0 and hi <= 1.0):
+            a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        return np.rint(a * 255.0).astype(np.uint8)
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode == "RGBA":
+        return np.asarray(im)[..., :3]
+    # P, PA, CMYK, YCbCr, LAB, HSV, RGBX, RGBa, I;16 variants Pillow may add...
+    return np.asarray(im.convert("RGB"))
+
+
+def _to_channels(a: np.ndarray, channels: int) -> np.ndarray:
+    """HxW or HxWx3 uint8 -> a fresh, writable HxWxC array."""
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if channels == 1:
+        if a.shape[2] == 1:
+            return np.array(a, copy=True)
+        luma = (a.astype(np.uint32) @ _LUMA + 500) // 1000
+        return luma.astype(np.uint8)[:, :, None]
+    if a.shape[2] == 1:
+        return np.repeat(a, 3, axis=2)
+    return np.array(a, copy=True)
+
+
+def decode_image(
+    data: bytes,
+    channels: int = 3,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    name: str = "<bytes>",
+    draft: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Decode image bytes of any mode into uint8 HxWxC (C = ``channels``, 1 or 3).
+
+    ``draft`` (width, height) lets JPEG decoders downscale by a power of two while decoding,
+    to no less than that size (fast thumbnails for hashing); other formats ignore it.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    im = _open(data, name)
+    _check_pixels(im, max_pixels, name)
+    if draft is not None and im.format in ("JPEG", "MPO"):
+        im.draft(im.mode, draft)
+    return _to_channels(_to_uint8(_decode(im, name)), channels)
+
+
+def decode_mask(
+    data: bytes,
+    *,
+    threshold: int = 127,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    name: str = "<bytes>",
+) -> np.ndarray:
+    """Decode a mask into uint8 HxW in {0, 1}: pixel > ``threshold`` after conversion to 8 bit.
+
+    Colour masks use the maximum over channels (so a pure red or blue outline counts as
+    foreground, which luma would not); 16-bit masks are scaled first, as images are.
+    """
+    a = _to_uint8(_load(data, max_pixels, name))
+    if a.ndim == 3:
+        a = a.max(axis=2)
+    return (a > threshold).astype(np.uint8)
+
+
+def image_size(data: bytes | BinaryIO, name: str = "<bytes>") -> tuple[int, int]:
+    """(width, height) from the header only; ``data`` may be bytes or an open binary file.
+
+    Sizes beyond Pillow's hard limit (2 x ``Image.MAX_IMAGE_PIXELS``) raise ImageTooLargeError.
+    """
+    im = _open(data, name)
+    return im.size
+
+
+def read_image_size(uri: str, storage_options: dict | None = None) -> tuple[int, int]:
+    """(width, height) of the image at ``uri``, reading only the first blocks of the file."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    with fs.open(path, "rb", block_size=2**16) as f:
+        return image_size(f, name=uri)
+
+
+def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
+    """All bytes of ``uri`` (plain path, ``file://``, ``s3://``, any fsspec URL)."""
+    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write ``data`` to ``uri``, creating parent directories on local filesystems."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if "file" in _protocols(fs):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
+    """Encode uint8 HxW, HxWx1, HxWx3 or HxWx4 (or uint16 HxW as 16-bit grey) to PNG.
+
+    Bool arrays are written as 0/255 grey.
+    """
+    a = np.asarray(array)
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.dtype == np.uint16 and a.ndim == 2:
+        im = Image.fromarray(a)
+    elif a.dtype == np.uint8 and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        im = Image.fromarray(a)
+    else:
+        raise ValueError(f"cannot encode array of shape {a.shape} and dtype {a.dtype} as PNG")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """Encode a mask (HxW or HxWx1, nonzero = foreground) as a 0/255 8-bit grey PNG."""
+    m = np.asarray(mask)
+    if m.ndim == 3 and m.shape[2] == 1:
+        m = m[:, :, 0]
+    if m.ndim != 2:
+        raise ValueError(f"mask must be HxW, got shape {m.shape}")
+    return encode_png((m != 0).astype(np.uint8) * 255)
+
+
+def rle_encode(mask: np.ndarray, compressed: bool = False) -> dict:
+    """COCO RLE of a binary mask: ``{"size": [h, w], "counts": [...]}``.
+
+    Column-major runs, starting with the number of zeros (0 when the first pixel is set).
+    ``compressed=True`` gives COCO's compact string form of ``counts`` instead of a list.
+    """
+    m = np.asarray(mask)
+    if m.ndim == 3 and m.shape[2] == 1:
+        m = m[:, :, 0]
+    if m.ndim != 2:
+        raise ValueError(f"mask must be HxW, got shape {m.shape}")
+    h, w = m.shape
+    flat = m.ravel(order="F") != 0
+    if flat.size == 0:
+        counts: list[int] = []
+    else:
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        bounds = np.concatenate([[0], change, [flat.size]])
+        counts = np.diff(bounds).tolist()
+        if flat[0]:
+            counts = [0, *counts]
+    return {"size": [int(h), int(w)], "counts": _counts_to_string(counts) if compressed else counts}
+
+
+def rle_decode(rle: Mapping) -> np.ndarray:
+    """Inverse of :func:`rle_encode` (list or compressed-string counts) -> uint8 HxW {0, 1}."""
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, bytes | str):
+        counts = _counts_from_string(counts)
+    counts = np.asarray(counts, dtype=np.int64)
+    if (counts < 0).any() or int(counts.sum()) != h * w:
+        raise ValueError(f"RLE counts sum to {int(counts.sum())}, expected {h}*{w} = {h * w}")
+    values = (np.arange(counts.size) % 2).astype(np.uint8)
+    flat = np.repeat(values, counts)
+    return np.ascontiguousarray(flat.reshape((w, h)).T)
+
+
+def _counts_to_string(counts: Sequence[int]) -> str:
+    # COCO maskApi rleToString: deltas against counts[i-2] for i > 2, 5-bit groups, LEB-like.
+    out = []
+    for i, c in enumerate(counts):
+        x = int(c) - (int(counts[i - 2]) if i > 2 else 0)
+        more = True
+        while more:
+            ch = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (ch & 0x10) else (x != 0)
+            if more:
+                ch |= 0x20
+            out.append(chr(ch + 48))
+    return "".join(out)
+
+
+def _counts_from_string(s: str | bytes) -> list[int]:
+    data = s.encode("ascii") if isinstance(s, str) else s
+    counts: list[int] = []
+    p = 0
+    while p < len(data):
+        x = 0
+        k = 0
+        more = True
+        while more:
+            if p >= len(data):
+                raise ValueError("truncated compressed RLE string")
+            ch = data[p] - 48
+            x |= (ch & 0x1F) << (5 * k)
+            more = bool(ch & 0x20)
+            p += 1
+            k += 1
+            if not more and (ch & 0x10):
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts

@@ -1,0 +1,191 @@
+"""Segmentation and classification losses.
+
+Segmentation losses take logits (B, C, H, W) and a float target of the same shape (a
+(B, H, W) target is accepted for C == 1), or a list of logits from a deep-supervision model,
+in which case the per-output losses are combined with weights that halve per level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _match_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if target.dim() == logits.dim() - 1:
+        target = target.unsqueeze(1)
+    if target.shape[-2:] != logits.shape[-2:]:
+        # Aux outputs at a lower resolution: nearest keeps the target binary.
+        target = F.interpolate(target.float(), size=logits.shape[-2:], mode="nearest")
+    if target.shape != logits.shape:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}"
+        )
+    return target.to(torch.float32)
+
+
+def bce_loss(
+    logits: torch.Tensor, target: torch.Tensor, pos_weight: float | None = None
+) -> torch.Tensor:
+    """Binary cross entropy with logits, averaged over all pixels (computed in float32)."""
+    target = _match_target(logits, target)
+    weight = None if pos_weight is None else torch.tensor(pos_weight, device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=weight)
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice, with Dice computed per image and channel, then averaged.
+
+    dice = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth), p = sigmoid(logits).
+    The smooth term makes an empty target with an (almost) empty prediction score ~1 (loss ~0)
+    instead of 0/0, while an empty target with a confident prediction still costs ~1.
+    """
+    target = _match_target(logits, target)
+    probs = torch.sigmoid(logits.float())
+    dims = tuple(range(2, logits.dim()))
+    inter = (probs * target).sum(dims)
+    denom = probs.sum(dims) + target.sum(dims)
+    dice = (2 * inter + smooth) / (denom + smooth)
+    return 1 - dice.mean()
+
+
+class BCELoss(nn.Module):
+    """`bce_loss` as a module."""
+
+    def __init__(self, pos_weight: float | None = None) -> None:
+        super().__init__()
+        self.pos_weight = pos_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return bce_loss(logits, target, self.pos_weight)
+
+
+class DiceLoss(nn.Module):
+    """`soft_dice_loss` as a module."""
+
+    def __init__(self, smooth: float = 1.0) -> None:
+        super().__init__()
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return soft_dice_loss(logits, target, self.smooth)
+
+
+class DiceBCELoss(nn.Module):
+    """dice_weight * soft Dice loss + bce_weight * BCE."""
+
+    def __init__(
+        self,
+        dice_weight: float = 1.0,
+        bce_weight: float = 1.0,
+        smooth: float = 1.0,
+        pos_weight: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.dice_weight = dice_weight
+        self.bce_weight = bce_weight
+        self.smooth = smooth
+        self.pos_weight = pos_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.dice_weight * soft_dice_loss(
+            logits, target, self.smooth
+        ) + self.bce_weight * bce_loss(logits, target, self.pos_weight)
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """Weights 1, 1/2, 1/4, ... for `n` outputs (main first), normalised to sum to 1."""
+    raw = [0.5**i for i in range(n)]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+class DeepSupervisionLoss(nn.Module):
+    """Apply `loss` to a Tensor as is, or to each Tensor of a list (main output first) and
+    combine them with `weights` (default: halving per level), normalised to sum to 1."""
+
+    def __init__(self, loss: nn.Module, weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.loss = loss
+        self.weights = None if weights is None else [float(w) for w in weights]
+
+    def forward(
+        self, logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor
+    ) -> torch.Tensor:
+        if isinstance(logits, torch.Tensor):
+            return self.loss(logits, target)
+        outputs = list(logits)
+        if not outputs:
+            raise ValueError("deep supervision loss got an empty list of logits")
+        if self.weights is None:
+            weights = deep_supervision_weights(len(outputs))
+        else:
+            if len(self.weights) < len(outputs):
+                raise ValueError(
+                    f"{len(outputs)} outputs but only {len(self.weights)} deep supervision weights"
+                )
+            total = sum(self.weights[: len(outputs)])
+            if total <= 0:
+                raise ValueError("deep supervision weights must sum to a positive value")
+            weights = [w / total for w in self.weights[: len(outputs)]]
+        return sum(w * self.loss(out, target) for w, out in zip(weights, outputs) if w != 0)
+
+
+SEGMENTATION_LOSSES = ("bce", "dice", "dice_bce")
+LOSSES = (*SEGMENTATION_LOSSES, "ce")
+
+
+def build_loss(cfg: dict[str, Any]) -> nn.Module:
+    """Build a loss from a config dict.
+
+    Segmentation (`loss(logits | list[logits], target (B, 1, H, W) float) -> scalar`):
+      {"name": "bce", "pos_weight": None}
+      {"name": "dice", "smooth": 1.0}
+      {"name": "dice_bce", "dice_weight": 1.0, "bce_weight": 1.0, "smooth": 1.0,
+       "deep_supervision_weights": None}   # weights also accepted by bce and dice
+    Classification (`loss(logits (B, K), labels (B,) int64) -> scalar`):
+      {"name": "ce", "class_weights": None | [w_0, ...], "label_smoothing": 0.0,
+       "ignore_index": -1}   # labels of -1 (unknown) are ignored by default
+    `cfg` is not modified; unknown keys raise ValueError.
+    """
+    cfg = dict(cfg)
+    name = cfg.pop("name", None)
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid names: {list(LOSSES)}")
+    if name == "ce":
+        allowed = {"class_weights", "label_smoothing", "ignore_index"}
+        _check_keys(name, cfg, allowed)
+        weights = cfg.get("class_weights")
+        return nn.CrossEntropyLoss(
+            weight=None if weights is None else torch.tensor(list(weights), dtype=torch.float32),
+            label_smoothing=float(cfg.get("label_smoothing", 0.0) or 0.0),
+            ignore_index=int(cfg.get("ignore_index", -1)),
+        )
+    ds_weights = cfg.pop("deep_supervision_weights", None)
+    if name == "bce":
+        _check_keys(name, cfg, {"pos_weight"})
+        base: nn.Module = BCELoss(cfg.get("pos_weight"))
+    elif name == "dice":
+        _check_keys(name, cfg, {"smooth"})
+        base = DiceLoss(float(cfg.get("smooth", 1.0)))
+    else:
+        _check_keys(name, cfg, {"dice_weight", "bce_weight", "smooth", "pos_weight"})
+        base = DiceBCELoss(
+            dice_weight=float(cfg.get("dice_weight", 1.0)),
+            bce_weight=float(cfg.get("bce_weight", 1.0)),
+            smooth=float(cfg.get("smooth", 1.0)),
+            pos_weight=cfg.get("pos_weight"),
+        )
+    return DeepSupervisionLoss(base, ds_weights)
+
+
+def _check_keys(name: str, cfg: dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(cfg) - allowed
+    if unknown:
+        raise ValueError(
+            f"unknown keys {sorted(unknown)} for loss {name!r}; allowed: {sorted(allowed)}"
+        )

@@ -1,0 +1,1007 @@
+"""Archives -> records -> splits (this part needs no Ray) and -> Ray Datasets.
+
+`load_splits(cfg)` lists an archive once with its layout (or reads the manifest of a packed
+archive, see `pipelines/pack.py`), groups near-duplicate images by perceptual hash, and returns
+deterministic train/val/test (or fold) record lists.
+
+`build_datasets(cfg, splits)` turns those lists into Ray Datasets whose rows are
+``{"image": uint8 (H, W, C), "mask": uint8 (H, W), "label": int64}`` at ``data.image_size``:
+
+    records --from_items--> [random_shuffle of the records, train only]
+            --map_batches(read bytes (thread pool, fsspec) + decode + transform)--> rows
+
+Reading, decoding and transforming happen in one Ray task per batch of records, with the same
+medseg_core code as in-process training and inference (`decode_record`, `build_transforms`,
+`sample_rng`), so a sample is augmented identically wherever it is processed. Nothing
+materializes the archive: the only thing held in full is the record list (URIs), and the
+streaming executor's backpressure bounds the decoded images in flight.
+
+Per-epoch augmentation (why it works this way)
+----------------------------------------------
+Ray Train V2 hands each worker a `DataIterator` (`get_dataset_shard`) and the worker calls
+`iter_torch_batches` once per epoch; every call re-executes the Dataset (in the
+`SplitCoordinator` actor for `streaming_split`, in the caller otherwise). The map tasks run in
+other processes, so a Python epoch counter set by the training loop is not visible to them, and
+the training loop cannot rebuild a Dataset it only holds an iterator of. Ray itself solves this
+for its random operators with `DataContext._execution_idx`: the executing Dataset's context
+counts its executions, the count is pinned into the plan when an execution starts, and the map
+tasks run with that context installed (`RandomSeedConfig(reseed_after_execution=True)` reseeds
+`random_shuffle` from the same number). We use the same counter:
+
+    augmentation epoch = data.epoch_offset + (number of earlier executions of this Dataset)
+    rng of one sample  = medseg_core.dataset.sample_rng(cfg.seed, epoch, record id)
+
+so the k-th pass over the train Dataset (or over its Train shards) is augmentation epoch k on
+every worker, differs from other epochs, and is reproducible for the same seed, independent of
+the order, batching or process in which samples are decoded. `data.shuffle` reshuffles the
+*records* (small rows, before any byte is read) with `random_shuffle` reseeded from the same
+counter, so shuffling costs no image memory. Caveats: other executions of the *same* Dataset
+object (`count()`, `schema()`, `take()`) advance the counter too, and a restarted Train worker
+group restarts it at `data.epoch_offset` (set that to the resume epoch when a new fit resumes
+from a checkpoint). Loops that own their epoch number pin it explicitly instead with
+`train_epoch_dataset(ds, epoch, cfg)` (the epoch travels in `fn_kwargs`). With
+``trainer.gpu_augment`` the train rows are only resized and augmentation happens on the device.
+
+Bad input (error accounting)
+----------------------------
+Zero-byte, truncated, non-image or oversized (decompression bomb) files, a mask whose size
+differs from its image, or a file that vanished after listing: with ``data.strict: false`` (the
+default) the record is dropped, a warning naming the file is logged where it happened, and the
+problem goes to the run's report (`data.report`, JSON). Problems found on the driver (listing,
+hashing) are recorded directly; problems found in Ray tasks are sent to one small ledger actor
+per report, and the task waits for the acknowledgement before its rows are emitted, so once an
+epoch has been consumed the report holds every record it dropped (deduplicated by file and
+reason, so re-reading a bad file every epoch counts it once). `data_report(cfg)` returns the
+report, writes it and warns with the names. ``data.strict: true`` raises on the first bad file
+with its name instead.
+
+Object storage: ``data.url`` may be ``s3://bucket/prefix``; ``data.endpoint_url``,
+``data.region`` and ``data.anonymous`` configure an S3-compatible endpoint. Credentials come only
+from the environment (AWS_ACCESS_KEY_ID, ...); `storage_options` refuses credential keys. With
+``data.forward_credentials`` the driver's AWS_* environment is handed to the read tasks in
+memory (never in a runtime_env, which Ray logs), for clusters whose workers were started
+without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import numpy as np
+
+from medseg_core.dataset import sample_rng
+from medseg_core.io import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_bytes
+from medseg_core.layouts import LayoutError, Listing, Record, decode_record, list_records
+from medseg_core.splits import group_near_duplicates, kfold_split, phash, ratio_split
+from medseg_core.synthetic import generate_dataset
+from medseg_core.transforms import build_transforms
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+    from ray.data import Dataset
+
+logger = logging.getLogger("medseg.data")
+
+MANIFEST_NAME = "manifest.json"
+PACKED_FORMAT = "medseg-packed"
+PACKED_MARK = "#rg="
+# Errors that mean "this file is bad", not "this code is broken": dropped (or fatal in strict).
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ImageDecodeError, LayoutError, OSError)
+
+# storage_options keys that would carry a secret; credentials come from the environment only
+CREDENTIAL_KEYS = frozenset({
+    "key", "secret", "token", "password", "access_key", "secret_key", "session_token",
+    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "account_key",
+    "sas_token", "client_secret", "credentials",
+})
+# environment variables handed to read tasks when `data.forward_credentials` is on
+CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage
+
+
+def _protocol(url: str) -> str:
+    return fsspec.utils.get_protocol(url)
+
+
+def _is_s3(url: str) -> bool:
+    return _protocol(url) in ("s3", "s3a")
+
+
+def _check_no_credentials(options: Mapping[str, Any], where: str = "storage_options") -> None:
+    for k, v in options.items():
+        if str(k).lower() in CREDENTIAL_KEYS:
+            raise ValueError(
+                f"data.{where}.{k}: credentials must not be in the config; set them in the "
+                "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)")
+        if isinstance(v, Mapping):
+            _check_no_credentials(v, f"{where}.{k}")
+
+
+def storage_options(data_cfg: Mapping[str, Any], url: str | None = None) -> dict | None:
+    """fsspec options for the archive: `data.storage_options` plus, for ``s3://`` URLs, the
+    endpoint, region and anonymous-access keys. Credentials are refused here (environment only).
+    """
+    so = copy.deepcopy(dict(data_cfg.get("storage_options") or {}))
+    _check_no_credentials(so)
+    url = url or str(data_cfg.get("url") or "")
+    if _is_s3(url):
+        client = dict(so.get("client_kwargs") or {})
+        if data_cfg.get("endpoint_url"):
+            client.setdefault("endpoint_url", str(data_cfg["endpoint_url"]))
+        if data_cfg.get("region"):
+            client.setdefault("region_name", str(data_cfg["region"]))
+        if client:
+            so["client_kwargs"] = client
+        if data_cfg.get("anonymous"):
+            so["anon"] = True
+    return so or None
+
+
+@dataclass(frozen=True)
+class EnvCredentials:
+    """AWS_* variables captured from the driver's environment, applied to s3fs options in read
+    tasks. Kept out of configs, runtime_envs and reprs."""
+
+    values: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def capture(cls) -> EnvCredentials:
+        return cls(tuple((k, os.environ[k]) for k in CREDENTIAL_ENV if os.environ.get(k)))
+
+    def __repr__(self) -> str:
+        return f"EnvCredentials({[k for k, _ in self.values]})"
+
+    def apply(self, so: dict | None) -> dict | None:
+        """Options for s3fs: configured values win; the environment fills what is missing."""
+        env = dict(self.values)
+        if not env:
+            return so
+        out = copy.deepcopy(dict(so or {}))
+        if not out.get("anon"):
+            for opt, var in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
+                             ("token", "AWS_SESSION_TOKEN"), ("profile", "AWS_PROFILE")):
+                if var in env and opt not in out:
+                    out[opt] = env[var]
+        client = dict(out.get("client_kwargs") or {})
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            client.setdefault("endpoint_url", endpoint)
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        if region:
+            client.setdefault("region_name", region)
+        if client:
+            out["client_kwargs"] = client
+        return out
+
+
+def _task_credentials(data_cfg: Mapping[str, Any], url: str) -> EnvCredentials | None:
+    if _is_s3(url) and data_cfg.get("forward_credentials", True):
+        return EnvCredentials.capture()
+    return None
+
+
+def _fs(uri: str, so: dict | None, env: EnvCredentials | None = None):
+    opts = env.apply(so) if (env is not None and _is_s3(uri)) else so
+    return fsspec.core.url_to_fs(uri, **(opts or {}))
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    p = fs.protocol
+    return "file" in ((p,) if isinstance(p, str) else tuple(p))
+
+
+def fetch_many(uris: Sequence[str], so: dict | None, env: EnvCredentials | None = None,
+               threads: int = 8) -> dict[str, bytes | BaseException]:
+    """Bytes of every URI (or the exception reading it raised); remote reads run concurrently."""
+    out: dict[str, bytes | BaseException] = {}
+    if not uris:
+        return out
+    by_fs: dict[int, tuple[Any, list[tuple[str, str]]]] = {}
+    for uri in dict.fromkeys(uris):
+        fs, path = _fs(uri, so, env)
+        by_fs.setdefault(id(fs), (fs, []))[1].append((uri, path))
+
+    for fs, items in by_fs.values():
+        def one(item: tuple[str, str], fs=fs) -> tuple[str, bytes | BaseException]:
+            uri, path = item
+            try:
+                if _is_local(fs):
+                    with open(path, "rb") as f:
+                        return uri, f.read()
+                return uri, fs.cat_file(path)
+            except BAD_INPUT_ERRORS as e:
+                return uri, e
+
+        if _is_local(fs) or threads <= 1 or len(items) == 1:
+            out.update(one(i) for i in items)
+        else:
+            with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+                out.update(pool.map(one, items))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Problems and the report
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A dropped record (or file) and why: `stage` is listing, hash, pack or decode."""
+
+    stage: str
+    path: str
+    reason: str
+    id: str | None = None
+    split: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.stage, self.path, self.reason)
+
+
+class BadRecordError(ValueError):
+    """A bad file in strict mode; the message names it."""
+
+
+def report_path(cfg: Mapping[str, Any]) -> str | None:
+    """Where the bad-input report of this run goes (`data.report`), or None."""
+    data = cfg.get("data", cfg)
+    path = data.get("report")
+    return str(path) if path else None
+
+
+def _summarize(problems: Iterable[Problem], strict: bool) -> dict[str, Any]:
+    items = sorted(problems, key=lambda p: (p.stage, p.path, p.reason))
+    by_stage: dict[str, int] = {}
+    by_split: dict[str, int] = {}
+    records: set[str] = set()
+    for p in items:
+        by_stage[p.stage] = by_stage.get(p.stage, 0) + 1
+        if p.split:
+            by_split[p.split] = by_split.get(p.split, 0) + 1
+        records.add(p.id or p.path)
+    return {"strict": strict, "dropped": len(records), "problems": len(items),
+            "by_stage": by_stage, "by_split": by_split,
+            "entries": [asdict(p) for p in items]}
+
+
+def _write_json(url: str, obj: Any) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    if _is_local(fs):
+        fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp" if _is_local(fs) else path
+    with fs.open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    if tmp != path:
+        os.replace(tmp, path)
+
+
+class ProblemLedger:
+    """Collects problems from Ray tasks (one actor per report file) and keeps the JSON current.
+
+    Entries are deduplicated by (stage, file, reason). The file is rewritten when something new
+    arrives (at most once a second for large reports; `flush` always writes).
+    """
+
+    def __init__(self, path: str | None, strict: bool = False):
+        self.path = path
+        self.strict = strict
+        self.items: dict[tuple[str, str, str], Problem] = {}
+        self.dirty = False
+        self.last_write = 0.0
+
+    def add(self, problems: list[Problem]) -> int:
+        new = [p for p in problems if p.key not in self.items]
+        for p in new:
+            self.items[p.key] = p
+        if new:
+            self.dirty = True
+            if len(self.items) < 1000 or time.time() - self.last_write > 1.0:
+                self.flush()
+        return len(new)
+
+    def report(self) -> dict[str, Any]:
+        return _summarize(self.items.values(), self.strict)
+
+    def flush(self) -> dict[str, Any]:
+        rep = self.report()
+        if self.path and (self.dirty or self.last_write == 0.0):
+            _write_json(self.path, rep)
+            self.last_write = time.time()
+            self.dirty = False
+        return rep
+
+
+# Driver-side problems (listing, hashing) waiting for the run's ledger; by report path.
+_DRIVER_PROBLEMS: dict[str | None, dict[tuple[str, str, str], Problem]] = {}
+_LOCK = threading.Lock()
+
+
+def _ledger_name(path: str | None) -> str:
+    return "medseg-data-report-" + hashlib.sha1(str(path).encode()).hexdigest()[:16]
+
+
+_LEDGER_ACTOR: Any = None
+
+
+def problem_ledger(cfg: Mapping[str, Any]) -> ActorHandle:
+    """The run's ledger actor (created on first use; shared by every dataset of the run)."""
+    import ray
+
+    global _LEDGER_ACTOR
+    if _LEDGER_ACTOR is None:
+        _LEDGER_ACTOR = ray.remote(num_cpus=0)(ProblemLedger)
+    path = report_path(cfg)
+    strict = bool(cfg["data"].get("strict", False))
+    ledger = _LEDGER_ACTOR.options(name=_ledger_name(path), get_if_exists=True).remote(
+        path, strict)
+    with _LOCK:
+        pending = list(_DRIVER_PROBLEMS.pop(path, {}).values())
+    ray.get(ledger.add.remote(pending))
+    return ledger
+
+
+def record_problems(cfg: Mapping[str, Any], problems: Sequence[Problem]) -> None:
+    """Driver side: warn with every name, keep for the report, and write the report now."""
+    if not problems:
+        return
+    for p in problems:
+        logger.warning("medseg data: dropped %s: %s", p.path, p.reason)
+    path = report_path(cfg)
+    names = ", ".join(p.path for p in problems[:5]) + (" ..." if len(problems) > 5 else "")
+    warnings.warn(f"medseg data: dropped {len(problems)} bad input file(s): {names} "
+                  f"(report: {path or 'data_report(cfg)'})", stacklevel=2)
+    ledger = _existing_ledger(path)
+    if ledger is not None:
+        import ray
+
+        ray.get(ledger.add.remote(list(problems)))
+        return
+    with _LOCK:
+        bucket = _DRIVER_PROBLEMS.setdefault(path, {})
+        for p in problems:
+            bucket[p.key] = p
+        items = list(bucket.values())
+    if path:
+        _write_json(path, _summarize(items, bool(cfg["data"].get("strict", False))))
+
+
+def _existing_ledger(path: str | None) -> ActorHandle | None:
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        return ray.get_actor(_ledger_name(path))
+    except (ImportError, ValueError):
+        return None
+
+
+def data_report(cfg: Mapping[str, Any], warn: bool = True) -> dict[str, Any]:
+    """The bad-input report of this run: counts and every dropped file with its reason.
+
+    Writes it to `data.report` and warns with the names when something was dropped.
+    """
+    path = report_path(cfg)
+    strict = bool(cfg["data"].get("strict", False))
+    ledger = _existing_ledger(path)
+    if ledger is not None:
+        import ray
+
+        rep = ray.get(ledger.flush.remote())
+    else:
+        with _LOCK:
+            items = list(_DRIVER_PROBLEMS.get(path, {}).values())
+        rep = _summarize(items, strict)
+        if path:
+            _write_json(path, rep)
+    if warn and rep["problems"]:
+        names = ", ".join(e["path"] for e in rep["entries"][:5])
+        more = " ..." if rep["problems"] > 5 else ""
+        warnings.warn(f"medseg data: {rep['dropped']} record(s) dropped for bad input: "
+                      f"{names}{more} (report: {path or 'in memory'})", stacklevel=2)
+    return rep
+
+
+def _settle(problems: list[Problem], strict: bool, ledger: ActorHandle | None) -> None:
+    """In a task: strict -> raise naming the file; else warn and wait for the ledger's ack."""
+    if not problems:
+        return
+    if strict:
+        p = problems[0]
+        raise BadRecordError(f"{p.path}: {p.reason} (data.strict=true)")
+    for p in problems:
+        logger.warning("medseg data: dropped %s: %s", p.path, p.reason)
+    if ledger is not None:
+        import ray
+
+        ray.get(ledger.add.remote(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# Listing, hashing, splitting
+
+
+def ensure_dataset(data_cfg: dict[str, Any]) -> str:
+    """The archive URL; the synthetic default is generated on first use."""
+    url = data_cfg["url"]
+    gen = data_cfg.get("generate")
+    if data_cfg.get("name") == "synthetic" and gen:
+        so = storage_options(data_cfg)
+        fs, path = fsspec.core.url_to_fs(url, **(so or {}))
+        if not fs.exists(path) or not fs.ls(path):
+            generate_dataset(url, n_per_class=int(gen["n_per_class"]), size=int(gen["size"]),
+                             seed=int(gen["seed"]), class_names=tuple(data_cfg["class_names"]),
+                             storage_options=so)
+    return url
+
+
+def list_archive(data_cfg: dict[str, Any], strict: bool | None = None) -> Listing:
+    """List the archive once with its layout."""
+    url = ensure_dataset(data_cfg)
+    return list_records(
+        url, data_cfg["layout"], storage_options=storage_options(data_cfg),
+        strict=bool(data_cfg.get("strict", True) if strict is None else strict),
+        **(data_cfg.get("options") or {}),
+    )
+
+
+def image_hashes(records: list[Record], storage_options: dict | None = None) -> list[int]:
+    """Perceptual hash of each record's image."""
+    return [phash(decode_image(read_bytes(r.image_uri, storage_options), 1)) for r in records]
+
+
+def cached_hashes(records: list[Record], cache_dir: str | None,
+                  storage_options: dict | None = None) -> list[int]:
+    """Hashes, cached by record id under `cache_dir` so a rerun does not decode the archive."""
+    if not cache_dir:
+        return image_hashes(records, storage_options)
+    key = hashlib.sha256("\n".join(r.image_uri for r in records).encode()).hexdigest()[:16]
+    url = f"{cache_dir.rstrip('/')}/phash-{key}.json"
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        with fs.open(path, "r") as f:
+            cached = json.load(f)
+        if len(cached) == len(records):
+            return [int(cached[r.id]) for r in records]
+    hashes = image_hashes(records, storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump({r.id: str(h) for r, h in zip(records, hashes)}, f)
+    return hashes
+
+
+def image_phash(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> int:
+    """The split hash of one image file (the same for raw and packed archives)."""
+    return phash(decode_image(data, 1, max_pixels=max_pixels, name=name, draft=(128, 128)))
+
+
+def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS, threads: int = 8,
+                   cache_dir: str | None = None) -> tuple[list[int | None], list[Problem]]:
+    """Hash every record's image in a thread pool (Pillow decodes without the GIL).
+
+    Unreadable images give None and a Problem (or raise naming the file when `strict`).
+    Results, good and bad, are cached by id under `cache_dir`.
+    """
+    cache: dict[str, Any] = {}
+    url = None
+    if cache_dir:
+        key = hashlib.sha256("\n".join(r.image_uri for r in records).encode()).hexdigest()[:16]
+        url = f"{cache_dir.rstrip('/')}/phash-v2-{key}.json"
+        fs, path = fsspec.core.url_to_fs(url)
+        if fs.exists(path):
+            with fs.open(path, "r") as f:
+                cache = json.load(f)
+    todo = [r for r in records if r.id not in cache]
+
+    def one(rec: Record) -> tuple[str, Any]:
+        try:
+            data = read_bytes(rec.image_uri, so)
+            return rec.id, str(image_phash(data, rec.image_uri, max_pixels))
+        except BAD_INPUT_ERRORS as e:
+            if strict:
+                raise
+            return rec.id, {"path": rec.image_uri, "reason": _reason(e, rec.image_uri)}
+
+    if todo:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            cache.update(pool.map(one, todo))
+        if url:
+            fs, path = fsspec.core.url_to_fs(url)
+            if _is_local(fs):
+                fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            with fs.open(path, "w") as f:
+                json.dump(cache, f)
+    hashes: list[int | None] = []
+    problems = []
+    for rec in records:
+        v = cache[rec.id]
+        if isinstance(v, dict):
+            if strict:
+                raise BadRecordError(f"{v['path']}: {v['reason']} (data.strict=true)")
+            hashes.append(None)
+            problems.append(Problem("hash", v["path"], v["reason"], rec.id))
+        else:
+            hashes.append(int(v))
+    return hashes, problems
+
+
+def _reason(e: BaseException, name: str) -> str:
+    """The error message without a repeated file name prefix."""
+    msg = str(e) or type(e).__name__
+    return msg[len(name) + 2:] if msg.startswith(f"{name}: ") else msg
+
+
+def split_records(records: list[Record], hashes: list[int] | None,
+                  split_cfg: dict[str, Any]) -> dict[str, list[Record]]:
+    """Deterministic ratio or k-fold split, stratified by label, near-duplicates grouped."""
+    labels = [r.label for r in records]
+    if hashes is None:
+        groups = list(range(len(records)))
+    else:
+        groups = group_near_duplicates(hashes, int(split_cfg.get("dedup_distance", 6)))
+    seed = int(split_cfg.get("seed", 0))
+    if split_cfg.get("mode", "ratio") == "kfold":
+        idx = kfold_split(records, labels, groups, n_folds=int(split_cfg["n_folds"]),
+                          fold=int(split_cfg["fold"]), seed=seed)
+    else:
+        idx = ratio_split(records, labels, groups, ratios=tuple(split_cfg["ratios"]), seed=seed)
+    return {name: [records[i] for i in ids] for name, ids in idx.items()}
+
+
+def load_records(cfg: dict[str, Any]) -> tuple[list[Record], list[int] | None]:
+    """The archive's usable records (and split hashes when dedup is on); problems recorded.
+
+    Raw archives are listed with their layout and hashed (cached under output_dir/cache);
+    packed archives give records and hashes from their manifest and Parquet shards.
+    """
+    data_cfg = cfg["data"]
+    strict = bool(data_cfg.get("strict", True))
+    dedup = int(data_cfg["split"].get("dedup_distance", 6)) >= 0
+    so = storage_options(data_cfg)
+    if is_packed(data_cfg):
+        records, hashes, problems = list_packed(str(data_cfg["url"]), so)
+        record_problems(cfg, problems)
+        return records, (hashes if dedup else None)
+    listing = list_archive(data_cfg)
+    problems = [Problem("listing", s.path, s.reason) for s in listing.skipped]
+    records = listing.records
+    hashes: list[int] | None = None
+    if dedup:
+        cache = f"{cfg['output_dir'].rstrip('/')}/cache" if cfg.get("output_dir") else None
+        maybe, bad = checked_hashes(
+            records, so, strict=strict, cache_dir=cache,
+            max_pixels=_max_pixels(data_cfg), threads=int(_read_cfg(data_cfg)["io_threads"]))
+        problems += bad
+        keep = [i for i, h in enumerate(maybe) if h is not None]
+        records = [records[i] for i in keep]
+        hashes = [int(maybe[i]) for i in keep]  # type: ignore[arg-type]
+    record_problems(cfg, problems)
+    return records, hashes
+
+
+def load_splits(cfg: dict[str, Any]) -> dict[str, list[Record]]:
+    """List + hash + split, driven by the composed Hydra config (`cfg["data"]`)."""
+    records, hashes = load_records(cfg)
+    return split_records(records, hashes, cfg["data"]["split"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed archives (written by pipelines/pack.py)
+
+
+def _manifest_url(url: str) -> str:
+    return f"{url.rstrip('/')}/{MANIFEST_NAME}"
+
+
+def is_packed(data_cfg: Mapping[str, Any]) -> bool:
+    """`layout: packed`, or a medseg pack manifest at the archive URL (detection)."""
+    if data_cfg.get("layout") == "packed":
+        return True
+    if data_cfg.get("name") == "synthetic" and data_cfg.get("generate"):
+        return False
+    try:
+        fs, path = _fs(_manifest_url(str(data_cfg["url"])), storage_options(data_cfg))
+        if not fs.exists(path):
+            return False
+        with fs.open(path, "r") as f:
+            return json.load(f).get("format") == PACKED_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def read_manifest(url: str, so: dict | None = None) -> dict[str, Any]:
+    """The manifest of a packed archive (raises naming the URL when there is none)."""
+    murl = _manifest_url(url)
+    fs, path = _fs(murl, so)
+    try:
+        with fs.open(path, "r") as f:
+            manifest = json.load(f)
+    except FileNotFoundError as e:
+        raise LayoutError(f"{murl}: no pack manifest (run pipelines/pack.py first)") from e
+    if manifest.get("format") != PACKED_FORMAT:
+        raise LayoutError(f"{murl}: not a medseg pack manifest")
+    return manifest
+
+
+def packed_uri(shard: str, row_group: int, row: int) -> str:
+    """The record URI of row `row` of row group `row_group` of a packed shard."""
+    return f"{shard}{PACKED_MARK}{row_group}&row={row}"
+
+
+def parse_packed_uri(uri: str) -> tuple[str, int, int]:
+    """(shard URI, row group, row within the group) of a packed record URI."""
+    shard, _, rest = uri.rpartition(PACKED_MARK)
+    rg, _, row = rest.partition("&row=")
+    if not shard:
+        raise ValueError(f"not a packed record URI: {uri}")
+    return shard, int(rg), int(row)
+
+
+def list_packed(url: str, so: dict | None = None) -> tuple[list[Record], list[int], list[Problem]]:
+    """Records, split hashes and pack-time problems of a packed archive, without decoding.
+
+    Reads the manifest and only the id, label and phash columns of each shard.
+    """
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(url, so)
+    records: list[Record] = []
+    hashes: list[int] = []
+    for shard in manifest["shards"]:
+        shard_uri = f"{url.rstrip('/')}/{shard['path']}"
+        fs, path = _fs(shard_uri, so)
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["id", "label", "phash"])
+        ids = table.column("id").to_pylist()
+        labels = table.column("label").to_pylist()
+        ph = table.column("phash").to_pylist()
+        row = 0
+        for rg, n in enumerate(shard["row_groups"]):
+            for r in range(n):
+                records.append(Record(ids[row], packed_uri(shard_uri, rg, r), (), int(labels[row])))
+                hashes.append(int(ph[row]))
+                row += 1
+    problems = [Problem("pack", s["path"], s["reason"], s.get("id"))
+                for s in manifest.get("skipped", [])]
+    return records, hashes, problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Data: records -> decoded, transformed rows
+
+
+def _read_cfg(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    read = {"batch_size": 32, "io_threads": 8, "num_cpus": 1.0, "concurrency": None,
+            "packed_batch_size": 1}
+    read.update(data_cfg.get("read") or {})
+    return read
+
+
+def _max_pixels(data_cfg: Mapping[str, Any]) -> int | None:
+    v = data_cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
+    return None if v is None else int(v)
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """Everything a read+decode task needs (pickled into the map function's kwargs)."""
+
+    image_size: tuple[int, int]
+    channels: int
+    augment: dict[str, Any] | None   # None: resize only
+    seed: int
+    split: str
+    strict: bool
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    threshold: int = 127
+    storage_options: dict | None = None
+    credentials: EnvCredentials | None = None
+    ledger: Any = None
+    epoch_offset: int = 0
+    base_execution_idx: int = 0
+    io_threads: int = 8
+    shuffle_rows: bool = False
+
+    def transform(self):
+        aug = dict(self.augment or {})
+        return build_transforms({"size": list(self.image_size), **aug}, train=bool(aug))
+
+
+def _execution_epoch(spec: DecodeSpec) -> int:
+    """Augmentation epoch of the running execution (see the module docstring)."""
+    from ray.data import DataContext
+
+    idx = getattr(DataContext.get_current(), "_execution_idx", None)
+    if idx is None:  # a Ray without the counter: stay reproducible, lose per-epoch variation
+        warnings.warn("ray.data.DataContext has no _execution_idx; augmentation epoch fixed at "
+                      "data.epoch_offset (use train_epoch_dataset to pin epochs)", stacklevel=2)
+        idx = spec.base_execution_idx
+    return spec.epoch_offset + int(idx) - spec.base_execution_idx
+
+
+def _finish(spec: DecodeSpec, samples: list[dict[str, Any]]) -> dict[str, np.ndarray] | Any:
+    h, w = spec.image_size
+    if not samples:
+        # An all-bad batch: an empty block with the tensor types of the others (a dict of empty
+        # arrays would fall back to pickled objects in Ray's Arrow conversion).
+        import pyarrow as pa
+        from ray.data.extensions.tensor_extension import ArrowTensorArray
+
+        return pa.table({
+            "image": ArrowTensorArray.from_numpy(np.zeros((0, h, w, spec.channels), np.uint8)),
+            "mask": ArrowTensorArray.from_numpy(np.zeros((0, h, w), np.uint8)),
+            "label": pa.array([], pa.int64())})
+    return {"image": np.stack([s["image"] for s in samples]),
+            "mask": np.stack([s["mask"] for s in samples]),
+            "label": np.array([int(s["label"]) for s in samples], dtype=np.int64)}
+
+
+def _apply(spec: DecodeSpec, transform, sample: dict[str, Any], epoch: int | None) -> dict:
+    rng = sample_rng(spec.seed, epoch, sample["id"]) if spec.augment else None
+    out = transform(sample, rng)
+    h, w = spec.image_size
+    if out["image"].shape != (h, w, spec.channels) or out["mask"].shape != (h, w):
+        raise RuntimeError(f"{sample['id']}: transforms gave image {out['image'].shape} and "
+                           f"mask {out['mask'].shape}, expected {(h, w, spec.channels)}")
+    return out
+
+
+def decode_raw_batch(batch: dict[str, np.ndarray], spec: DecodeSpec,
+                     epoch: int | None = None) -> dict[str, np.ndarray]:
+    """map_batches UDF over raw records: read all files of the batch, decode, transform."""
+    if spec.augment and epoch is None:
+        epoch = _execution_epoch(spec)
+    recs = [Record(str(i), str(u), tuple(str(m) for m in (ms if ms is not None else ())), int(lab))
+            for i, u, ms, lab in zip(batch["id"], batch["image_uri"], batch["mask_uris"],
+                                     batch["label"])]
+    data = fetch_many([u for r in recs for u in (r.image_uri, *r.mask_uris)],
+                      spec.storage_options, spec.credentials, spec.io_threads)
+    transform = spec.transform()
+    samples, problems = [], []
+    for rec in recs:
+        try:
+            blobs = [data[u] for u in (rec.image_uri, *rec.mask_uris)]
+            for u, b in zip((rec.image_uri, *rec.mask_uris), blobs):
+                if isinstance(b, BaseException):
+                    raise OSError(f"{u}: cannot read: {b}") from b
+            sample = decode_record(rec, blobs[0], blobs[1:], channels=spec.channels,
+                                   max_pixels=spec.max_pixels, threshold=spec.threshold)
+            samples.append(_apply(spec, transform, sample, epoch))
+        except BAD_INPUT_ERRORS as e:
+            path = _blamed_path(e, rec)
+            problems.append(Problem("decode", path, _reason(e, path), rec.id, spec.split))
+    _settle(problems, spec.strict, spec.ledger)
+    return _finish(spec, samples)
+
+
+def _blamed_path(e: BaseException, rec: Record) -> str:
+    msg = str(e)
+    for u in (*rec.mask_uris, rec.image_uri):
+        if msg.startswith(f"{u}: "):
+            return u
+    return rec.image_uri
+
+
+def _read_row_group(shard: str, row_group: int, columns: list[str], so: dict | None,
+                    env: EnvCredentials | None):
+    import pyarrow.parquet as pq
+
+    fs, path = _fs(shard, so, env)
+    if _is_local(fs):
+        return pq.ParquetFile(path).read_row_group(row_group, columns=columns)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).read_row_group(row_group, columns=columns)
+
+
+PACKED_COLUMNS = ["id", "image", "mask", "label", "source", "encoding", "shape"]
+
+
+def decode_packed_row(row: Mapping[str, Any], *, channels: int = 3,
+                      max_pixels: int | None = DEFAULT_MAX_PIXELS, threshold: int = 127) -> dict:
+    """One packed row -> {"id", "image", "mask", "label"} (same decoding as a raw record)."""
+    source = str(row["source"])
+    enc = row["encoding"]
+    if enc == "raw":
+        h, w, c = (int(v) for v in row["shape"])
+        image = np.frombuffer(row["image"], np.uint8).reshape(h, w, c)
+        if c != channels:
+            raise LayoutError(f"{source}: packed raw image has {c} channels, not {channels}")
+        mask = (np.zeros((h, w), np.uint8) if row["mask"] is None
+                else np.frombuffer(row["mask"], np.uint8).reshape(h, w))
+        return {"id": str(row["id"]), "image": image.copy(), "mask": mask.copy(),
+                "label": int(row["label"])}
+    masks = () if row["mask"] is None else (f"{source} (packed mask)",)
+    rec = Record(str(row["id"]), source, masks, int(row["label"]))
+    return decode_record(rec, row["image"], [row["mask"]] if masks else [], channels=channels,
+                         max_pixels=max_pixels, threshold=threshold)
+
+
+def decode_packed_batch(batch: dict[str, np.ndarray], spec: DecodeSpec,
+                        epoch: int | None = None) -> dict[str, np.ndarray]:
+    """map_batches UDF over packed row groups: read each row group once, decode its rows."""
+    if spec.augment and epoch is None:
+        epoch = _execution_epoch(spec)
+    transform = spec.transform()
+    samples, problems = [], []
+    for shard, rg, rows in zip(batch["shard"], batch["row_group"], batch["rows"]):
+        shard, rg = str(shard), int(rg)
+        wanted = [int(r) for r in rows]
+        if spec.shuffle_rows and epoch is not None:
+            wanted = [wanted[i] for i in sample_rng(spec.seed, epoch, f"{shard}#{rg}")
+                      .permutation(len(wanted))]
+        try:
+            table = _read_row_group(shard, rg, PACKED_COLUMNS, spec.storage_options,
+                                    spec.credentials)
+        except BAD_INPUT_ERRORS as e:
+            problems.append(Problem("decode", shard, f"row group {rg}: {e}", None, spec.split))
+            continue
+        cols = {c: table.column(c) for c in PACKED_COLUMNS}
+        for r in wanted:
+            row = {c: cols[c][r].as_py() for c in PACKED_COLUMNS}
+            try:
+                sample = decode_packed_row(row, channels=spec.channels,
+                                           max_pixels=spec.max_pixels, threshold=spec.threshold)
+                samples.append(_apply(spec, transform, sample, epoch))
+            except BAD_INPUT_ERRORS as e:
+                where = f"{row['source']} (packed in {shard}, row group {rg}, row {r})"
+                problems.append(Problem("decode", where, _reason(e, str(row["source"])),
+                                        str(row["id"]), spec.split))
+    _settle(problems, spec.strict, spec.ledger)
+    return _finish(spec, samples)
+
+
+@dataclass
+class _Pipeline:
+    """How a Dataset of build_datasets was made, so train_epoch_dataset can rebuild it."""
+
+    records: list[Record]
+    cfg: dict[str, Any]
+    split: str
+    train: bool
+    ledger: Any
+
+
+_PIPELINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _spec(cfg: dict[str, Any], split: str, train: bool, ledger: Any, packed: bool) -> DecodeSpec:
+    data = cfg["data"]
+    gpu_aug = bool((cfg.get("trainer") or {}).get("gpu_augment", False))
+    aug = dict(data.get("augment") or {}) if (train and not gpu_aug) else None
+    url = str(data["url"])
+    return DecodeSpec(
+        image_size=tuple(int(v) for v in data["image_size"]),  # type: ignore[arg-type]
+        channels=int(data.get("channels", 3)), augment=aug or None,
+        seed=int(cfg.get("seed", 0)), split=split, strict=bool(data.get("strict", False)),
+        max_pixels=_max_pixels(data), threshold=int(data.get("mask_threshold", 127)),
+        storage_options=storage_options(data), credentials=_task_credentials(data, url),
+        ledger=ledger, epoch_offset=int(data.get("epoch_offset", 0)),
+        io_threads=int(_read_cfg(data)["io_threads"]),
+        shuffle_rows=bool(train and data.get("shuffle", False)),
+    )
+
+
+def _packed_items(records: Sequence[Record]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, int], list[int]] = {}
+    for r in records:
+        shard, rg, row = parse_packed_uri(r.image_uri)
+        groups.setdefault((shard, rg), []).append(row)
+    return [{"shard": s, "row_group": g, "rows": sorted(rows)}
+            for (s, g), rows in sorted(groups.items())]
+
+
+def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str = "train",
+                  train: bool | None = None, epoch: int | None = None,
+                  ledger: Any = None) -> Dataset:
+    """One split as a Ray Dataset of {image, mask, label} rows (see the module docstring).
+
+    `train` (default: split name starts with "train") turns on augmentation (unless
+    trainer.gpu_augment) and data.shuffle. `epoch` pins the augmentation epoch; None derives it
+    from the execution count of the returned Dataset.
+    """
+    import ray
+    from ray.data import RandomSeedConfig, TaskPoolStrategy
+
+    data = cfg["data"]
+    train = split.startswith("train") if train is None else train
+    records = list(records)
+    if ledger is None:
+        ledger = problem_ledger(cfg)
+    packed = bool(records) and PACKED_MARK in records[0].image_uri
+    read = _read_cfg(data)
+    seed = int(cfg.get("seed", 0))
+    shuffle = bool(train and data.get("shuffle", False))
+    if packed:
+        items = _packed_items(records)
+        per_task = max(1, int(read["packed_batch_size"]))
+        fn = decode_packed_batch
+    else:
+        items = [r.to_dict() for r in records]
+        per_task = max(1, int(read["batch_size"]))
+        fn = decode_raw_batch
+    if shuffle and epoch is not None:  # pinned epoch: the permutation is explicit too
+        order = np.random.default_rng([seed, int(epoch), 7]).permutation(len(items))
+        items = [items[i] for i in order]
+    n_blocks = max(1, math.ceil(len(items) / per_task)) if items else 1
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks) if items else \
+        ray.data.from_items([], override_num_blocks=1)
+    if shuffle and epoch is None:
+        ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    spec = dataclasses.replace(_spec(cfg, split, train, ledger, packed),
+                               base_execution_idx=int(getattr(ds.context, "_execution_idx", 0)))
+    concurrency = read.get("concurrency")
+    out = ds.map_batches(
+        fn, batch_size=per_task, batch_format="numpy", zero_copy_batch=True,
+        fn_kwargs={"spec": spec, "epoch": epoch}, num_cpus=float(read["num_cpus"]),
+        compute=TaskPoolStrategy(size=int(concurrency)) if concurrency else None,
+    )
+    _PIPELINES[out] = _Pipeline(records, cfg, split, train, ledger)
+    return out
+
+
+def build_datasets(cfg: dict[str, Any],
+                   splits: dict[str, list[Record]] | None = None) -> dict[str, Dataset]:
+    """A Ray Dataset per split (train/val/test, or any names: those starting with "train" are
+    training splits). Rows: image uint8 (H, W, C) at data.image_size, mask uint8 (H, W) in
+    {0, 1}, label int64; no string columns, so `iter_torch_batches` works as is.
+    """
+    if splits is None:
+        splits = load_splits(cfg)
+    ledger = problem_ledger(cfg)
+    return {name: build_dataset(recs, cfg, split=name, ledger=ledger)
+            for name, recs in splits.items()}
+
+
+def train_epoch_dataset(ds: Dataset, epoch: int, cfg: dict[str, Any] | None = None) -> Dataset:
+    """The same split as `ds` (a Dataset from build_dataset(s)) with augmentation and shuffle
+    pinned to `epoch`, for loops that own their epoch number (in-process loops, benchmarks,
+    workers that build their own pipelines). `cfg` overrides the config `ds` was built with.
+    """
+    pipe = _PIPELINES.get(ds)
+    if pipe is None:
+        raise TypeError("train_epoch_dataset needs a Dataset returned by build_dataset(s)")
+    return build_dataset(pipe.records, cfg or pipe.cfg, split=pipe.split, train=pipe.train,
+                         epoch=int(epoch), ledger=pipe.ledger)
+
+
+def load_any_record(record: Record, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """In-process loading of a raw or packed record (decoded, not transformed)."""
+    data = cfg.get("data", cfg)
+    so = storage_options(data)
+    if PACKED_MARK in record.image_uri:
+        shard, rg, row = parse_packed_uri(record.image_uri)
+        table = _read_row_group(shard, rg, PACKED_COLUMNS, so, None)
+        values = {c: table.column(c)[row].as_py() for c in PACKED_COLUMNS}
+        return decode_packed_row(values, channels=int(data.get("channels", 3)),
+                                 max_pixels=_max_pixels(data))
+    blobs = fetch_many([record.image_uri, *record.mask_uris], so)
+    for u, b in blobs.items():
+        if isinstance(b, BaseException):
+            raise OSError(f"{u}: cannot read: {b}") from b
+    return decode_record(record, blobs[record.image_uri],  # type: ignore[arg-type]
+                         [blobs[m] for m in record.mask_uris],  # type: ignore[misc]
+                         channels=int(data.get("channels", 3)), max_pixels=_max_pixels(data))

@@ -1,0 +1,190 @@
+"""The per-worker training loop of one stage (segmenter or classifier).
+
+It reads like a plain PyTorch loop over medseg_core. Everything that differs between running
+in-process and inside a Ray Train worker sits behind `WorkerContext`: where batches come from,
+how counts are summed across workers, and how an epoch's bundle is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from medseg_core.checkpoint import load_bundle, save_bundle
+from medseg_core.engine import (
+    StepConfig,
+    build_optimizer,
+    build_scheduler,
+    seed_everything,
+    train_epoch,
+    validate_classifier,
+    validate_segmenter,
+)
+from medseg_core.losses import build_loss
+from medseg_core.metrics import ClassificationMeter, metrics_from_counts
+from medseg_core.models import build_model
+
+
+class WorkerContext(Protocol):
+    """What the loop needs from its runtime (in-process or a Ray Train worker)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def train_batches(self, epoch: int) -> Iterable[dict[str, torch.Tensor]]: ...
+    def val_batches(self) -> Iterable[dict[str, torch.Tensor]]: ...
+    def steps_per_epoch(self) -> int: ...
+    def wrap_model(self, model: nn.Module) -> nn.Module: ...
+    def all_sum(self, values: np.ndarray) -> np.ndarray: ...
+    def resume_dir(self) -> str | None: ...
+    def report(self, metrics: dict[str, float], bundle_dir: str | None,
+               history: list[dict[str, float]]) -> None: ...
+
+
+@dataclass
+class StageSpec:
+    """A stage's settings, resolved from the Hydra config into plain values."""
+
+    stage: str                   # "segmenter" | "classifier"
+    model: dict[str, Any]
+    epochs: int
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    loss: dict[str, Any]
+    bundle_config: dict[str, Any]  # everything of the bundle's config.yaml except `model`
+    grad_clip: float | None = 1.0
+    threshold: float = 0.5
+    seed: int = 0
+    early_stopping_patience: int = 0
+    gpu_augment: dict[str, Any] | None = None
+    bf16: bool = False
+    channels_last: bool = False
+    fail_at_epoch: int = -1      # fault injection for tests: raise once at this epoch
+    fail_marker: str | None = None
+
+    @property
+    def task(self) -> str:
+        return "segmentation" if self.stage == "segmenter" else "classification"
+
+
+def epoch_metrics(spec: StageSpec, ctx: WorkerContext, model: nn.Module,
+                  step: StepConfig) -> dict[str, float]:
+    """Validation metrics from confusion counts summed over all workers (not a mean of means)."""
+    if spec.task == "segmentation":
+        meter, loss_sum = validate_segmenter(model, ctx.val_batches(), step, build_loss(spec.loss))
+        counts = meter.counts.sum(axis=0) if len(meter.counts) else np.zeros(4)
+        n = float(len(meter.counts))
+        total = ctx.all_sum(np.array([*counts, loss_sum, n], dtype=np.float64))
+        agg = metrics_from_counts(total[:4].astype(np.int64))
+        out = {f"val_{k}": float(agg[k]) for k in
+               ("dice", "iou", "sensitivity", "specificity", "precision")}
+        out["val_thresholded_jaccard"] = float(agg["thresholded_jaccard"])
+        out["val_loss"] = float(total[4] / max(total[5], 1.0))
+        out["val_images"] = float(total[5])
+        return out
+    num_classes = int(spec.model.get("num_classes", 3))
+    cm = validate_classifier(model, ctx.val_batches(), step, num_classes).confusion
+    total = ctx.all_sum(cm.astype(np.float64).ravel()).reshape(cm.shape)
+    agg = ClassificationMeter.from_state({"confusion": total}).aggregate()
+    return {"val_accuracy": float(agg["accuracy"]), "val_macro_f1": float(agg["macro_f1"]),
+            "val_images": float(total.sum())}
+
+
+def score_key(spec: StageSpec) -> str:
+    return "val_dice" if spec.task == "segmentation" else "val_accuracy"
+
+
+def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
+    """Train one stage for `spec.epochs`, resuming from the context's latest bundle."""
+    generator = seed_everything(spec.seed + ctx.rank, ctx.device)
+    model = build_model(spec.model)
+    start_epoch, best, stale, history = 0, -math.inf, 0, []
+    resume = ctx.resume_dir()
+    if resume:
+        bundle = load_bundle(resume)
+        model.load_state_dict(bundle.model.state_dict())
+        state = bundle.metrics.get("train_state", {})
+        start_epoch = int(state.get("epoch", -1)) + 1
+        best = float(state.get("best", -math.inf))
+        stale = int(state.get("stale", 0))
+        history = list(state.get("history", []))
+        if state.get("stopped_early"):
+            start_epoch = spec.epochs
+    model = model.to(ctx.device)
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ctx.wrap_model(model)
+    optimizer = build_optimizer(model, spec.optimizer)
+    steps = max(1, ctx.steps_per_epoch())
+    scheduler = build_scheduler(optimizer, spec.scheduler, total_steps=steps * spec.epochs)
+    for _ in range(start_epoch * steps):
+        scheduler.step()  # fast-forward the per-step schedule on resume
+    loss_fn = build_loss(spec.loss)
+    cfg = spec.bundle_config
+    step = StepConfig(
+        device=ctx.device, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+        grad_clip=spec.grad_clip, threshold=spec.threshold,
+        amp_dtype=torch.bfloat16 if spec.bf16 and ctx.device.type == "cuda" else None,
+        channels_last=spec.channels_last, augment=spec.gpu_augment,
+    )
+    for epoch in range(start_epoch, spec.epochs):
+        _maybe_fail(spec, epoch)
+        tr = train_epoch(model, ctx.train_batches(epoch), optimizer, loss_fn, step,
+                         scheduler=scheduler, task=spec.task, generator=generator)
+        tot = ctx.all_sum(np.array([tr["loss"] * tr["samples"], tr["samples"], tr["seconds"],
+                                    tr["data_wait_fraction"] * tr["seconds"]]))
+        metrics = {
+            "epoch": float(epoch),
+            "train_loss": float(tot[0] / max(tot[1], 1.0)),
+            "train_samples": float(tot[1]),
+            "samples_per_s": float(tot[1] / max(tot[2] / ctx.world_size, 1e-9)),
+            "data_wait_fraction": float(tot[3] / max(tot[2], 1e-9)),
+            "lr": float(optimizer.param_groups[0]["lr"]),
+        }
+        if ctx.device.type == "cuda":
+            busy = ctx.all_sum(np.array([tr["gpu_busy_fraction"]]))[0] / ctx.world_size
+            metrics["gpu_busy_fraction"] = float(busy)
+        # validate the plain module: DDP's forward would sync buffers across workers
+        metrics.update(epoch_metrics(spec, ctx, getattr(model, "module", model), step))
+        score = metrics[score_key(spec)]
+        improved = score > best
+        best, stale = (score, 0) if improved else (best, stale + 1)
+        metrics["is_best"] = float(improved)
+        history.append({k: v for k, v in metrics.items()})
+        stop = spec.early_stopping_patience > 0 and stale >= spec.early_stopping_patience
+        train_state = {"epoch": epoch, "best": best, "stale": stale, "history": history,
+                       "stopped_early": stop}
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle_dir = None
+            if ctx.rank == 0:
+                bundle_dir = str(Path(tmp) / "bundle")
+                inner = getattr(model, "module", model)
+                save_bundle(bundle_dir, inner, {"model": spec.model, **cfg},
+                            metrics={**metrics, "train_state": train_state},
+                            version=f"{spec.stage}-e{epoch:03d}-{int(time.time())}")
+            ctx.report(metrics, bundle_dir, history)
+        if stop:
+            break
+
+
+def _maybe_fail(spec: StageSpec, epoch: int) -> None:
+    """Fault injection: raise once at `fail_at_epoch`, remembered by a marker file."""
+    if spec.fail_at_epoch != epoch or not spec.fail_marker:
+        return
+    marker = Path(spec.fail_marker)
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"epoch": epoch, "time": time.time()}))
+    raise RuntimeError(f"injected failure at epoch {epoch} (marker {marker})")

@@ -1,0 +1,212 @@
+"""Train the segmenter, then the lesion classifier; each stage writes model bundles.
+
+    python pipelines/train.py                                   # embedded synthetic default
+    python pipelines/train.py data=busi train.epochs=60 trainer=ray trainer.num_workers=4
+    ray submit cluster.yaml pipelines/train.py data=busi trainer.use_gpu=true ...
+
+Settings: pipelines/conf (Hydra). `trainer=local` trains in-process; `trainer=ray` runs the same
+loop in Ray Train workers (DDP).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, "") and (_ROOT / "medseg_core").is_dir():  # `python pipelines/train.py`
+    sys.path.insert(0, str(_ROOT))
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from medseg_core.checkpoint import load_bundle
+from medseg_core.dataset import RecordDataset, collate
+from medseg_core.inference import Segmenter
+from medseg_core.layouts import Record, load_record
+from medseg_core.metrics import SegmentationMeter
+from medseg_core.transforms import build_transforms
+from pipelines import CONF_DIR
+from pipelines.data import load_splits
+from pipelines.loop import StageSpec, fit_stage
+from pipelines.runlog import RunLog, join
+
+STAGES = ("segmenter", "classifier")
+
+
+def run_dir(cfg: dict[str, Any]) -> str:
+    return join(cfg["output_dir"], "runs", cfg["run_name"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def stage_spec(cfg: dict[str, Any], stage: str) -> StageSpec:
+    """Plain settings of one stage from the composed config."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    data, train, trainer = cfg["data"], cfg["train"], cfg["trainer"]
+    seg = stage == "segmenter"
+    bundle_config = {
+        "task": "segmentation" if seg else "classification",
+        "input_size": list(data["image_size"]),
+        "in_channels": int(data["channels"]),
+        "mean": list(data["mean"]),
+        "std": list(data["std"]),
+        "threshold": float(train["threshold"]),
+        "class_names": list(data["class_names"]),
+        "inference": dict(data.get("inference") or {"mode": "resize", "tile_overlap": 32}),
+        "dataset": data["name"],
+    }
+    gpu_aug = bool(trainer.get("gpu_augment", False))
+    fail = trainer.get("fail_at_epoch", {}) or {}
+    return StageSpec(
+        stage=stage,
+        model=dict(cfg["model"] if seg else cfg["classifier"]),
+        epochs=int(train["epochs"] if seg else train["classifier_epochs"]),
+        optimizer=dict(train["optimizer"] if seg else train["classifier_optimizer"]),
+        scheduler=dict(train["scheduler"]),
+        loss=dict(train["loss"] if seg else train["classifier_loss"]),
+        bundle_config=bundle_config,
+        grad_clip=train.get("grad_clip"),
+        threshold=float(train["threshold"]),
+        seed=int(cfg["seed"]),
+        early_stopping_patience=int(train.get("early_stopping_patience", 0)),
+        gpu_augment=dict(data["augment"]) if gpu_aug else None,
+        bf16=bool(trainer.get("bf16", True)),
+        channels_last=bool(trainer.get("channels_last", False)),
+        fail_at_epoch=int(fail.get(stage, -1)),
+        fail_marker=join(run_dir(cfg), f".fail-{stage}") if fail.get(stage, -1) >= 0 else None,
+    )
+
+
+def cpu_transforms(cfg: dict[str, Any], train: bool):
+    """Per-sample transforms on CPU workers: resize, plus augmentation unless it runs on the GPU."""
+    data = cfg["data"]
+    aug = {} if (not train or cfg["trainer"].get("gpu_augment")) else dict(data["augment"])
+    return build_transforms({"size": list(data["image_size"]), **aug}, train=train and bool(aug))
+
+
+class LocalContext:
+    """In-process runtime: a torch DataLoader feeds one worker; bundles go to the run log."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, cfg: dict[str, Any], splits: dict[str, list[Record]], log: RunLog):
+        self.device = resolve_device(cfg["trainer"].get("device", "auto"))
+        so = cfg["data"].get("storage_options") or None
+        bs, ebs = int(cfg["train"]["batch_size"]), int(cfg["train"]["eval_batch_size"])
+        workers = int(cfg["trainer"].get("loader_workers", 0))
+        self.train_set = RecordDataset(splits["train"], cpu_transforms(cfg, True),
+                                       seed=int(cfg["seed"]), storage_options=so)
+        val = RecordDataset(splits["val"], cpu_transforms(cfg, False), storage_options=so)
+        gen = torch.Generator().manual_seed(int(cfg["seed"]))
+        self.train_loader = torch.utils.data.DataLoader(
+            self.train_set, batch_size=bs, shuffle=True, drop_last=len(self.train_set) > bs,
+            collate_fn=collate, num_workers=workers, generator=gen)
+        self.val_loader = torch.utils.data.DataLoader(val, batch_size=ebs, collate_fn=collate,
+                                                      num_workers=workers)
+        self.log = log
+
+    def train_batches(self, epoch: int):
+        self.train_set.set_epoch(epoch)
+        return self.train_loader
+
+    def val_batches(self):
+        return self.val_loader
+
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    def wrap_model(self, model):
+        return model
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        return values
+
+    def resume_dir(self) -> str | None:
+        return self.log.resume_dir()
+
+    def report(self, metrics, bundle_dir, history) -> None:
+        self.log.record(metrics, bundle_dir, history)
+        print(format_epoch(metrics), flush=True)
+
+
+def format_epoch(m: dict[str, float]) -> str:
+    keys = [k for k in ("train_loss", "val_loss", "val_dice", "val_iou", "val_accuracy",
+                        "val_macro_f1", "samples_per_s") if k in m]
+    body = "  ".join(f"{k}={m[k]:.4f}" for k in keys)
+    return f"epoch {int(m['epoch']):3d}  {body}{'  *best' if m.get('is_best') else ''}"
+
+
+def test_dice(seg_uri: str, records: list[Record], storage_options: dict | None = None,
+              device: str = "cpu") -> dict[str, float]:
+    """Dice/IoU of a segmenter bundle on records, at each image's original resolution."""
+    segmenter = Segmenter(load_bundle(seg_uri), device=device)
+    meter = SegmentationMeter()
+    for rec in records:
+        sample = load_record(rec, storage_options=storage_options)
+        pred = segmenter.predict([sample["image"]])[0]
+        meter.update(pred[None], sample["mask"][None])
+    return meter.aggregate()
+
+
+def run_local(cfg: dict[str, Any], splits: dict[str, list[Record]]) -> dict[str, str]:
+    bundles = {}
+    for stage in cfg["stages"]:
+        log = RunLog(run_dir(cfg), stage)
+        ctx = LocalContext(cfg, splits, log)
+        print(f"[{stage}] training in-process on {ctx.device}: {len(splits['train'])} train, "
+              f"{len(splits['val'])} val images", flush=True)
+        fit_stage(stage_spec(cfg, stage), ctx)
+        log.close()
+        bundles[stage] = log.best
+    return bundles
+
+
+def summarize(cfg: dict[str, Any], bundles: dict[str, str],
+              splits: dict[str, list[Record]]) -> dict[str, float]:
+    """Print where the bundles are and the segmenter's Dice on the held-out split."""
+    print("\nbundles:")
+    for stage, uri in bundles.items():
+        print(f"  {stage:10s} {uri}")
+    held_out = splits.get("test") or splits["val"]
+    result: dict[str, float] = {}
+    if "segmenter" in bundles:
+        agg = test_dice(bundles["segmenter"], held_out, cfg["data"].get("storage_options") or None)
+        result = {"dice": float(agg["dice"]), "iou": float(agg["iou"])}
+        name = "test" if splits.get("test") else "val"
+        print(f"\n{name} split ({len(held_out)} images): Dice {agg['dice']:.4f}  "
+              f"IoU {agg['iou']:.4f}")
+    return result
+
+
+def run(cfg: dict[str, Any]) -> dict[str, str]:
+    splits = load_splits(cfg)
+    print("split sizes: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()), flush=True)
+    backend = cfg["trainer"].get("backend", "local")
+    if backend == "local":
+        bundles = run_local(cfg, splits)
+    elif backend == "ray":
+        from pipelines.train_ray import run_ray
+
+        bundles = run_ray(cfg, splits)
+    else:
+        raise ValueError(f"unknown trainer.backend {backend!r}; expected local or ray")
+    summarize(cfg, bundles, splits)
+    return bundles
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run(OmegaConf.to_container(cfg, resolve=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The Ray Train edge of `pipelines/train.py`: the same per-worker loop (`pipelines.loop`), fed by
+Ray Data shards, DDP over gloo (CPU) or NCCL (GPU), checkpoints reported to Ray Train so a failed
+worker restarts from the last epoch and a rerun with the same run name resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
+from ray.train.torch import TorchTrainer, get_device, prepare_model
+
+from medseg_core.layouts import Record
+from pipelines.data import build_datasets
+from pipelines.loop import fit_stage, score_key
+from pipelines.runlog import RunLog, join
+from pipelines.train import format_epoch, run_dir, stage_spec
+
+
+class RayContext:
+    """A Ray Train worker's runtime: its dataset shards, DDP, and `ray.train.report`."""
+
+    def __init__(self, config: dict[str, Any]):
+        cfg = config["cfg"]
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = get_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard(f"val_{self.rank}")
+        self.batch_size = int(cfg["train"]["batch_size"])
+        self.eval_batch_size = int(cfg["train"]["eval_batch_size"])
+        self.steps = int(config["steps_per_epoch"])
+        self.log = RunLog(run_dir(cfg), config["stage"]) if self.rank == 0 else None
+
+    def _batches(self, shard, batch_size: int, drop_last: bool):
+        return shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=drop_last,
+            dtypes={"image": torch.uint8, "mask": torch.uint8, "label": torch.int64},
+            device="cpu", prefetch_batches=2,
+        )
+
+    def train_batches(self, epoch: int):
+        # every worker gets the same number of rows (streaming_split(equal=True)); drop_last
+        # keeps the number of DDP steps equal too
+        return self._batches(self.train_shard, self.batch_size, drop_last=True)
+
+    def val_batches(self):
+        return self._batches(self.val_shard, self.eval_batch_size, drop_last=False)
+
+    def steps_per_epoch(self) -> int:
+        return self.steps
+
+    def wrap_model(self, model):
+        return prepare_model(model, move_to_device=False)
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        if self.world_size == 1:
+            return values
+        dev = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.as_tensor(values, dtype=torch.float64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().numpy()
+
+    def resume_dir(self) -> str | None:
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.to_directory() if ckpt is not None else None
+
+    def report(self, metrics, bundle_dir, history) -> None:
+        if self.log is not None:
+            self.log.record(metrics, bundle_dir, history)
+            print(format_epoch(metrics), flush=True)
+        ckpt = Checkpoint.from_directory(bundle_dir) if bundle_dir else None
+        ray.train.report(dict(metrics), checkpoint=ckpt)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs in each Ray Train worker."""
+    ctx = RayContext(config)
+    try:
+        fit_stage(stage_spec(config["cfg"], config["stage"]), ctx)
+    finally:
+        if ctx.log is not None:
+            ctx.log.close()
+
+
+def init_ray(trainer: dict[str, Any]) -> None:
+    """Connect to the running cluster (`ray submit`, `ray start`), or start a local one."""
+    if ray.is_initialized():
+        return
+    address = trainer.get("address") or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    num_cpus = trainer.get("local_num_cpus")
+    ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=False)
+
+
+def scaling_config(trainer: dict[str, Any]) -> ScalingConfig:
+    use_gpu = bool(trainer.get("use_gpu", False))
+    resources = {"CPU": float(trainer.get("cpus_per_worker", 1))}
+    if use_gpu:
+        resources["GPU"] = float(trainer.get("gpus_per_worker", 1))
+    return ScalingConfig(num_workers=int(trainer["num_workers"]), use_gpu=use_gpu,
+                         resources_per_worker=resources)
+
+
+def storage(cfg: dict[str, Any]) -> tuple[str, Any]:
+    """Ray Train's storage path (and a pyarrow filesystem for S3-compatible endpoints)."""
+    base = join(run_dir(cfg), "ray")
+    endpoint = (cfg.get("storage") or {}).get("endpoint_url")
+    if not base.startswith("s3://") or not endpoint:
+        return os.path.abspath(base) if "://" not in base else base, None
+    import pyarrow.fs as pafs
+
+    scheme, _, host = endpoint.partition("://")
+    fs = pafs.S3FileSystem(endpoint_override=host, scheme=scheme,
+                           region=(cfg.get("storage") or {}).get("region", "us-east-1"))
+    return base.removeprefix("s3://"), fs
+
+
+def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]]) -> dict[str, str]:
+    """Train each configured stage with a TorchTrainer; returns the best bundle of each."""
+    trainer = cfg["trainer"]
+    init_ray(trainer)
+    world = int(trainer["num_workers"])
+    bundles = {}
+    path, filesystem = storage(cfg)
+    for stage in cfg["stages"]:
+        spec = stage_spec(cfg, stage)
+        parts: dict[str, list[Record]] = {"train": splits["train"]}
+        parts.update({f"val_{r}": splits["val"][r::world] for r in range(world)})
+        datasets = build_datasets(cfg, parts)
+        steps = expected_steps(len(splits["train"]), world, int(cfg["train"]["batch_size"]))
+        print(f"[{stage}] Ray Train: {world} worker(s), {len(splits['train'])} train / "
+              f"{len(splits['val'])} val images, {steps} steps per epoch", flush=True)
+        result = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg, "stage": stage, "steps_per_epoch": steps},
+            scaling_config=scaling_config(trainer),
+            run_config=RunConfig(
+                name=f"{cfg['run_name']}-{stage}",
+                storage_path=path,
+                storage_filesystem=filesystem,
+                failure_config=FailureConfig(max_failures=int(trainer.get("max_failures", 3))),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=int(trainer.get("num_to_keep", 2)),
+                    checkpoint_score_attribute=score_key(spec),
+                    checkpoint_score_order="max",
+                ),
+            ),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+        ).fit()
+        if result.error:
+            raise result.error
+        bundles[stage] = RunLog(run_dir(cfg), stage).best
+    return bundles
+
+
+def expected_steps(n_train: int, world: int, batch_size: int) -> int:
+    """Optimiser steps per epoch on each worker (equal shards, last partial batch dropped)."""
+    return max(1, (n_train // world) // batch_size)

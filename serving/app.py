@@ -1,0 +1,565 @@
+"""The medseg online endpoint on Ray Serve: decode -> Segmenter -> Classifier -> JSON.
+
+Three deployments, composed through deployment handles:
+
+- ``Segmenter`` and ``Classifier`` each load one model bundle (local path, ``file://`` or
+  ``s3://``; credentials from the environment only) into ``medseg_core.inference.Segmenter`` /
+  ``Classifier`` and batch concurrent requests with ``@serve.batch``; batching comes from the
+  deployment's ``user_config`` and can change live. Each runs on a GPU when Ray gives its
+  replica one (``ray_actor_options.num_gpus``).
+- ``Ingress`` (FastAPI via ``@serve.ingress``) authenticates, enforces byte and pixel limits,
+  decodes the image, calls both models and summarises the result with
+  ``medseg_core.inference.Chain`` itself, so the response equals ``Chain.predict`` run
+  in-process on the same bundles and image.
+
+``build_app(args)`` is the application builder named by ``serving/config.yaml``
+(``import_path: serving.app:build_app``); ``args`` validate as ``serving.schemas.AppArgs``.
+"""
+
+import asyncio
+import base64
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medseg_core.checkpoint import Bundle, load_bundle
+from medseg_core.inference import Chain, Classifier, Segmenter
+from medseg_core.io import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    decode_image,
+    encode_mask_png,
+    rle_encode,
+)
+from serving.inputs import (
+    GENERIC_PART_TYPES,
+    MULTIPART,
+    ApiError,
+    bearer_token,
+    check_content_length,
+    media_type,
+    parse_multipart,
+    read_limited,
+    sniff,
+    token_matches,
+)
+from serving.schemas import (
+    IMAGE_CONTENT_TYPES,
+    AppArgs,
+    BatchingConfig,
+    ErrorResponse,
+    HealthResponse,
+    MaskFormat,
+    ModelArgs,
+    ModelsResponse,
+    PredictResponse,
+    StorageArgs,
+)
+
+logger = logging.getLogger("ray.serve")
+
+_DEFAULT_BATCHING = BatchingConfig()
+
+
+# ------------------------------------------------------------------------------ model replicas
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' -> 'cuda' when Ray assigned this process a GPU and torch sees one, else 'cpu'."""
+    import ray
+    import torch
+
+    if requested == "auto":
+        try:
+            gpus = ray.get_gpu_ids()
+        except Exception:  # not inside a Ray worker
+            gpus = []
+        return "cuda" if gpus and torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device {requested!r} requested but CUDA is not available in this replica "
+            "(ask for a GPU with ray_actor_options.num_gpus)"
+        )
+    return requested
+
+
+def _bundle_location(uri: str) -> str:
+    """Plain relative paths resolve against the replica's working directory (Ray starts
+    workers in the driver's), made absolute so errors name the file actually tried."""
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+class _ModelReplica:
+    """Bundle loading, device choice, batching settings and info shared by both models."""
+
+    task = ""
+    batch_method = ""
+
+    def __init__(self, model: Mapping[str, Any] | ModelArgs,
+                 storage: Mapping[str, Any] | StorageArgs | None = None) -> None:
+        import torch
+
+        self.args = ModelArgs.model_validate(model)
+        storage_args = StorageArgs.model_validate(storage or {})
+        if self.args.torch_threads:
+            torch.set_num_threads(self.args.torch_threads)
+        self.device = resolve_device(self.args.device)
+        self.uri = _bundle_location(self.args.bundle_uri)
+        start = time.perf_counter()
+        options = storage_args.options_for(self.uri) or None
+        self.bundle: Bundle = load_bundle(self.uri, storage_options=options)
+        task = self.bundle.config.get("task")
+        if task != self.task:
+            raise ValueError(f"model bundle {self.uri} is a {task!r} bundle; the "
+                             f"{type(self).__name__} deployment needs a {self.task!r} one")
+        self.runner = self._build(self.bundle)
+        self.batching = _DEFAULT_BATCHING
+        self._apply_batching()
+        if self.args.warmup:
+            self._warmup()
+        logger.info("%s: loaded bundle %s (version %s) on %s in %.1f s", type(self).__name__,
+                    self.uri, self.bundle.version, self.device, time.perf_counter() - start)
+
+    # subclasses
+    def _build(self, bundle: Bundle) -> Segmenter | Classifier:
+        raise NotImplementedError
+
+    def _warmup(self) -> None:
+        raise NotImplementedError
+
+    def _blank(self) -> np.ndarray:
+        h, w = (int(s) for s in self.bundle.config["input_size"])
+        return np.zeros((h, w, 3), dtype=np.uint8)
+
+    # Serve hooks
+    def reconfigure(self, user_config: Mapping[str, Any] | None) -> None:
+        """Apply the deployment's user_config (BatchingConfig); runs again on every change."""
+        self.batching = BatchingConfig.model_validate(user_config or {})
+        self._apply_batching()
+        logger.info("%s: batching %s", type(self).__name__, self.batching.model_dump())
+
+    def _apply_batching(self) -> None:
+        method = getattr(self, self.batch_method)
+        method.set_max_batch_size(self.batching.max_batch_size)
+        method.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        if self.runner is None:
+            raise RuntimeError("model not loaded")
+
+    def info(self) -> dict[str, Any]:
+        """What /v1/models reports (no credentials: the URI is the configured one)."""
+        import torch
+
+        config = self.bundle.config
+        return {
+            "uri": self.uri,
+            "version": self.bundle.version,
+            "task": config.get("task"),
+            "model": dict(config.get("model") or {}),
+            "input_size": list(config.get("input_size") or []) or None,
+            "in_channels": config.get("in_channels"),
+            "threshold": config.get("threshold"),
+            "class_names": config.get("class_names"),
+            "inference": config.get("inference"),
+            "device": self.device,
+            "torch_threads": torch.get_num_threads(),
+            "batching": self.batching.model_dump(),
+        }
+
+
+@serve.deployment(name="Segmenter")
+class SegmenterDeployment(_ModelReplica):
+    """Masks at each image's original resolution, from a segmentation bundle."""
+
+    task = "segmentation"
+    batch_method = "_segment_batch"
+
+    def _build(self, bundle: Bundle) -> Segmenter:
+        return Segmenter(bundle, self.device, self.args.inference_batch_size, amp=self.args.amp)
+
+    def _warmup(self) -> None:
+        self.runner.predict([self._blank()])
+
+    async def segment(self, image: np.ndarray, threshold: float | None = None) -> dict[str, Any]:
+        """uint8 HxWxC image -> {"mask": uint8 HxW in {0, 1}, "version": bundle version}."""
+        return await self._segment_batch(image, threshold)
+
+    @serve.batch(max_batch_size=_DEFAULT_BATCHING.max_batch_size,
+                 batch_wait_timeout_s=_DEFAULT_BATCHING.batch_wait_timeout_s)
+    async def _segment_batch(self, images: list[np.ndarray],
+                             thresholds: list[float | None]) -> list[dict[str, Any]]:
+        # The forward pass runs in a worker thread so the replica's event loop keeps
+        # accepting (and batching) requests meanwhile.
+        return await asyncio.to_thread(self._segment_sync, images, thresholds)
+
+    def _segment_sync(self, images: list[np.ndarray],
+                      thresholds: list[float | None]) -> list[dict[str, Any]]:
+        masks: list[np.ndarray | None] = [None] * len(images)
+        groups: dict[float | None, list[int]] = {}
+        for i, t in enumerate(thresholds):
+            groups.setdefault(t, []).append(i)
+        for t, indices in groups.items():  # one predict per distinct threshold (usually one)
+            for i, mask in zip(indices, self.runner.predict([images[i] for i in indices], t)):
+                masks[i] = mask
+        return [{"mask": m, "version": self.bundle.version} for m in masks]
+
+
+@serve.deployment(name="Classifier")
+class ClassifierDeployment(_ModelReplica):
+    """Class probabilities of (image, mask) pairs, from a classification bundle."""
+
+    task = "classification"
+    batch_method = "_classify_batch"
+
+    def _build(self, bundle: Bundle) -> Classifier:
+        return Classifier(bundle, self.device, self.args.inference_batch_size, amp=self.args.amp)
+
+    def _warmup(self) -> None:
+        blank = self._blank()
+        self.runner.predict([blank], [np.zeros(blank.shape[:2], dtype=np.uint8)])
+
+    async def classify(self, image: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+        """-> {"probabilities": float32 (num_classes,), "names": class names, "version"}."""
+        return await self._classify_batch(image, mask)
+
+    @serve.batch(max_batch_size=_DEFAULT_BATCHING.max_batch_size,
+                 batch_wait_timeout_s=_DEFAULT_BATCHING.batch_wait_timeout_s)
+    async def _classify_batch(self, images: list[np.ndarray],
+                              masks: list[np.ndarray]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._classify_sync, images, masks)
+
+    def _classify_sync(self, images: list[np.ndarray],
+                       masks: list[np.ndarray]) -> list[dict[str, Any]]:
+        probs = self.runner.predict(images, masks)
+        names = list(self.runner.names_for(probs.shape[1]))
+        return [{"probabilities": p, "names": names, "version": self.bundle.version}
+                for p in probs]
+
+
+# ----------------------------------------------------------------------------- summarising
+
+
+class _ReplaySegmenter:
+    """Stands in for ``inference.Segmenter`` inside ``Chain``: returns the mask the Segmenter
+    deployment computed."""
+
+    def __init__(self, masks: list[np.ndarray]) -> None:
+        self._masks = masks
+
+    def predict(self, images: Sequence[np.ndarray], threshold: float | None = None) -> list[np.ndarray]:
+        return self._masks
+
+
+class _ReplayClassifier:
+    """Stands in for ``inference.Classifier`` inside ``Chain``: returns the probabilities and
+    class names the Classifier deployment computed."""
+
+    def __init__(self, probabilities: np.ndarray, names: Sequence[str]) -> None:
+        self._probs = probabilities
+        self._names = tuple(names)
+
+    def predict(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
+        return self._probs
+
+    def names_for(self, num_classes: int) -> tuple[str, ...]:
+        return self._names
+
+
+def summarize(image: np.ndarray, mask: np.ndarray, probabilities: np.ndarray,
+              names: Sequence[str]) -> dict[str, Any]:
+    """label, label_name, probabilities, lesion_area_fraction, bbox (and mask) of one image,
+    computed by ``Chain.predict`` itself from the deployments' outputs, so serving and
+    in-process inference cannot drift apart."""
+    chain = Chain(_ReplaySegmenter([mask]),  # type: ignore[arg-type]
+                  _ReplayClassifier(np.asarray(probabilities)[None], names))  # type: ignore[arg-type]
+    return chain.predict([image])[0]
+
+
+def encode_mask(mask: np.ndarray, fmt: MaskFormat | str) -> dict[str, Any]:
+    size = [int(mask.shape[0]), int(mask.shape[1])]
+    if MaskFormat(fmt) is MaskFormat.rle:
+        return {"format": "rle", "size": size, "counts": rle_encode(mask)["counts"]}
+    return {"format": "png", "size": size,
+            "data": base64.b64encode(encode_mask_png(mask)).decode("ascii")}
+
+
+async def gather_model_infos(calls: Mapping[str, Callable[[], Awaitable[Any]]],
+                             timeout_s: float) -> dict[str, Any]:
+    """Ask every model deployment for its info concurrently; 503 naming the ones that did not
+    answer within `timeout_s` (still loading, failed, or gone)."""
+
+    async def one(name: str, call: Callable[[], Awaitable[Any]]) -> tuple[str, Any, str | None]:
+        try:
+            return name, await asyncio.wait_for(call(), timeout_s), None
+        except asyncio.TimeoutError:
+            return name, None, f"no answer within {timeout_s:g} s"
+        except Exception as exc:  # replica failed, deployment missing, ...
+            return name, None, type(exc).__name__
+
+    results = await asyncio.gather(*(one(n, c) for n, c in calls.items()))
+    problems = [f"{name} ({why})" for name, _, why in results if why is not None]
+    if problems:
+        raise ApiError(503, "not_ready", "model deployments not ready: " + ", ".join(problems))
+    return {name: info for name, info, _ in results}
+
+
+# ------------------------------------------------------------------------------------ ingress
+
+DESCRIPTION = """Lesion segmentation and classification of one image per request.
+
+`POST /v1/predict` takes the raw image bytes (`Content-Type: image/png`, `image/jpeg`,
+`image/bmp` or `image/tiff`) or a `multipart/form-data` upload (field `file`). The mask comes
+back at the image's original resolution as a base64 PNG (`mask_format=png`) or COCO RLE
+(`mask_format=rle`). Errors are JSON `{"error": {"code", "message"}}`: 400 not a readable
+image, 401 missing/wrong bearer token (when the server has one), 413 too many bytes or pixels,
+415 empty body or unsupported content type, 422 bad query values, 503 models not ready.
+"""
+
+app = FastAPI(title="medseg", version="1", description=DESCRIPTION)
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+PREDICT_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "The image: raw bytes with an image Content-Type, or multipart/form-data "
+        "with the image in field `file`.",
+        "content": {
+            **{kind: _BINARY for kind in IMAGE_CONTENT_TYPES},
+            MULTIPART: {"schema": {"type": "object", "required": ["file"], "properties": {
+                "file": {"type": "string", "format": "binary"}}}},
+        },
+    }
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": what}
+    for status, what in {
+        400: "Not a readable PNG/JPEG/BMP/TIFF image (garbage, truncated, corrupt).",
+        401: "Missing or wrong bearer token (only when the server has a token).",
+        413: "Body larger than the byte limit, or image larger than the pixel limit.",
+        415: "Empty body, or a Content-Type other than the accepted image types and multipart.",
+        422: "Bad query values (mask_format not png/rle, threshold not in (0, 1)).",
+        503: "Model deployments not ready or overloaded.",
+    }.items()
+}
+
+
+def error_response(status: int, code: str, message: str,
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers=dict(headers or {}))
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    if exc.status >= 500:
+        logger.warning("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.code)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        where = f"{loc[0]} parameter '{'.'.join(loc[1:])}'" if len(loc) > 1 else ".".join(loc)
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return error_response(422, "invalid_parameter", "; ".join(parts) or "invalid request")
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    return error_response(500, "internal_error", "internal server error")
+
+
+async def require_token(request: Request) -> None:
+    """Route dependency: bearer-token check, run before query and body validation."""
+    serve.get_replica_context().servable_object.authorize(request)
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000.0, 3)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    """HTTP front: validation, limits, decoding, composition of the two model deployments."""
+
+    def __init__(self, segmenter: DeploymentHandle, classifier: DeploymentHandle,
+                 settings: Mapping[str, Any] | AppArgs) -> None:
+        self.settings = AppArgs.model_validate(settings)
+        self.segmenter = segmenter
+        self.classifier = classifier
+        self.limits = self.settings.limits
+        self.accepted = tuple(self.limits.content_types)
+        self._token: bytes | None = None
+        env = self.settings.auth.token_env
+        if env:
+            value = os.environ.get(env, "")
+            if value:
+                self._token = value.encode("utf-8", "surrogateescape")
+            elif self.settings.auth.required:
+                raise RuntimeError(f"auth.required is set but ${env} is empty or unset")
+        logger.info("Ingress: bearer-token auth %s", f"on (token from ${env})" if self._token
+                    else "off")
+
+    # ---- helpers
+    def authorize(self, request: Request) -> None:
+        if self._token is None:
+            return
+        if not token_matches(bearer_token(request.headers.get("authorization")), self._token):
+            raise ApiError(401, "unauthorized", "missing or invalid bearer token",
+                           {"WWW-Authenticate": 'Bearer realm="medseg"'})
+
+    async def _read_image_bytes(self, request: Request) -> bytes:
+        header = request.headers.get("content-type")
+        kind = media_type(header)
+        accepted = ", ".join((*self.accepted, MULTIPART))
+        if not kind:
+            raise ApiError(415, "unsupported_media_type",
+                           f"missing Content-Type; send one of: {accepted}")
+        if kind != MULTIPART and kind not in self.accepted:
+            raise ApiError(415, "unsupported_media_type",
+                           f"Content-Type {kind!r} is not accepted; send one of: {accepted}")
+        limit = self.limits.max_body_bytes
+        check_content_length(request.headers.get("content-length"), limit)
+        body = await read_limited(request.stream(), limit)
+        if not body:
+            raise ApiError(415, "empty_body", "request body is empty; send the image bytes")
+        if kind != MULTIPART:
+            return body
+        upload = parse_multipart(body, header or "")
+        part = upload.content_type
+        if part and part not in self.accepted and part not in GENERIC_PART_TYPES:
+            raise ApiError(415, "unsupported_media_type",
+                           f"multipart file part has Content-Type {part!r}; send one of: "
+                           f"{', '.join(self.accepted)}")
+        if not upload.data:
+            raise ApiError(415, "empty_body", "multipart file part is empty")
+        return upload.data
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        sniff(data, self.accepted)
+        try:
+            return decode_image(data, 3, max_pixels=self.limits.max_pixels, name="request body")
+        except ImageTooLargeError as exc:
+            raise ApiError(413, "image_too_large", str(exc)) from None
+        except ImageDecodeError as exc:
+            raise ApiError(400, "invalid_image", str(exc)) from None
+
+    async def _call(self, what: str, response: Awaitable[Any]) -> Any:
+        try:
+            return await response
+        except BackPressureError:
+            raise ApiError(503, "overloaded", f"{what} is at capacity; retry later",
+                           {"Retry-After": "1"}) from None
+        except DeploymentUnavailableError:
+            raise ApiError(503, "not_ready", f"{what} is unavailable") from None
+        except ApiError:
+            raise
+        except Exception as exc:
+            logger.error("%s failed: %s", what, type(exc).__name__)
+            raise ApiError(500, "internal_error", f"{what} failed") from None
+
+    async def _infos(self) -> dict[str, Any]:
+        return await gather_model_infos(
+            {"segmenter": lambda: self.segmenter.info.remote(),
+             "classifier": lambda: self.classifier.info.remote()},
+            self.settings.health_timeout_s)
+
+    # ---- routes
+    @app.post(
+        "/v1/predict",
+        summary="Segment and classify one image",
+        response_model=PredictResponse,
+        responses=_ERRORS,
+        openapi_extra=PREDICT_OPENAPI,
+        dependencies=[Depends(require_token)],
+    )
+    async def predict(
+        self,
+        request: Request,
+        mask_format: MaskFormat | None = Query(
+            None, description="Mask encoding: `png` (base64 PNG, 255 = lesion) or `rle` "
+            "(COCO uncompressed RLE, column-major). Default from the server config."),
+        threshold: float | None = Query(
+            None, gt=0, lt=1, description="Foreground probability threshold in (0, 1); "
+            "default: the segmenter bundle's."),
+    ) -> JSONResponse:
+        t0 = time.perf_counter()
+        data = await self._read_image_bytes(request)
+        t1 = time.perf_counter()
+        image = await asyncio.to_thread(self._decode, data)
+        del data
+        t2 = time.perf_counter()
+        seg = await self._call("Segmenter", self.segmenter.segment.remote(image, threshold))
+        t3 = time.perf_counter()
+        cls = await self._call("Classifier", self.classifier.classify.remote(image, seg["mask"]))
+        t4 = time.perf_counter()
+        fmt = mask_format or MaskFormat(self.settings.default_mask_format)
+        result = summarize(image, seg["mask"], cls["probabilities"], cls["names"])
+        mask = await asyncio.to_thread(encode_mask, result["mask"], fmt)
+        t5 = time.perf_counter()
+        body = {
+            "label": result["label"],
+            "label_name": result["label_name"],
+            "probabilities": result["probabilities"],
+            "mask": mask,
+            "lesion_area_fraction": result["lesion_area_fraction"],
+            "bbox": result["bbox"],
+            "image_size": [int(image.shape[0]), int(image.shape[1])],
+            "threshold": threshold,
+            "model_versions": {"segmenter": seg["version"], "classifier": cls["version"]},
+            "timings": {"read_ms": _ms(t0, t1), "decode_ms": _ms(t1, t2),
+                        "segment_ms": _ms(t2, t3), "classify_ms": _ms(t3, t4),
+                        "postprocess_ms": _ms(t4, t5), "total_ms": _ms(t0, t5)},
+        }
+        return JSONResponse(body)
+
+    @app.get("/healthz", summary="Ready when both model bundles are loaded",
+             response_model=HealthResponse, responses={503: _ERRORS[503]})
+    async def healthz(self) -> dict[str, Any]:
+        infos = await self._infos()
+        return {"status": "ok",
+                "model_versions": {k: v.get("version") for k, v in infos.items()}}
+
+    @app.get("/v1/models", summary="The loaded model bundles and their settings",
+             response_model=ModelsResponse, responses={401: _ERRORS[401], 503: _ERRORS[503]},
+             dependencies=[Depends(require_token)])
+    async def models(self) -> dict[str, Any]:
+        return await self._infos()
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Application builder for `serve run` / `serve deploy` (`import_path:
+    serving.app:build_app`); `args` is the config's `args` mapping (see `AppArgs`)."""
+    settings = AppArgs.model_validate(args)
+    plain = settings.model_dump(mode="json")
+    segmenter = SegmenterDeployment.bind(plain["segmenter"], plain["storage"])
+    classifier = ClassifierDeployment.bind(plain["classifier"], plain["storage"])
+    return Ingress.bind(segmenter, classifier, plain)

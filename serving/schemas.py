@@ -1,0 +1,195 @@
+"""Settings and wire formats of the medseg Serve app (pydantic models, no Ray imports).
+
+Settings arrive from `serving/config.yaml`: the application's `args` validate as `AppArgs`
+(passed by Serve to `serving.app:build_app`), each model deployment's `user_config` as
+`BatchingConfig`. Response models document the HTTP API in FastAPI's OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------- settings
+
+
+class ModelArgs(_Strict):
+    """One model deployment: which bundle, where it runs, how it predicts."""
+
+    bundle_uri: str = Field(description="Bundle directory: local path, file:// or s3:// URL.")
+    device: str = Field(
+        "auto",
+        description="'auto' (CUDA when Ray assigned this replica a GPU, else CPU), 'cpu', "
+        "'cuda' or 'cuda:N'. Ask for a GPU with ray_actor_options.num_gpus.",
+    )
+    inference_batch_size: int = Field(
+        16, ge=1, description="Images (or tiles) per forward pass inside one Serve batch."
+    )
+    amp: bool | None = Field(None, description="bf16 autocast; null = on for CUDA, off on CPU.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch.set_num_threads in the replica; null leaves Ray's default."
+    )
+    warmup: bool = Field(True, description="Run one dummy prediction before taking traffic.")
+
+
+class StorageArgs(_Strict):
+    """Object-store settings. Credentials never live here: they come from the environment
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS profiles, instance roles)."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint, e.g. http://127.0.0.1:8333; null = AWS's default "
+        "or $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL.",
+    )
+    region: str | None = Field(None, description="Region name; null = the environment's.")
+
+    def options_for(self, uri: str) -> dict[str, Any]:
+        """fsspec storage_options for `uri` (endpoint and region only, for s3:// URLs)."""
+        if not uri.startswith(("s3://", "s3a://")):
+            return {}
+        client_kwargs: dict[str, Any] = {}
+        if self.endpoint_url:
+            client_kwargs["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        return {"client_kwargs": client_kwargs} if client_kwargs else {}
+
+
+class LimitsArgs(_Strict):
+    """Request limits enforced by the ingress before anything reaches a model."""
+
+    max_body_bytes: int = Field(
+        20_000_000, ge=1, description="Largest request body (raw image or whole multipart body)."
+    )
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="Largest width * height, checked from the image header."
+    )
+    content_types: list[str] = Field(
+        default_factory=lambda: list(IMAGE_CONTENT_TYPES),
+        description="Accepted raw-body media types (multipart/form-data is always accepted).",
+    )
+
+    @field_validator("content_types")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(t.lower() for t in v) - set(IMAGE_CONTENT_TYPES))
+        if unknown:
+            raise ValueError(f"unsupported content types {unknown}; allowed: {IMAGE_CONTENT_TYPES}")
+        return [t.lower() for t in v]
+
+
+class AuthArgs(_Strict):
+    """Optional bearer-token auth: on when the environment variable `token_env` is non-empty."""
+
+    token_env: str | None = Field(
+        "MEDSEG_API_TOKEN",
+        description="Name of the environment variable holding the token; null disables auth.",
+    )
+    required: bool = Field(
+        False, description="Refuse to start when the variable is unset (fail closed)."
+    )
+
+
+class AppArgs(_Strict):
+    """`args` of the Serve application (`import_path: serving.app:build_app`)."""
+
+    segmenter: ModelArgs
+    classifier: ModelArgs
+    storage: StorageArgs = Field(default_factory=StorageArgs)
+    limits: LimitsArgs = Field(default_factory=LimitsArgs)
+    auth: AuthArgs = Field(default_factory=AuthArgs)
+    default_mask_format: Literal["png", "rle"] = "png"
+    health_timeout_s: float = Field(
+        2.0, gt=0, description="How long /healthz and /v1/models wait for each model deployment."
+    )
+
+
+class BatchingConfig(_Strict):
+    """`user_config` of a model deployment (live-updatable without restarting replicas)."""
+
+    max_batch_size: int = Field(8, ge=1, description="Requests per @serve.batch call.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="Longest wait for a batch to fill after its first request."
+    )
+
+
+# ------------------------------------------------------------------------------ wire formats
+
+
+class MaskFormat(str, Enum):
+    png = "png"
+    rle = "rle"
+
+
+class MaskPNG(BaseModel):
+    format: Literal["png"] = "png"
+    size: list[int] = Field(description="[height, width], the input image's size.")
+    data: str = Field(description="Base64 of an 8-bit grey PNG, 255 = lesion, 0 = background.")
+
+
+class MaskRLE(BaseModel):
+    format: Literal["rle"] = "rle"
+    size: list[int] = Field(description="[height, width], the input image's size.")
+    counts: list[int] = Field(
+        description="COCO uncompressed RLE: column-major run lengths, starting with background."
+    )
+
+
+class PredictResponse(BaseModel):
+    label: int = Field(description="Index of the most probable class.")
+    label_name: str | None = Field(description="Name of that class.")
+    probabilities: dict[str, float] = Field(description="Softmax probability per class name.")
+    mask: MaskPNG | MaskRLE = Field(discriminator="format")
+    lesion_area_fraction: float = Field(description="Lesion pixels / all pixels.")
+    bbox: list[int] | None = Field(
+        description="[x0, y0, x1, y1] of the lesion (x1, y1 exclusive), null when empty."
+    )
+    image_size: list[int] = Field(description="[height, width] of the decoded image.")
+    threshold: float | None = Field(description="Threshold requested (null: the bundle's).")
+    model_versions: dict[str, str | None] = Field(description="Bundle version per model.")
+    timings: dict[str, float] = Field(description="Milliseconds per stage.")
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    uri: str
+    version: str | None
+    task: str | None
+    model: dict[str, Any]
+    input_size: list[int] | None
+    in_channels: int | None
+    threshold: float | None
+    class_names: list[str] | None
+    inference: dict[str, Any] | None
+    device: str
+    torch_threads: int
+    batching: dict[str, Any]
+
+
+class ModelsResponse(BaseModel):
+    segmenter: ModelInfo
+    classifier: ModelInfo
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    model_versions: dict[str, str | None]

@@ -1,0 +1,209 @@
+import io
+import json
+import uuid
+
+import fsspec
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from medseg_core.checkpoint import (
+    BUNDLE_KEYS,
+    Bundle,
+    BundleError,
+    load_bundle,
+    make_bundle_config,
+    save_bundle,
+)
+from medseg_core.models import build_model
+
+SEG_MODEL = {"name": "unet_bn", "widths": [4, 8, 16], "in_channels": 3}
+
+
+def _config(model_cfg=SEG_MODEL, task="segmentation", **extra):
+    return make_bundle_config(
+        model_cfg,
+        task=task,
+        input_size=(32, 32),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        **extra,
+    )
+
+
+def _trained_model(cfg=SEG_MODEL) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():  # non-default weights and BN statistics
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        model.train()(torch.randn(4, 3, 32, 32))
+    return model.eval()
+
+
+def _check_round_trip(url, storage_options=None):
+    model = _trained_model()
+    metrics = {"dice": 0.8, "epoch": 3}
+    returned = save_bundle(url, model, _config(), metrics, storage_options=storage_options)
+    bundle = load_bundle(returned, storage_options=storage_options)
+    assert isinstance(bundle, Bundle)
+    assert bundle.uri == returned
+    assert bundle.metrics == metrics
+    assert set(BUNDLE_KEYS) <= set(bundle.config)
+    assert bundle.config["model"] == SEG_MODEL
+    assert bundle.config["input_size"] == [32, 32]
+    assert bundle.version
+    assert not bundle.model.training
+    x = torch.randn(2, 3, 27, 41)
+    with torch.no_grad():
+        assert torch.equal(bundle.model(x), model(x))
+    return bundle
+
+
+def test_round_trip_local(tmp_path):
+    bundle = _check_round_trip(str(tmp_path / "bundle"))
+    files = sorted(p.name for p in (tmp_path / "bundle").iterdir())
+    assert files == ["config.yaml", "metrics.json", "version", "weights.pt"]
+    # default version: "<timestamp>-<10 hex digits of the weights' sha256>"
+    stamp, digest = bundle.version.split("-")
+    assert stamp.endswith("Z") and len(digest) == 10
+    int(digest, 16)
+
+
+def test_round_trip_file_url_and_memory(tmp_path):
+    _check_round_trip(f"file://{tmp_path}/b2/")
+    _check_round_trip(f"memory://bundles/{uuid.uuid4().hex}")
+
+
+def test_explicit_version_overwrite_and_same_weights_same_digest(tmp_path):
+    url = str(tmp_path / "b")
+    model = _trained_model()
+    save_bundle(url, model, _config(), version="v1")
+    assert load_bundle(url).version == "v1"
+    save_bundle(url, model, _config(threshold=0.3), {"dice": 0.9}, version="v2")
+    bundle = load_bundle(url)
+    assert bundle.version == "v2" and bundle.config["threshold"] == 0.3
+    assert bundle.metrics == {"dice": 0.9}
+    a = save_bundle(str(tmp_path / "c"), model, _config())
+    b = save_bundle(str(tmp_path / "d"), model, _config())
+    assert load_bundle(a).version.split("-")[1] == load_bundle(b).version.split("-")[1]
+
+
+def test_classifier_and_deep_supervision_bundles(tmp_path):
+    cls_cfg = {"name": "classifier", "widths": [4, 8], "num_classes": 3}
+    model = build_model(cls_cfg).eval()
+    url = save_bundle(
+        str(tmp_path / "cls"),
+        model,
+        _config(
+            cls_cfg,
+            task="classification",
+            threshold=None,
+            class_names=("normal", "benign", "malignant"),
+        ),
+    )
+    bundle = load_bundle(url)
+    assert bundle.config["class_names"] == ["normal", "benign", "malignant"]
+    image, mask = torch.randn(1, 3, 20, 20), torch.ones(1, 1, 20, 20)
+    assert torch.equal(bundle.model(image, mask), model(image, mask))
+    ds_cfg = {"name": "improved_unet", "widths": [4, 8, 16], "deep_supervision": True}
+    url = save_bundle(str(tmp_path / "ds"), build_model(ds_cfg), _config(ds_cfg))
+    out = load_bundle(url).model(torch.randn(1, 3, 16, 16))
+    assert isinstance(out, torch.Tensor)  # eval mode: main output only
+
+
+def test_wrapped_model_saves_plain_keys(tmp_path):
+    class Wrapper(nn.Module):  # stands in for DistributedDataParallel
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = _trained_model()
+    url = save_bundle(str(tmp_path / "w"), Wrapper(model), _config())
+    state = torch.load(tmp_path / "w" / "weights.pt", weights_only=True)
+    assert set(state) == set(model.state_dict())
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(load_bundle(url).model(x), model(x))
+
+
+def test_save_validates_config(tmp_path):
+    model = _trained_model()
+    config = _config()
+    del config["mean"]
+    with pytest.raises(ValueError, match="mean"):
+        save_bundle(str(tmp_path / "x"), model, config)
+    with pytest.raises(ValueError, match="task"):
+        save_bundle(str(tmp_path / "x"), model, _config(task="detection"))
+    wrong = _config({"name": "unet_bn", "widths": [4, 8, 32]})
+    with pytest.raises(ValueError, match="does not match"):
+        save_bundle(str(tmp_path / "x"), model, wrong)
+    assert not (tmp_path / "x").exists()
+
+
+def test_incomplete_or_missing_bundles_are_refused(tmp_path):
+    url = save_bundle(str(tmp_path / "b"), _trained_model(), _config())
+    (tmp_path / "b" / "version").unlink()  # as if the writer died before finishing
+    with pytest.raises(BundleError, match="version") as err:
+        load_bundle(url)
+    assert url in str(err.value)
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("config.yaml", b"model: [unclosed", "YAML"),
+        ("config.yaml", b"- just a list", "mapping"),
+        ("config.yaml", b"model: {name: unet}\ntask: segmentation\n", "missing keys"),
+        ("metrics.json", b"{not json", "JSON"),
+        ("weights.pt", b"\x00garbage", "weights.pt"),
+    ],
+)
+def test_garbled_files_are_reported(tmp_path, name, content, message):
+    url = save_bundle(str(tmp_path / "b"), _trained_model(), _config())
+    (tmp_path / "b" / name).write_bytes(content)
+    with pytest.raises(BundleError, match=message) as err:
+        load_bundle(url)
+    assert url in str(err.value)
+
+
+def test_missing_file_and_foreign_weights(tmp_path):
+    url = save_bundle(str(tmp_path / "b"), _trained_model(), _config())
+    (tmp_path / "b" / "metrics.json").unlink()
+    with pytest.raises(BundleError, match="metrics.json"):
+        load_bundle(url)
+    url = save_bundle(str(tmp_path / "c"), _trained_model(), _config())
+    other = build_model({"name": "unet", "widths": [4, 8, 16]}).state_dict()
+    buffer = io.BytesIO()
+    torch.save(other, buffer)
+    (tmp_path / "c" / "weights.pt").write_bytes(buffer.getvalue())
+    with pytest.raises(BundleError, match="do not fit"):
+        load_bundle(url)
+
+
+class _NotATensor:
+    pass
+
+
+def test_weights_are_loaded_with_weights_only(tmp_path):
+    url = save_bundle(str(tmp_path / "b"), _trained_model(), _config())
+    buffer = io.BytesIO()
+    torch.save({"payload": _NotATensor()}, buffer)  # arbitrary pickled object
+    (tmp_path / "b" / "weights.pt").write_bytes(buffer.getvalue())
+    with pytest.raises(BundleError, match="weights.pt"):
+        load_bundle(url)
+
+
+def test_bundle_files_are_plain_text(tmp_path):
+    url = f"memory://bundles/{uuid.uuid4().hex}"
+    save_bundle(
+        url, _trained_model(), _config(), {"dice": 0.5, "hd95": float("inf")}, version="abc"
+    )
+    fs = fsspec.filesystem("memory")
+    path = url[len("memory://") :]
+    config = yaml.safe_load(fs.cat_file(f"{path}/config.yaml"))
+    assert config["mean"] == [0.5, 0.5, 0.5] and config["inference"]["mode"] == "resize"
+    assert json.loads(fs.cat_file(f"{path}/metrics.json"))["hd95"] == float("inf")
+    assert fs.cat_file(f"{path}/version").decode().strip() == "abc"

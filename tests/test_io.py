@@ -1,0 +1,410 @@
+"""medseg_core.io: decoding every mode, error naming, bomb cap, PNG/RLE encoders, fsspec I/O."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+from medseg_core.io import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    decode_image,
+    decode_mask,
+    encode_mask_png,
+    encode_png,
+    image_size,
+    read_bytes,
+    read_image_size,
+    rle_decode,
+    rle_encode,
+    write_bytes,
+)
+
+RNG = np.random.default_rng(0)
+GREY = RNG.integers(0, 256, (9, 13), dtype=np.uint8)
+RGB = RNG.integers(0, 256, (9, 13, 3), dtype=np.uint8)
+
+
+def save(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """Pillow's own RGB -> L conversion, as the reference for grey output."""
+    return np.asarray(Image.fromarray(rgb).convert("L"))
+
+
+def scaled16(a: np.ndarray) -> np.ndarray:
+    return np.rint(a.astype(np.float64) * 255.0 / 65535.0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode_image: every mode
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF"])
+def test_grey_lossless_formats(fmt):
+    data = save(Image.fromarray(GREY), fmt)
+    one = decode_image(data, 1)
+    three = decode_image(data, 3)
+    assert one.shape == (9, 13, 1) and one.dtype == np.uint8
+    assert three.shape == (9, 13, 3)
+    np.testing.assert_array_equal(one[:, :, 0], GREY)
+    for c in range(3):
+        np.testing.assert_array_equal(three[:, :, c], GREY)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF"])
+def test_rgb_lossless_formats(fmt):
+    data = save(Image.fromarray(RGB), fmt)
+    np.testing.assert_array_equal(decode_image(data, 3), RGB)
+    np.testing.assert_array_equal(decode_image(data, 1)[:, :, 0], luma(RGB))
+
+
+def test_rgba_drops_alpha_keeping_stored_colour():
+    alpha = RNG.integers(0, 256, (9, 13), dtype=np.uint8)
+    alpha[0, 0] = 0  # fully transparent pixel keeps its colour (no compositing)
+    rgba = np.dstack([RGB, alpha])
+    data = save(Image.fromarray(rgba), "PNG")
+    np.testing.assert_array_equal(decode_image(data, 3), RGB)
+    np.testing.assert_array_equal(decode_image(data, 1)[:, :, 0], luma(RGB))
+
+
+def test_la_drops_alpha():
+    la = Image.fromarray(np.dstack([GREY, np.zeros_like(GREY)]))
+    assert la.mode == "LA"
+    np.testing.assert_array_equal(decode_image(save(la, "PNG"), 1)[:, :, 0], GREY)
+
+
+@pytest.mark.parametrize("transparency", [False, True])
+def test_palette(transparency):
+    palette = RNG.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = RNG.integers(0, 256, (9, 13), dtype=np.uint8)
+    p = Image.new("P", (13, 9))
+    p.putpalette(palette.ravel().tolist())
+    p.putdata(index.ravel().tolist())
+    kw = {"transparency": 3} if transparency else {}
+    data = save(p, "PNG", **kw)
+    assert Image.open(io.BytesIO(data)).mode == "P"
+    np.testing.assert_array_equal(decode_image(data, 3), palette[index])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16bit_scaled_by_dtype_range_not_clipped(fmt):
+    a = RNG.integers(0, 65536, (9, 13), dtype=np.uint16)
+    a[0, :4] = [0, 256, 32768, 65535]
+    data = save(Image.fromarray(a), fmt)
+    assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
+    out = decode_image(data, 1)[:, :, 0]
+    np.testing.assert_array_equal(out, scaled16(a))
+    assert out[0, :4].tolist() == [0, 1, 128, 255]
+
+
+def test_mode_I_in_16bit_range_scaled_like_16bit():
+    a = RNG.integers(0, 65536, (9, 13)).astype(np.int32)
+    data = save(Image.fromarray(a), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    np.testing.assert_array_equal(decode_image(data, 1)[:, :, 0], scaled16(a))
+
+
+def test_mode_I_wide_range_uses_int32_range():
+    a = np.array([[-(2**31), 0, 2**31 - 1]], dtype=np.int32)
+    out = decode_image(save(Image.fromarray(a), "TIFF"), 1)[0, :, 0]
+    assert out[0] == 0 and out[2] == 255 and 126 <= out[1] <= 128
+
+
+def test_float_unit_range_and_arbitrary_range():
+    unit = RNG.random((9, 13)).astype(np.float32)
+    out = decode_image(save(Image.fromarray(unit), "TIFF"), 1)[:, :, 0]
+    np.testing.assert_array_equal(out, np.rint(unit.astype(np.float64) * 255).astype(np.uint8))
+    wide = (unit * 15 - 5).astype(np.float32)
+    out = decode_image(save(Image.fromarray(wide), "TIFF"), 1)[:, :, 0]
+    assert out.min() == 0 and out.max() == 255
+    # monotonic: ordering of pixels is preserved
+    order = np.argsort(wide.ravel(), kind="stable")
+    assert (np.diff(out.ravel()[order].astype(int)) >= 0).all()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF"])
+def test_one_bit(fmt):
+    bits = RNG.random((9, 13)) > 0.5
+    im = Image.fromarray(bits.astype(np.uint8) * 255).convert("1")
+    out = decode_image(save(im, fmt), 1)[:, :, 0]
+    np.testing.assert_array_equal(out, bits.astype(np.uint8) * 255)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "CMYK"])
+def test_jpeg(mode):
+    yy, xx = np.mgrid[0:32, 0:48]
+    smooth = np.dstack([xx * 5, yy * 7, (xx + yy) * 3]).astype(np.uint8)
+    im = Image.fromarray(smooth)
+    ref = smooth if mode == "RGB" else np.asarray(im.convert(mode).convert("RGB"))
+    if mode == "L":
+        ref = np.repeat(luma(smooth)[:, :, None], 3, axis=2)
+    data = save(im.convert(mode), "JPEG", quality=95)
+    out = decode_image(data, 3)
+    assert out.shape == (32, 48, 3)
+    assert np.abs(out.astype(int) - ref.astype(int)).mean() < 4
+
+
+def test_jpeg_draft_downscales_but_other_formats_ignore_it():
+    big = Image.fromarray(RNG.integers(0, 256, (512, 512, 3), dtype=np.uint8))
+    out = decode_image(save(big, "JPEG"), 1, draft=(64, 64))
+    assert 64 <= out.shape[0] < 512
+    out = decode_image(save(big, "PNG"), 1, draft=(64, 64))
+    assert out.shape[:2] == (512, 512)
+
+
+@pytest.mark.parametrize("source", [GREY, RGB], ids=["L", "RGB"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_output_is_writable(source, channels):
+    out = decode_image(save(Image.fromarray(source), "PNG"), channels)
+    assert out.flags.writeable and out.flags.c_contiguous
+    out[0, 0, 0] = 7  # transforms may work in place
+
+
+def test_bad_channels():
+    with pytest.raises(ValueError):
+        decode_image(save(Image.fromarray(GREY), "PNG"), 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode_mask
+
+
+def test_mask_threshold():
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    data = save(Image.fromarray(ramp), "PNG")
+    m = decode_mask(data)
+    assert m.dtype == np.uint8 and m.shape == (16, 16)
+    np.testing.assert_array_equal(m, (ramp > 127).astype(np.uint8))
+    np.testing.assert_array_equal(decode_mask(data, threshold=0), (ramp > 0).astype(np.uint8))
+
+
+def test_mask_16bit_scaled_before_threshold():
+    a = np.array([[30000, 40000, 0, 65535]], dtype=np.uint16)  # -> 117, 156, 0, 255
+    m = decode_mask(save(Image.fromarray(a), "PNG"))
+    assert m.tolist() == [[0, 1, 0, 1]]
+
+
+def test_colour_mask_uses_max_over_channels():
+    rgb = np.zeros((2, 3, 3), dtype=np.uint8)
+    rgb[0, 0] = (255, 0, 0)
+    rgb[1, 2] = (0, 0, 200)
+    m = decode_mask(save(Image.fromarray(rgb), "PNG"))
+    assert m.tolist() == [[1, 0, 0], [0, 0, 1]]
+
+
+# ----------------------------------------------------------------------------------------------
+# errors name the file
+
+
+def test_zero_bytes_names_file():
+    with pytest.raises(ImageDecodeError, match=re.escape("s3://b/empty (1).png")):
+        decode_image(b"", name="s3://b/empty (1).png")
+    with pytest.raises(ImageDecodeError, match="empty.png"):
+        decode_mask(b"", name="empty.png")
+
+
+def test_non_image_names_file():
+    with pytest.raises(ImageDecodeError, match=re.escape("/data/notes.png")):
+        decode_image(b"this is a text file, not an image", name="/data/notes.png")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF"])
+def test_truncated_names_file(fmt):
+    noisy = Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    data = save(noisy, fmt)
+    cut = data[: len(data) // 2]
+    with pytest.raises(ImageDecodeError, match=re.escape("cut.img")):
+        decode_image(cut, name="cut.img")
+
+
+def test_errors_are_value_errors():
+    assert issubclass(ImageDecodeError, ValueError)
+    assert issubclass(ImageTooLargeError, ImageDecodeError)
+
+
+# ----------------------------------------------------------------------------------------------
+# decompression bombs
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG declaring ``width`` x ``height`` whose pixel data is a few bytes: far too short."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 16)
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    )
+
+
+def test_pixel_cap():
+    data = save(Image.fromarray(GREY), "PNG")  # 13 x 9 = 117 pixels
+    assert decode_image(data, 1, max_pixels=117).shape == (9, 13, 1)
+    with pytest.raises(ImageTooLargeError, match=r"cap\.png.*13x9"):
+        decode_image(data, 1, max_pixels=116, name="cap.png")
+    with pytest.raises(ImageTooLargeError):
+        decode_mask(data, max_pixels=100)
+
+
+def test_cap_checked_from_header_before_decoding():
+    # No pixel data: decoding would fail with a truncation error; the cap must fire first.
+    data = png_header_only(12_000, 10_000)  # over our default cap, under Pillow's hard limit
+    assert image_size(data) == (12_000, 10_000)
+    with pytest.raises(ImageTooLargeError, match="bomb.png"):
+        decode_image(data, name="bomb.png")
+    with pytest.raises(ImageTooLargeError, match="bomb.png"):
+        decode_image(data, max_pixels=10_000_000, name="bomb.png")
+    small = png_header_only(10, 10)
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(small, max_pixels=10_000_000, name="small.png")
+    assert not isinstance(info.value, ImageTooLargeError)
+
+
+def test_pillow_bomb_error_is_reported_as_too_large():
+    # Beyond Pillow's own hard limit (2 x MAX_IMAGE_PIXELS) even with our cap disabled.
+    limit = Image.MAX_IMAGE_PIXELS or 89_478_485
+    side = int((2 * limit) ** 0.5) + 100
+    with pytest.raises(ImageTooLargeError, match="huge.png"):
+        decode_image(png_header_only(side, side), max_pixels=None, name="huge.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# image_size, read/write through fsspec
+
+
+def test_image_size_from_bytes_and_file():
+    data = save(Image.fromarray(RGB), "JPEG")
+    assert image_size(data) == (13, 9)
+    assert image_size(io.BytesIO(data)) == (13, 9)
+    with pytest.raises(ImageDecodeError, match="x.bin"):
+        image_size(b"nope", name="x.bin")
+
+
+def test_read_write_local_and_file_url(tmp_path):
+    target = tmp_path / "a" / "b" / "c.png"
+    data = encode_png(GREY)
+    write_bytes(str(target), data)  # creates parents
+    assert target.read_bytes() == data
+    assert read_bytes(str(target)) == data
+    assert read_bytes(target.as_uri()) == data
+    write_bytes((tmp_path / "d" / "e.bin").as_uri(), b"xyz")
+    assert (tmp_path / "d" / "e.bin").read_bytes() == b"xyz"
+    assert read_image_size(target.as_uri()) == (13, 9)
+
+
+def test_read_write_memory_url():
+    uri = "memory://medseg-test-io/sub/x.png"
+    data = encode_png(RGB)
+    write_bytes(uri, data)
+    assert read_bytes(uri) == data
+    assert fsspec.filesystem("memory").cat_file("/medseg-test-io/sub/x.png") == data
+    assert read_image_size(uri) == (13, 9)
+    np.testing.assert_array_equal(decode_image(read_bytes(uri)), RGB)
+
+
+def test_read_missing_raises():
+    with pytest.raises(FileNotFoundError):
+        read_bytes("memory://medseg-test-io/does-not-exist.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# encoders
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        GREY,
+        GREY[:, :, None],
+        RGB,
+        np.dstack([RGB, GREY]),
+        RNG.integers(0, 65536, (5, 7), dtype=np.uint16),
+    ],
+    ids=["L", "Lx1", "RGB", "RGBA", "I16"],
+)
+def test_encode_png_round_trip(array):
+    data = encode_png(array)
+    back = np.asarray(Image.open(io.BytesIO(data)))
+    np.testing.assert_array_equal(back, array.reshape(back.shape))
+
+
+def test_encode_png_bool_and_rejects_bad_arrays():
+    mask = RNG.random((6, 4)) > 0.5
+    back = np.asarray(Image.open(io.BytesIO(encode_png(mask))))
+    np.testing.assert_array_equal(back, mask.astype(np.uint8) * 255)
+    with pytest.raises(ValueError):
+        encode_png(np.zeros((4, 4), dtype=np.float32))
+    with pytest.raises(ValueError):
+        encode_png(np.zeros((4, 4, 2), dtype=np.uint8))
+
+
+def test_encode_mask_png_round_trip():
+    labels = RNG.integers(0, 3, (10, 12))
+    data = encode_mask_png(labels)
+    im = Image.open(io.BytesIO(data))
+    assert im.mode == "L"
+    assert set(np.unique(np.asarray(im)).tolist()) <= {0, 255}
+    np.testing.assert_array_equal(decode_mask(data), (labels != 0).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# RLE
+
+
+def test_rle_known_cases_by_hand():
+    # column-major: col 0 = 0,1,0 ; col 1 = 1,1,0 -> 0 | 1 | 0 | 1 1 | 0
+    mask = np.array([[0, 1], [1, 1], [0, 0]], dtype=np.uint8)
+    assert rle_encode(mask) == {"size": [3, 2], "counts": [1, 1, 1, 2, 1]}
+    # first pixel set -> leading zero-length run of zeros
+    assert rle_encode(np.array([[1, 0]]))["counts"] == [0, 1, 1]
+    assert rle_encode(np.zeros((2, 2)))["counts"] == [4]
+    assert rle_encode(np.ones((2, 3)))["counts"] == [0, 6]
+    np.testing.assert_array_equal(rle_decode({"size": [3, 2], "counts": [1, 1, 1, 2, 1]}), mask)
+
+
+def test_rle_compressed_strings_by_hand():
+    # COCO string form: 5-bit groups + 48, deltas against counts[i-2] from i = 3.
+    mask = np.array([[0, 1], [1, 1], [0, 0]], dtype=np.uint8)
+    assert rle_encode(mask, compressed=True)["counts"] == "11110"
+    assert rle_encode(np.zeros((10, 10)), compressed=True)["counts"] == "T3"  # 100 = 3*32 + 4
+    # counts [0, 5, 10, 2]: 2 - 5 = -3 is written as one sign-extended group 'M'
+    col = np.zeros((17, 1), dtype=np.uint8)
+    col[0:5] = 1
+    col[15:17] = 1
+    assert rle_encode(col)["counts"] == [0, 5, 10, 2]
+    assert rle_encode(col, compressed=True)["counts"] == "05:M"
+    np.testing.assert_array_equal(rle_decode({"size": [17, 1], "counts": "05:M"}), col)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (32, 48), (0, 4), (64, 1)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_rle_round_trip(shape, density):
+    mask = (RNG.random(shape) < density).astype(np.uint8)
+    for compressed in (False, True):
+        rle = rle_encode(mask, compressed=compressed)
+        assert rle["size"] == list(shape)
+        back = rle_decode(rle)
+        assert back.dtype == np.uint8
+        np.testing.assert_array_equal(back, mask)
+    counts = rle_encode(mask)["counts"]
+    assert sum(counts) == mask.size
+
+
+def test_rle_rejects_inconsistent_counts():
+    with pytest.raises(ValueError):
+        rle_decode({"size": [2, 2], "counts": [1, 1]})

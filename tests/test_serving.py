@@ -1,0 +1,463 @@
+"""The Ray Serve endpoint (serving/app.py), over real HTTP on 127.0.0.1.
+
+One application is deployed for the module through the same path as `serve run
+serving/config.yaml` (the committed config, with bundle URIs, limits, auth and resources
+patched for the test): the segmenter bundle is read from the SeaweedFS S3 server (credentials
+from the replicas' environment, endpoint from the config), the classifier bundle from a local
+path. Responses are compared with `inference.Chain` run in-process on the same bundles."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from medseg_core.checkpoint import load_bundle, make_bundle_config, save_bundle
+from medseg_core.inference import Chain, Classifier, Segmenter
+from medseg_core.io import decode_image, decode_mask, rle_decode
+from medseg_core.layouts import list_records, load_record
+from medseg_core.models import build_model
+from medseg_core.transforms import normalize_batch, resize_image, resize_mask
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-0123456789"
+TOKEN_ENV = "MEDSEG_TEST_API_TOKEN"
+MAX_BODY = 300_000
+MAX_PIXELS = 250_000
+CLASS_NAMES = ["normal", "benign", "malignant"]
+MEAN, STD = [0.5], [0.25]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(image: np.ndarray | Image.Image, **save) -> bytes:
+    im = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    buf = io.BytesIO()
+    im.save(buf, format=save.pop("format", "PNG"), **save)
+    return buf.getvalue()
+
+
+def _train(model: torch.nn.Module, step, steps: int) -> None:
+    # One thread: on a small shared machine torch's default pool mostly spins (8x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+        model.train()
+        for _ in range(steps):
+            opt.zero_grad()
+            step(model).backward()
+            opt.step()
+        model.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def samples(synthetic_archive) -> list[dict]:
+    listing = list_records(synthetic_archive, "busi")
+    return [load_record(r, channels=1) for r in listing.records]
+
+
+@pytest.fixture(scope="module")
+def bundles(samples, tmp_path_factory, s3) -> dict[str, str]:
+    """A tiny U-Net (grey input, 64x64) and classifier (RGB, 32x32) trained for a few steps, so
+    masks are confident rather than hovering at the threshold; the segmenter also on S3."""
+    root = tmp_path_factory.mktemp("bundles")
+    images = np.stack([s["image"] for s in samples])             # (N, 64, 64, 1)
+    masks = torch.from_numpy(np.stack([s["mask"] for s in samples])[:, None].astype(np.float32))
+    labels = torch.tensor([s["label"] for s in samples])
+
+    seg_cfg = {"name": "unet", "in_channels": 1, "out_channels": 1, "widths": [8, 16, 32]}
+    seg = build_model(seg_cfg)
+    x = normalize_batch(torch.from_numpy(images), MEAN, STD)
+    _train(seg, lambda m: F.binary_cross_entropy_with_logits(m(x), masks), 15)
+    seg_dir = save_bundle(str(root / "segmenter"), seg, make_bundle_config(
+        seg_cfg, task="segmentation", input_size=[64, 64], mean=MEAN, std=STD, threshold=0.5,
+        class_names=CLASS_NAMES), version="seg-test-1")
+
+    cls_cfg = {"name": "classifier", "in_channels": 3, "num_classes": 3, "widths": [8, 16]}
+    clf = build_model(cls_cfg)
+    small = np.stack([np.repeat(resize_image(im, (32, 32)), 3, axis=2) for im in images])
+    small_masks = torch.from_numpy(np.stack(
+        [resize_mask(s["mask"], (32, 32)) for s in samples])[:, None].astype(np.float32))
+    xc = normalize_batch(torch.from_numpy(small), MEAN * 3, STD * 3)
+    _train(clf, lambda m: F.cross_entropy(m(xc, small_masks), labels), 10)
+    cls_dir = save_bundle(str(root / "classifier"), clf, make_bundle_config(
+        cls_cfg, task="classification", input_size=[32, 32], mean=MEAN * 3, std=STD * 3,
+        threshold=None, class_names=CLASS_NAMES), version="cls-test-1")
+
+    s3_uri = "s3://medseg-serving/bundles/segmenter"
+    s3.upload_dir(seg_dir, s3_uri)
+    return {"segmenter": seg_dir, "classifier": cls_dir, "segmenter_s3": s3_uri}
+
+
+@pytest.fixture(scope="module")
+def chain(bundles) -> Chain:
+    """The in-process reference on the same bundles."""
+    return Chain(Segmenter(load_bundle(bundles["segmenter"])),
+                 Classifier(load_bundle(bundles["classifier"])))
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, bundles, s3) -> str:
+    from ray import serve
+
+    from serving.launch import deploy, load_config, merge, patch_deployment
+
+    port = free_port()
+    config = load_config()
+    config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
+    app = config["applications"][0]
+    app["args"] = merge(app["args"], {
+        "segmenter": {"bundle_uri": bundles["segmenter_s3"], "inference_batch_size": 8},
+        "classifier": {"bundle_uri": bundles["classifier"]},
+        "storage": {"endpoint_url": s3.endpoint},
+        "limits": {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS},
+        "auth": {"token_env": TOKEN_ENV, "required": True},
+    })
+    # Credentials (and the token) reach the replicas through their environment only; the
+    # endpoint comes from the config, so the AWS_ENDPOINT_URL* variables are left out.
+    env = {k: v for k, v in s3.env.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    app["runtime_env"] = {"env_vars": {**env, TOKEN_ENV: TOKEN, "PYTHONPATH": str(ROOT)}}
+    fixed = {"min_replicas": 1, "max_replicas": 1}
+    patch_deployment(app, "Ingress", {"ray_actor_options": {"num_cpus": 0.1},
+                                      "autoscaling_config": fixed})
+    for name in ("Segmenter", "Classifier"):
+        patch_deployment(app, name, {"ray_actor_options": {"num_cpus": 0.2},
+                                     "autoscaling_config": fixed})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deploy(config, timeout_s=150)
+    yield f"http://127.0.0.1:{port}"
+    serve.delete(app["name"])
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def post(url: str, data: bytes | None, content_type: str | None = "image/png",
+         headers: dict | None = None, params: dict | None = None, **kw) -> requests.Response:
+    h = dict(AUTH)
+    if content_type is not None:
+        h["Content-Type"] = content_type
+    h.update(headers or {})
+    return requests.post(f"{url}/v1/predict", data=data, headers=h, params=params, timeout=60,
+                         **kw)
+
+
+def check_equal(body: dict, ref: dict, image: np.ndarray) -> None:
+    assert body["label"] == ref["label"]
+    assert body["label_name"] == ref["label_name"]
+    assert body["probabilities"].keys() == ref["probabilities"].keys()
+    for name, p in ref["probabilities"].items():
+        assert body["probabilities"][name] == pytest.approx(p, abs=1e-5)
+    mask = body["mask"]
+    assert mask["size"] == list(image.shape[:2])
+    if mask["format"] == "png":
+        got = decode_mask(base64.b64decode(mask["data"]))
+    else:
+        got = rle_decode(mask)
+    assert got.shape == ref["mask"].shape == image.shape[:2]
+    np.testing.assert_array_equal(got, ref["mask"])
+    assert body["lesion_area_fraction"] == pytest.approx(ref["lesion_area_fraction"], abs=1e-9)
+    assert body["bbox"] == ref["bbox"]
+    assert body["image_size"] == list(image.shape[:2])
+    assert body["model_versions"] == {"segmenter": "seg-test-1", "classifier": "cls-test-1"}
+    assert set(body["timings"]) >= {"decode_ms", "segment_ms", "classify_ms", "total_ms"}
+
+
+# ------------------------------------------------------------------------------ no server
+
+
+def test_config_validates_against_serve_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import ClassifierDeployment, Ingress, SegmenterDeployment, build_app
+    from serving.launch import load_config
+    from serving.schemas import AppArgs, BatchingConfig
+
+    config = load_config()
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == "serving.app:build_app"
+    AppArgs.model_validate(app.args)
+    names = {d.name for d in app.deployments}
+    assert names == {Ingress.name, SegmenterDeployment.name, ClassifierDeployment.name}
+    for d in app.deployments:
+        auto = d.autoscaling_config
+        auto = auto if isinstance(auto, dict) else auto.model_dump()
+        assert {"min_replicas", "max_replicas", "target_ongoing_requests",
+                "upscale_delay_s", "downscale_delay_s"} <= set(auto)
+        assert "num_gpus" in d.ray_actor_options.model_dump(exclude_unset=True)
+        if d.name != Ingress.name:
+            batching = BatchingConfig.model_validate(d.user_config)
+            assert d.max_ongoing_requests >= batching.max_batch_size
+    # the builder Serve calls with `args` gives the three deployments
+    built = build_app(config["applications"][0]["args"])
+    assert built is not None
+    with pytest.raises(ValueError):
+        build_app({"segmenter": {"bundle_uri": "x"}})  # no classifier
+    with pytest.raises(ValueError):
+        build_app({**app.args, "limits": {"max_pixels": 0}})
+
+
+def test_multipart_parser_roundtrips_binary():
+    from serving.inputs import ApiError, parse_multipart
+
+    payload = bytes(range(256)) * 50 + b"\r\n--x\r\n\r\n"
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + payload + f"\r\n--{boundary}--\r\n".encode()
+    up = parse_multipart(body, f"multipart/form-data; boundary={boundary}")
+    assert up.data == payload and up.content_type == "image/png" and up.filename == "a.png"
+    with pytest.raises(ApiError) as err:
+        parse_multipart(body, "multipart/form-data")
+    assert err.value.status == 400
+
+
+def test_health_gathering_reports_missing_models():
+    import asyncio
+
+    from serving.app import gather_model_infos
+    from serving.inputs import ApiError
+
+    async def ok():
+        return {"version": "v"}
+
+    async def hang():
+        await asyncio.sleep(10)
+
+    async def boom():
+        raise RuntimeError("replica died")
+
+    assert asyncio.run(gather_model_infos({"a": ok, "b": ok}, 0.5)) == {
+        "a": {"version": "v"}, "b": {"version": "v"}}
+    with pytest.raises(ApiError) as err:
+        asyncio.run(gather_model_infos({"a": ok, "b": hang, "c": boom}, 0.2))
+    assert err.value.status == 503
+    assert "b (no answer" in err.value.message and "c (RuntimeError)" in err.value.message
+
+
+# ------------------------------------------------------------------------------ endpoint
+
+
+def test_healthz_and_models(server):
+    r = requests.get(f"{server}/healthz", timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "ok",
+                        "model_versions": {"segmenter": "seg-test-1", "classifier": "cls-test-1"}}
+
+    r = requests.get(f"{server}/v1/models", timeout=30)
+    assert r.status_code == 401
+    r = requests.get(f"{server}/v1/models", headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    models = r.json()
+    assert models["segmenter"]["uri"] == "s3://medseg-serving/bundles/segmenter"
+    assert models["segmenter"]["version"] == "seg-test-1"
+    assert models["segmenter"]["device"] == "cpu"
+    assert models["segmenter"]["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.005}
+    assert models["classifier"]["class_names"] == CLASS_NAMES
+    assert models["classifier"]["input_size"] == [32, 32]
+
+    spec = requests.get(f"{server}/openapi.json", timeout=30).json()
+    op = spec["paths"]["/v1/predict"]["post"]
+    assert set(op["requestBody"]["content"]) == {
+        "image/png", "image/jpeg", "image/bmp", "image/tiff", "multipart/form-data"}
+    assert {"mask_format", "threshold"} <= {p["name"] for p in op["parameters"]}
+    assert {"200", "400", "401", "413", "415", "422"} <= set(op["responses"])
+
+
+def test_predict_equals_in_process_chain(server, samples, chain):
+    cases = [samples[0]["image"][:, :, 0], samples[7]["image"][:, :, 0],
+             resize_image(samples[12]["image"], (80, 96))[:, :, 0]]   # not the model's size
+    for grey in cases:
+        data = png_bytes(grey)
+        image = decode_image(data)
+        ref = chain.predict([image])[0]
+        for fmt in ("png", "rle"):
+            r = post(server, data, params={"mask_format": fmt})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["mask"]["format"] == fmt
+            check_equal(body, ref, image)
+    # an explicit threshold is the threshold Chain.predict receives
+    data = png_bytes(cases[1])
+    image = decode_image(data)
+    ref = chain.predict([image], threshold=0.8)[0]
+    r = post(server, data, params={"threshold": 0.8})
+    assert r.status_code == 200, r.text
+    check_equal(r.json(), ref, image)
+    assert r.json()["threshold"] == 0.8
+
+
+def _variants(grey: np.ndarray) -> dict[str, tuple[bytes, str]]:
+    rgb = np.stack([grey, np.roll(grey, 3, axis=1), 255 - grey], axis=2)
+    rgba = Image.fromarray(np.dstack([rgb, np.full_like(grey, 128)]), "RGBA")
+    sixteen = Image.fromarray(grey.astype(np.uint16) * 257)          # mode I;16
+    assert sixteen.mode == "I;16"
+    palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    return {
+        "rgba_png": (png_bytes(rgba), "image/png"),
+        "16bit_png": (png_bytes(sixteen), "image/png"),
+        "palette_png": (png_bytes(palette), "image/png"),
+        "grey_jpeg": (png_bytes(grey, format="JPEG", quality=90), "image/jpeg"),
+        "rgb_bmp": (png_bytes(rgb, format="BMP"), "image/bmp"),
+        "rgb_tiff": (png_bytes(rgb, format="TIFF"), "image/tiff"),
+    }
+
+
+def test_image_modes_and_formats_succeed(server, samples, chain):
+    grey = resize_image(samples[9]["image"], (72, 60))[:, :, 0]
+    for name, (data, kind) in _variants(grey).items():
+        r = post(server, data, content_type=kind)
+        assert r.status_code == 200, f"{name}: {r.text}"
+        image = decode_image(data)
+        check_equal(r.json(), chain.predict([image])[0], image)
+
+
+def test_multipart_and_chunked_uploads(server, samples, chain):
+    data = png_bytes(samples[4]["image"][:, :, 0])
+    image = decode_image(data)
+    ref = chain.predict([image])[0]
+    r = requests.post(f"{server}/v1/predict", headers=AUTH, timeout=60,
+                      files={"file": ("scan.png", data, "image/png")})
+    assert r.status_code == 200, r.text
+    check_equal(r.json(), ref, image)
+    # a generic part type is fine too (the bytes are sniffed)
+    r = requests.post(f"{server}/v1/predict", headers=AUTH, timeout=60,
+                      files={"image": ("scan.bin", data, "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    # chunked transfer encoding (no Content-Length): streamed with the byte limit
+    r = post(server, (data[i:i + 1000] for i in range(0, len(data), 1000)))
+    assert r.status_code == 200, r.text
+    check_equal(r.json(), ref, image)
+
+
+def _huge_png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_bad_inputs_get_json_errors(server, samples):
+    good = png_bytes(samples[2]["image"][:, :, 0])
+    too_many_bytes = good + b"\0" * (MAX_BODY + 1 - len(good))
+    many_pixels = png_bytes(np.zeros((600, 500), np.uint8))                      # 300k px, tiny file
+    multipart_text = {"files": {"file": ("notes.txt", b"hello", "text/plain")}}
+    multipart_none = {"files": {"note": (None, b"hello")}}
+    cases = [
+        # name, request kwargs, status, code, message fragment
+        ("empty body", dict(data=b""), 415, "empty_body", "empty"),
+        ("no content type", dict(data=good, content_type=None), 415,
+         "unsupported_media_type", "missing Content-Type"),
+        ("wrong content type", dict(data=good, content_type="text/plain"), 415,
+         "unsupported_media_type", "'text/plain'"),
+        ("json content type", dict(data=b"{}", content_type="application/json"), 415,
+         "unsupported_media_type", "not accepted"),
+        ("garbage bytes", dict(data=b"this is not an image at all" * 10), 400,
+         "invalid_image", "not a PNG/JPEG/BMP/TIFF image"),
+        ("truncated png", dict(data=good[: len(good) // 2]), 400, "invalid_image", "truncated"),
+        ("png signature only", dict(data=good[:8]), 400, "invalid_image", "request body"),
+        ("too many bytes", dict(data=too_many_bytes), 413, "payload_too_large",
+         f"limit of {MAX_BODY} bytes"),
+        ("too many bytes, chunked", dict(
+            data=(too_many_bytes[i:i + 65536] for i in range(0, len(too_many_bytes), 65536))),
+         413, "payload_too_large", "exceeds the limit"),
+        ("too many pixels (real image)", dict(data=many_pixels), 413, "image_too_large",
+         f"over the limit of {MAX_PIXELS}"),
+        ("too many pixels (header only)", dict(data=_huge_png_header(100_000, 100_000)), 413,
+         "image_too_large", "too large"),
+        ("threshold 0", dict(data=good, params={"threshold": 0}), 422, "invalid_parameter",
+         "threshold"),
+        ("threshold 1", dict(data=good, params={"threshold": 1}), 422, "invalid_parameter",
+         "threshold"),
+        ("threshold text", dict(data=good, params={"threshold": "high"}), 422,
+         "invalid_parameter", "threshold"),
+        ("threshold nan", dict(data=good, params={"threshold": "nan"}), 422,
+         "invalid_parameter", "threshold"),
+        ("bad mask_format", dict(data=good, params={"mask_format": "jpeg"}), 422,
+         "invalid_parameter", "mask_format"),
+        ("no token", dict(data=good, headers={"Authorization": ""}), 401, "unauthorized",
+         "bearer token"),
+        ("wrong token", dict(data=good, headers={"Authorization": "Bearer nope"}), 401,
+         "unauthorized", "bearer token"),
+        ("basic auth", dict(data=good, headers={"Authorization": f"Basic {TOKEN}"}), 401,
+         "unauthorized", "bearer token"),
+        ("no token beats bad query", dict(data=good, params={"threshold": 5},
+                                          headers={"Authorization": ""}), 401, "unauthorized", ""),
+    ]
+    for name, kwargs, status, code, fragment in cases:
+        r = post(server, **kwargs)
+        assert r.status_code == status, f"{name}: {r.status_code} {r.text}"
+        err = r.json()["error"]
+        assert err["code"] == code, f"{name}: {err}"
+        assert fragment in err["message"], f"{name}: {err}"
+        if status == 401:
+            assert r.headers.get("WWW-Authenticate", "").startswith("Bearer")
+            assert TOKEN not in r.text
+    for name, kwargs, status, code in [
+        ("multipart text part", multipart_text, 415, "unsupported_media_type"),
+        ("multipart without file", multipart_none, 400, "bad_request"),
+    ]:
+        r = requests.post(f"{server}/v1/predict", headers=AUTH, timeout=60, **kwargs)
+        assert r.status_code == status, f"{name}: {r.status_code} {r.text}"
+        assert r.json()["error"]["code"] == code
+    r = requests.get(f"{server}/v1/predict", headers=AUTH, timeout=30)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    r = requests.get(f"{server}/nope", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    # ... and the server keeps answering
+    assert requests.get(f"{server}/healthz", timeout=30).status_code == 200
+    r = post(server, good)
+    assert r.status_code == 200, r.text
+
+
+def test_concurrent_burst(server, samples, chain):
+    """200 requests at concurrency 16 (batched in the model deployments): all succeed and
+    each equals the in-process result for its image."""
+    images = [resize_image(samples[i]["image"], size)[:, :, 0]
+              for i, size in ((1, (64, 64)), (6, (70, 90)), (11, (64, 64)), (14, (50, 64)))]
+    payloads = [png_bytes(im) for im in images]
+    decoded = [decode_image(p) for p in payloads]
+    refs = [chain.predict([im])[0] for im in decoded]
+
+    import threading
+
+    local = threading.local()
+
+    def one(i: int) -> tuple[int, int, dict]:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        k = i % len(payloads)
+        r = session.post(f"{server}/v1/predict", data=payloads[k], timeout=120,
+                         headers={**AUTH, "Content-Type": "image/png"})
+        return k, r.status_code, r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(200)))
+    assert [s for _, s, _ in results] == [200] * 200, [b for _, s, b in results if s != 200][:3]
+    for k, _, body in results:
+        check_equal(body, refs[k], decoded[k])
