@@ -101,8 +101,11 @@ logger = logging.getLogger("medseg.data")
 MANIFEST_NAME = "manifest.json"
 PACKED_FORMAT = "medseg-packed"
 PACKED_MARK = "#rg="
-# Errors that mean "this file is bad", not "this code is broken": dropped (or fatal in strict).
-BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ImageDecodeError, LayoutError, OSError)
+# Errors that mean "this file is bad": dropped and reported (or fatal in strict). Anything else
+# (no permission, wrong credentials, network down, a bug) fails the run: it is not bad input, and
+# dropping every record for it would hide the real problem.
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    ImageDecodeError, LayoutError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 # storage_options keys that would carry a secret; credentials come from the environment only
 CREDENTIAL_KEYS = frozenset({
@@ -504,7 +507,7 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
     """Hash every record's image in a thread pool (Pillow decodes without the GIL).
 
     Unreadable images give None and a Problem (or raise naming the file when `strict`).
-    Results, good and bad, are cached by id under `cache_dir`.
+    Hashes are cached by id under `cache_dir`; failures are not (a repaired file is retried).
     """
     cache: dict[str, Any] = {}
     url = None
@@ -529,12 +532,12 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             cache.update(pool.map(one, todo))
-        if url:
+        if url and any(not isinstance(cache[r.id], dict) for r in todo):
             fs, path = fsspec.core.url_to_fs(url)
             if _is_local(fs):
                 fs.makedirs(posixpath.dirname(path), exist_ok=True)
             with fs.open(path, "w") as f:
-                json.dump(cache, f)
+                json.dump({k: v for k, v in cache.items() if not isinstance(v, dict)}, f)
     hashes: list[int | None] = []
     problems = []
     for rec in records:
@@ -621,8 +624,6 @@ def is_packed(data_cfg: Mapping[str, Any]) -> bool:
     """`layout: packed`, or a medseg pack manifest at the archive URL (detection)."""
     if data_cfg.get("layout") == "packed":
         return True
-    if data_cfg.get("name") == "synthetic" and data_cfg.get("generate"):
-        return False
     try:
         fs, path = _fs(_manifest_url(str(data_cfg["url"])), storage_options(data_cfg))
         if not fs.exists(path):
@@ -787,7 +788,7 @@ def decode_raw_batch(batch: dict[str, np.ndarray], spec: DecodeSpec,
             blobs = [data[u] for u in (rec.image_uri, *rec.mask_uris)]
             for u, b in zip((rec.image_uri, *rec.mask_uris), blobs):
                 if isinstance(b, BaseException):
-                    raise OSError(f"{u}: cannot read: {b}") from b
+                    raise FileNotFoundError(f"{u}: cannot read: {b}") from b
             sample = decode_record(rec, blobs[0], blobs[1:], channels=spec.channels,
                                    max_pixels=spec.max_pixels, threshold=spec.threshold)
             samples.append(_apply(spec, transform, sample, epoch))
@@ -1001,7 +1002,7 @@ def load_any_record(record: Record, cfg: Mapping[str, Any]) -> dict[str, Any]:
     blobs = fetch_many([record.image_uri, *record.mask_uris], so)
     for u, b in blobs.items():
         if isinstance(b, BaseException):
-            raise OSError(f"{u}: cannot read: {b}") from b
+            raise FileNotFoundError(f"{u}: cannot read: {b}") from b
     return decode_record(record, blobs[record.image_uri],  # type: ignore[arg-type]
                          [blobs[m] for m in record.mask_uris],  # type: ignore[misc]
                          channels=int(data.get("channels", 3)), max_pixels=_max_pixels(data))

@@ -153,7 +153,7 @@ def pack_shard(index: int, records: list[Record], spec: dict[str, Any]) -> dict[
                     data = [blobs[u] for u in (rec.image_uri, *rec.mask_uris)]
                     for u, b in zip((rec.image_uri, *rec.mask_uris), data):
                         if isinstance(b, BaseException):
-                            raise OSError(f"{u}: cannot read: {b}") from b
+                            raise FileNotFoundError(f"{u}: cannot read: {b}") from b
                     rows.append(_encode_row(rec, data, spec))  # type: ignore[arg-type]
                 except BAD_INPUT_ERRORS as e:
                     path = _blamed_path(e, rec)

@@ -5,7 +5,9 @@ worker restarts from the last epoch and a rerun with the same run name resumes.
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -82,7 +84,9 @@ class RayContext:
     def report(self, metrics, bundle_dir, history) -> None:
         if self.log is not None:
             self.log.record(metrics, bundle_dir, history)
-            print(format_epoch(metrics), flush=True)
+            # not print(): Train V2 patches it in workers to tee into its logger (shown twice)
+            sys.stdout.write(format_epoch(metrics) + "\n")
+            sys.stdout.flush()
         ckpt = Checkpoint.from_directory(bundle_dir) if bundle_dir else None
         ray.train.report(dict(metrics), checkpoint=ckpt)
 
@@ -106,7 +110,11 @@ def init_ray(trainer: dict[str, Any]) -> None:
         ray.init(address=address)
         return
     num_cpus = trainer.get("local_num_cpus")
-    ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=False)
+    if not num_cpus:
+        # leave Ray Data's read tasks a slot beside the trainer workers, or the run waits forever
+        need = int(trainer["num_workers"]) * float(trainer.get("cpus_per_worker", 1)) + 1
+        num_cpus = max(os.cpu_count() or 1, math.ceil(need))
+    ray.init(num_cpus=int(num_cpus), include_dashboard=False)
 
 
 def scaling_config(trainer: dict[str, Any]) -> ScalingConfig:

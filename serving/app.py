@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import ray
+import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -33,6 +35,7 @@ from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from medseg_core.checkpoint import Bundle, load_bundle
 from medseg_core.inference import Chain, Classifier, Segmenter
@@ -78,9 +81,6 @@ _DEFAULT_BATCHING = BatchingConfig()
 
 def resolve_device(requested: str) -> str:
     """'auto' -> 'cuda' when Ray assigned this process a GPU and torch sees one, else 'cpu'."""
-    import ray
-    import torch
-
     if requested == "auto":
         try:
             gpus = ray.get_gpu_ids()
@@ -111,8 +111,6 @@ class _ModelReplica:
 
     def __init__(self, model: Mapping[str, Any] | ModelArgs,
                  storage: Mapping[str, Any] | StorageArgs | None = None) -> None:
-        import torch
-
         self.args = ModelArgs.model_validate(model)
         storage_args = StorageArgs.model_validate(storage or {})
         if self.args.torch_threads:
@@ -163,8 +161,6 @@ class _ModelReplica:
 
     def info(self) -> dict[str, Any]:
         """What /v1/models reports (no credentials: the URI is the configured one)."""
-        import torch
-
         config = self.bundle.config
         return {
             "uri": self.uri,
@@ -448,7 +444,10 @@ class Ingress:
                            f"Content-Type {kind!r} is not accepted; send one of: {accepted}")
         limit = self.limits.max_body_bytes
         check_content_length(request.headers.get("content-length"), limit)
-        body = await read_limited(request.stream(), limit)
+        try:
+            body = await read_limited(request.stream(), limit)
+        except ClientDisconnect:
+            raise ApiError(400, "bad_request", "client disconnected before the body ended") from None
         if not body:
             raise ApiError(415, "empty_body", "request body is empty; send the image bytes")
         if kind != MULTIPART:

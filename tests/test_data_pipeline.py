@@ -322,5 +322,10 @@ def test_read_from_s3_like_a_user(ray_cluster, s3, synthetic_archive, tmp_path, 
         digests(train_epoch_dataset(here["train"], 2))
     rep = data_report(cfg, warn=False)
     assert rep["dropped"] == 0
+    # wrong credentials fail loudly; they are not 15 "bad files"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(Exception, match="(?i)signature|denied|forbidden|credentials"):
+        rows(build_datasets(cfg, remote_splits))
+    assert data_report(cfg, warn=False)["dropped"] == 0
     secret = s3.env["AWS_SECRET_ACCESS_KEY"]
     assert secret not in json.dumps(cfg) and secret not in Path(cfg["data"]["report"]).read_text()

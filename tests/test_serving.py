@@ -145,7 +145,7 @@ def server(ray_cluster, bundles, s3) -> str:
         patch_deployment(app, name, {"ray_actor_options": {"num_cpus": 0.2},
                                      "autoscaling_config": fixed})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deploy(config, timeout_s=150)
+    deploy(config, timeout_s=300)
     yield f"http://127.0.0.1:{port}"
     serve.delete(app["name"])
 

@@ -1,0 +1,243 @@
+"""Ingest benchmark: how fast do decoded, resized, augmented training batches arrive?
+
+    .venv/bin/python benchmarks/ingest.py                 # ../shared/data/busi_full, 256x256
+
+On real variable-size PNGs (BUSI, original resolution) resized to 256x256 with the training
+augmentations of `conf/data/busi_full.yaml`, in one run, page cache warmed first:
+
+  (a) a single-process loop of read + decode + transform (the per-core limit)
+  (b) torch DataLoader, 2 workers, over medseg_core.dataset.RecordDataset
+  (c) the Ray Data pipeline of pipelines/data.py from the raw files
+  (d) the same from the packed Parquet archive (pipelines/pack.py, original bytes), plus
+      (d') from a pack pre-resized to 256x256 PNG (less decode work per epoch, for reference)
+
+After one warm-up pass of each (workers started, files cached), the runs are timed in
+interleaved rounds and the best round of each counts, so that other load on the machine
+disturbs all of them alike. Peak memory (PSS of this
+process and every process it started, i.e. the Ray cluster) is sampled while Ray Data streams
+1x and 10x the archive (the record list repeated). Last line:
+
+    RESULT ingest_ray_vs_dataloader=<c/b> ingest_packed_vs_dataloader=<d/b> ingest_vs_limit=<c/(a*cores)>
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import torch  # noqa: E402
+
+from medseg_core.dataset import RecordDataset, collate, sample_rng  # noqa: E402
+from medseg_core.layouts import load_record  # noqa: E402
+from medseg_core.transforms import build_transforms  # noqa: E402
+from pipelines.config import load_config  # noqa: E402
+from pipelines.data import build_dataset, list_archive, list_packed  # noqa: E402
+from pipelines.pack import pack_archive  # noqa: E402
+
+# ---------------------------------------------------------------------------------- memory
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def tree_pss_mb(root: int) -> float:
+    """Proportional set size of `root` and all its descendants (shared memory counted once)."""
+    kids, todo, total = _children(), [root], 0
+    while todo:
+        pid = todo.pop()
+        todo += kids.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total / 1024
+
+
+class PeakMemory:
+    """Samples tree_pss_mb(this process) in a thread; `.peak` in MB."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_pss_mb(os.getpid()))
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, tree_pss_mb(os.getpid()))
+
+
+# ---------------------------------------------------------------------------------- runs
+
+
+def warm_cache(records) -> int:
+    n = 0
+    for r in records:
+        for u in (r.image_uri, *r.mask_uris):
+            n += len(Path(u).read_bytes())
+    return n
+
+
+def single_process(records, transform, seed: int, epoch: int = 0) -> float:
+    t = time.perf_counter()
+    for r in records:
+        s = load_record(r)
+        transform(s, sample_rng(seed, epoch, r.id))
+    return len(records) / (time.perf_counter() - t)
+
+
+class Loader:
+    """(b): a persistent-worker DataLoader; `epoch()` times one pass."""
+
+    def __init__(self, records, transform, seed: int, batch: int, workers: int):
+        self.ds = RecordDataset(records, transform, seed=seed)
+        self.loader = torch.utils.data.DataLoader(
+            self.ds, batch_size=batch, shuffle=True, collate_fn=collate, num_workers=workers,
+            persistent_workers=True, prefetch_factor=4)
+        self.n_epoch = 0
+
+    def epoch(self) -> float:
+        self.ds.set_epoch(self.n_epoch)
+        self.n_epoch += 1
+        t, n = time.perf_counter(), 0
+        for b in self.loader:
+            n += len(b["label"])
+        return n / (time.perf_counter() - t)
+
+
+def ray_epoch(ds, batch: int) -> tuple[float, int]:
+    """One pass over a Ray Dataset (each pass is the next augmentation epoch)."""
+    t, n = time.perf_counter(), 0
+    for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=4):
+        n += len(b["label"])
+    return n / (time.perf_counter() - t), n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "busi_full"))
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=16, help="training batch size")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    ap.add_argument("--repeat", type=int, default=10, help="archive multiple for the memory run")
+    ap.add_argument("--read-batch", type=int, default=None, help="records per Ray read task")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (best one counts)")
+    args = ap.parse_args()
+
+    cores = len(os.sched_getaffinity(0))
+    tmp = tempfile.mkdtemp(prefix="medseg-ingest-")
+    overrides = ["data=busi_full", f"data.url={args.data}", f"output_dir={tmp}",
+                 f"data.image_size=[{args.size},{args.size}]", "data.report=null"]
+    if args.read_batch:
+        overrides.append(f"data.read.batch_size={args.read_batch}")
+    cfg = load_config(overrides)
+    data = cfg["data"]
+    records = list_archive(data).records
+    seed = int(cfg["seed"])
+    transform = build_transforms({"size": [args.size, args.size], **data["augment"]}, train=True)
+    print(f"archive {args.data}: {len(records)} image+mask pairs, "
+          f"{warm_cache(records) / 2**20:.0f} MiB (page cache warmed); {cores} cores; "
+          f"resize {args.size}x{args.size} + {transform}", flush=True)
+
+    import ray
+
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    t = time.perf_counter()
+    packed_dir, resized_dir = f"{tmp}/packed", f"{tmp}/packed{args.size}"
+    pack_archive({**cfg, "pack": {"out": packed_dir, "shard_size": 128, "row_group_rows": 32}})
+    pack_s = time.perf_counter() - t
+    pack_archive({**cfg, "pack": {"out": resized_dir, "shard_size": 128, "row_group_rows": 32,
+                                  "encoding": "png", "resize_to": [args.size, args.size]}})
+    pk_cfg = {**cfg, "data": {**data, "url": packed_dir, "layout": "packed"}}
+    rs_cfg = {**cfg, "data": {**data, "url": resized_dir, "layout": "packed"}}
+    raw_ds = build_dataset(records, cfg, split="train")
+    packed_ds = build_dataset(list_packed(packed_dir)[0], pk_cfg, split="train")
+    resized_ds = build_dataset(list_packed(resized_dir)[0], rs_cfg, split="train")
+    loader = Loader(records, transform, seed, args.batch, args.workers)
+
+    # Warm-up pass of everything (workers started, files cached), then `rounds` interleaved
+    # timed rounds; the best round of each counts (robust to other load on the machine).
+    warm_cache(records)
+    runs = {
+        "a": lambda: single_process(records, transform, seed),
+        "b": loader.epoch,
+        "c": lambda: ray_epoch(raw_ds, args.batch)[0],
+        "d": lambda: ray_epoch(packed_ds, args.batch)[0],
+        "d'": lambda: ray_epoch(resized_ds, args.batch)[0],
+    }
+    for name in ("b", "c", "d", "d'"):
+        runs[name]()
+    best: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(args.rounds):
+        for name, fn in runs.items():
+            best[name].append(fn())
+        print(f"round {r + 1}: " + "  ".join(f"{k}={v[-1]:.1f}" for k, v in best.items()),
+              flush=True)
+    a, b, c, d, d2 = (max(best[k]) for k in ("a", "b", "c", "d", "d'"))
+    print(f"(a) single process            {a:8.1f} images/s", flush=True)
+    print(f"(b) DataLoader, {args.workers} workers      {b:8.1f} images/s", flush=True)
+    print(f"(c) Ray Data, raw files       {c:8.1f} images/s", flush=True)
+    print(f"(d) Ray Data, packed Parquet  {d:8.1f} images/s   (pack: {pack_s:.1f}s)", flush=True)
+    print(f"(d') Ray Data, packed {args.size}px PNG {d2:6.1f} images/s", flush=True)
+    del loader, runs
+    gc.collect()
+
+    mem = {}
+    for k in (1, args.repeat):
+        ds = build_dataset(records * k, cfg, split="train")
+        with PeakMemory() as pm:
+            rate, n = ray_epoch(ds, args.batch)
+        mem[k] = (pm.peak, n, rate)
+        print(f"    peak memory, {k:2d}x archive ({n} images): {pm.peak:7.0f} MB "
+              f"(driver + Ray cluster PSS), {rate:.1f} images/s", flush=True)
+
+    print("\n| run | images/s | ratio |\n| --- | ---: | --- |")
+    print(f"| (a) single process, decode+resize+augment | {a:.1f} | per-core limit |")
+    print(f"| (b) torch DataLoader, {args.workers} workers | {b:.1f} | 1.00 |")
+    print(f"| (c) Ray Data, raw files | {c:.1f} | c/b = {c / b:.2f}, "
+          f"c/(a x {cores}) = {c / (a * cores):.2f} |")
+    print(f"| (d) Ray Data, packed Parquet (original bytes) | {d:.1f} | d/b = {d / b:.2f} |")
+    print(f"| (d') Ray Data, packed {args.size}px PNG | {d2:.1f} | d'/b = {d2 / b:.2f} |")
+    k = args.repeat
+    print(f"\npeak memory: {mem[1][0]:.0f} MB at 1x ({mem[1][1]} images), {mem[k][0]:.0f} MB at "
+          f"{k}x ({mem[k][1]} images): x{mem[k][0] / mem[1][0]:.2f}")
+    ray.shutdown()
+    print(f"RESULT ingest_ray_vs_dataloader={c / b:.3f} ingest_packed_vs_dataloader={d / b:.3f} "
+          f"ingest_vs_limit={c / (a * cores):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,741 @@
+"""Nightly bulk segmentation: archive -> Segmenter -> Classifier -> masks + Parquet + manifest.
+
+    python pipelines/segment_batch.py input=s3://pacs-export/2026-11-22 layout=images \\
+        bundles.segmenter=s3://models/seg/best bundles.classifier=s3://models/cls/best \\
+        output=s3://results/nightly
+    python pipelines/segment_batch.py ... batch=gpu          # one GPU per actor
+    ray job submit --working-dir . -- python pipelines/segment_batch.py input=... output=...
+
+Settings: pipelines/conf/segment_batch.yaml and pipelines/conf/batch/ (Hydra).
+
+Output (any local path or s3:// URL)::
+
+    <output>/masks/<predicted class>/<safe id>.png          one mask per image, original size
+    <output>/results/predicted_class=<class>/part-<h>.parquet   result rows (Hive partitions;
+                                                            class "error" holds unreadable images)
+    <output>/manifest.json                                  the latest run's manifest
+    <output>/runs/<run id>.json                             every run's manifest
+
+How a run makes every image appear exactly once (idempotent, resumable):
+
+1. Commit unit = one batch. An actor of the pool predicts a batch, writes its masks first, then
+   one Parquet part per predicted class under a name derived from the batch's ids (a hash), each
+   part written atomically (local: temp file + rename; S3: one PUT). A row exists only once its
+   mask does, and a retried batch rewrites the same names.
+2. A run starts by listing the committed parts once (ids, mask paths) and the mask files once;
+   ids already in a part are skipped (``overwrite=true`` deletes results/ and masks/ first;
+   ``retry_errors=true`` deletes the error partition so those images are tried again).
+3. Repair, at start and end: should an id ever sit in two parts (a straggler actor of a killed
+   run committing after the rerun listed, overlapping runs), the parts holding it are rewritten
+   with one row per id (non-error first, then the newest), new parts before old ones are deleted,
+   so a crash during repair converges on the next run. A row whose mask file vanished is dropped
+   (and that image processed again). At the end, mask files no committed row points to (left by
+   a killed batch) are deleted.
+
+A file that cannot be read or decoded becomes a row with its error (class "error", no mask).
+Output names never come from input names directly: `safe_id` is a readable ASCII slug plus a
+hash of the id, so ``../../x``, absolute paths or odd characters cannot leave the output prefix.
+Credentials come only from the environment (AWS_*); the driver hands them to the actors in
+memory. Run one job per output prefix at a time (e.g. ``flock`` in cron).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, "") and (_ROOT / "medseg_core").is_dir():  # `python pipelines/X.py`
+    sys.path.insert(0, str(_ROOT))
+
+import hashlib
+import io
+import json
+import math
+import os
+import posixpath
+import re
+import time
+import unicodedata
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import hydra
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from medseg_core.layouts import Listing, Record, list_records
+from medseg_core.metrics import metrics_from_counts
+from pipelines import CONF_DIR
+from pipelines.data import storage_options as _storage_options
+from pipelines.predict import RESULT_FIELDS, ChainPredictor, predict_records, rows_to_table
+
+FORMAT = "medseg-segment-batch/1"
+RESULTS_DIR = "results"
+MASKS_DIR = "masks"
+RUNS_DIR = "runs"
+MANIFEST = "manifest.json"
+PARTITION = "predicted_class"
+ERROR_CLASS = "error"
+UNCLASSIFIED = "unclassified"
+LIST_CAP = 1000  # error / problem entries listed in a manifest (all are counted)
+
+PART_SCHEMA = pa.schema([
+    *RESULT_FIELDS,
+    pa.field("safe_id", pa.string()),
+    pa.field("mask_path", pa.string()),  # relative to the output URL; null for error rows
+    pa.field("processed_at", pa.timestamp("ms", tz="UTC")),
+    pa.field("run_id", pa.string()),
+])
+SUMMARY_SCHEMA = pa.schema([
+    pa.field("id", pa.string()),
+    pa.field(PARTITION, pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("seconds", pa.float64()),
+])
+INDEX_COLUMNS = ("id", "mask_path", "error", "processed_at")
+SUMMARY_COLUMNS = (*INDEX_COLUMNS, "segmenter_version", "classifier_version", "tp", "fp", "fn",
+                   "tn", "dice", "iou", "hd95")
+
+
+# ----------------------------------------------------------------------------------------------
+# Names
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_CLASS_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def safe_id(id: str, max_len: int = 80) -> str:
+    """A file-name-safe, unique stand-in for a record id: ASCII slug + 16 hex of its sha256.
+
+    ``benign/benign (1)`` -> ``benign_benign_1-<hash>``. The result has no ``/``, never starts
+    with ``.`` and is never ``..``, so it cannot point outside the directory it is put in.
+    """
+    text = unicodedata.normalize("NFKD", str(id)).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"_+", "_", _UNSAFE.sub("_", text)).strip("._-")[:max_len].strip("._-")
+    digest = hashlib.sha256(str(id).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{slug or 'image'}-{digest}"
+
+
+def class_dir(label_name: str | None, error: str | None = None) -> str:
+    """Directory / partition value of a row: its class name when that is a safe plain name,
+    else a `safe_id` of it; ``error`` for error rows, ``unclassified`` without a classifier."""
+    if error is not None:
+        return ERROR_CLASS
+    if label_name is None:
+        return UNCLASSIFIED
+    name = str(label_name)
+    if _CLASS_OK.fullmatch(name) and name not in (ERROR_CLASS, UNCLASSIFIED):
+        return name
+    return safe_id(name, max_len=40)
+
+
+def part_name(ids: Iterable[str]) -> str:
+    """Deterministic file name of the part holding exactly these ids."""
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode("utf-8", "surrogatepass"))
+    return f"part-{digest.hexdigest()[:24]}.parquet"
+
+
+def mask_path(cls: str, sid: str) -> str:
+    return f"{MASKS_DIR}/{cls}/{sid}.png"
+
+
+def part_path(cls: str, ids: Iterable[str]) -> str:
+    return f"{RESULTS_DIR}/{PARTITION}={cls}/{part_name(ids)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The output prefix
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    p = fs.protocol
+    return "file" in ((p,) if isinstance(p, str) else tuple(p))
+
+
+class Output:
+    """Files under the output URL, addressed by relative paths built from safe names only."""
+
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.storage_options = storage_options
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+        self.local = _is_local(self.fs)
+        self._dirs: set[str] = set()
+
+    def path(self, rel: str) -> str:
+        parts = rel.split("/")
+        if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"refusing to write {rel!r}: not a plain relative path")
+        return f"{self.root}/{rel}"
+
+    def write(self, rel: str, data: bytes, atomic: bool = False) -> None:
+        """Write one file; ``atomic``: readers see all of it or nothing."""
+        path = self.path(rel)
+        if not self.local:
+            self.fs.pipe_file(path, data)  # one S3 object: appears whole or not at all
+            return
+        folder = posixpath.dirname(path)
+        if folder not in self._dirs:
+            os.makedirs(folder, exist_ok=True)
+            self._dirs.add(folder)
+        target = f"{folder}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}" if atomic else path
+        with open(target, "wb") as f:
+            f.write(data)
+        if atomic:
+            os.replace(target, path)
+
+    def read(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def list(self, sub: str) -> list[str]:
+        """Relative paths of the files under ``sub`` (hidden and temporary files left out)."""
+        base = self.path(sub)
+        self.fs.invalidate_cache(base)  # other processes (the actors) wrote here
+        try:
+            found = self.fs.find(base, withdirs=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for p in found:
+            p = self.fs._strip_protocol(p) if "://" in p else p
+            if not p.startswith(self.root + "/"):
+                continue
+            rel = p[len(self.root) + 1:]
+            if not any(part.startswith(".") for part in rel.split("/")):
+                out.append(rel)
+        return sorted(out)
+
+    def hidden(self, sub: str) -> list[str]:
+        """Leftover temporary files (``.tmp-*``) under ``sub``."""
+        self.fs.invalidate_cache(self.path(sub))
+        try:
+            found = self.fs.find(self.path(sub), withdirs=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [p[len(self.root) + 1:] for p in found
+                if p.startswith(self.root + "/") and posixpath.basename(p).startswith(".tmp-")]
+
+    def delete(self, rels: Sequence[str]) -> None:
+        if not rels:
+            return
+        paths = [self.path(r) for r in rels]
+        if self.local:
+            for p in paths:
+                try:
+                    os.remove(p)
+                except FileNotFoundError:
+                    pass
+        else:
+            self.fs.rm(paths)
+
+    def delete_tree(self, sub: str) -> None:
+        path = self.path(sub)
+        self.fs.invalidate_cache(path)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        self._dirs.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# The actor: predict a batch, commit masks then rows
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def commit_rows(out: Output, rows: list[dict[str, Any]], run_id: str,
+                write: Any = None) -> pa.Table:
+    """Write the masks of ``rows`` (with ``mask_png``), then their Parquet parts (one per
+    predicted class, the commit); returns the summary rows (id, predicted_class, error, seconds).
+    ``write`` maps a function over items (a thread pool's map), default sequential."""
+    mapper = write or (lambda fn, items: [fn(i) for i in items])
+    now = datetime.now(timezone.utc)
+    for r in rows:
+        cls = class_dir(r.get("label_name"), r.get("error"))
+        r[PARTITION] = cls
+        r["safe_id"] = safe_id(r["id"])
+        has_mask = r.get("error") is None and r.get("mask_png") is not None
+        r["mask_path"] = mask_path(cls, r["safe_id"]) if has_mask else None
+        r["processed_at"] = now
+        r["run_id"] = run_id
+    masked = [r for r in rows if r["mask_path"] is not None]
+    mapper(lambda r: out.write(r["mask_path"], r["mask_png"]), masked)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r[PARTITION], []).append(r)
+    parts = [(part_path(cls, [r["id"] for r in group]), rows_to_table(group, PART_SCHEMA))
+             for cls, group in sorted(groups.items())]
+    mapper(lambda item: out.write(item[0], _table_bytes(item[1]), atomic=True), parts)
+    return rows_to_table(rows, SUMMARY_SCHEMA)
+
+
+class CommittingPredictor(ChainPredictor):
+    """`ChainPredictor` that commits each batch to the output and returns only a summary."""
+
+    def __init__(self, seg_uri: str, cls_uri: str | None, *, output: str,
+                 output_options: dict | None, run_id: str, **kwargs: Any) -> None:
+        kwargs["with_masks"] = True
+        super().__init__(seg_uri, cls_uri, **kwargs)
+        creds = kwargs.get("credentials")
+        options = output_options
+        if creds is not None and fsspec.utils.get_protocol(output) in ("s3", "s3a"):
+            options = creds.apply(output_options)
+        self.out = Output(output, options)
+        self.run_id = run_id
+
+    def __call__(self, batch: Mapping[str, Any]) -> pa.Table:
+        rows = self.predict_rows(self.records(batch))
+        return commit_rows(self.out, rows, self.run_id, write=self._map)
+
+
+# ----------------------------------------------------------------------------------------------
+# What is committed: scan, repair, sweep
+
+
+def _partition_of(rel: str) -> str:
+    folder = posixpath.basename(posixpath.dirname(rel))
+    return folder.split("=", 1)[1] if "=" in folder else ""
+
+
+def _is_part(rel: str) -> bool:
+    name = posixpath.basename(rel)
+    return name.startswith("part-") and name.endswith(".parquet")
+
+
+def _read_parts(out: Output, parts: Sequence[str], columns: Sequence[str] | None,
+                threads: int = 16) -> pa.Table:
+    """Rows of the given parts (all or some columns) + ``_part`` and the partition column."""
+
+    def one(rel: str) -> pa.Table:
+        table = pq.read_table(pa.BufferReader(out.read(rel)), columns=list(columns)
+                              if columns else None)
+        if columns is None:
+            table = table.cast(PART_SCHEMA)
+        n = table.num_rows
+        table = table.append_column("_part", pa.array([rel] * n, pa.string()))
+        return table.append_column(PARTITION, pa.array([_partition_of(rel)] * n, pa.string()))
+
+    if not parts:
+        schema = PART_SCHEMA if columns is None else pa.schema(
+            [PART_SCHEMA.field(c) for c in columns])
+        empty = schema.empty_table()
+        empty = empty.append_column("_part", pa.array([], pa.string()))
+        return empty.append_column(PARTITION, pa.array([], pa.string()))
+    with ThreadPoolExecutor(min(threads, len(parts))) as pool:
+        tables = list(pool.map(one, parts))
+    return pa.concat_tables(tables)
+
+
+class State:
+    """The committed results (some columns of every row) and the mask files present."""
+
+    def __init__(self, out: Output, columns: Sequence[str] = INDEX_COLUMNS) -> None:
+        self.columns = tuple(columns)
+        self.parts = [p for p in out.list(RESULTS_DIR) if _is_part(p)]
+        self.rows = _read_parts(out, self.parts, self.columns)
+        self.masks = set(out.list(MASKS_DIR))
+
+    def rescan(self, out: Output) -> State:
+        return State(out, self.columns)
+
+    @property
+    def ids(self) -> list[str]:
+        return self.rows.column("id").to_pylist()
+
+    def duplicates(self) -> set[str]:
+        return {i for i, n in Counter(self.ids).items() if n > 1}
+
+    def missing_masks(self) -> list[int]:
+        """Rows without error whose mask file is absent."""
+        paths = self.rows.column("mask_path").to_pylist()
+        errors = self.rows.column("error").to_pylist()
+        return [i for i, (p, e) in enumerate(zip(paths, errors))
+                if e is None and (p is None or p not in self.masks)]
+
+    def referenced(self) -> set[str]:
+        return {p for p in self.rows.column("mask_path").to_pylist() if p is not None}
+
+    def part_rows(self) -> Counter[str]:
+        return Counter(self.rows.column("_part").to_pylist())
+
+
+def repair(out: Output, state: State) -> tuple[State, dict[str, int]]:
+    """Rewrite the parts that hold a duplicated id or a row whose mask is missing, so that every
+    id is in exactly one part and every row's mask exists. Returns the new state and counts."""
+    dups = state.duplicates()
+    missing = state.missing_masks()
+    stats = {"duplicate_rows_removed": 0, "rows_without_mask_removed": len(missing)}
+    if not dups and not missing:
+        return state, stats
+    part_col = state.rows.column("_part").to_pylist()
+    ids = state.ids
+    dirty = sorted({part_col[i] for i in missing}
+                   | {p for p, i in zip(part_col, ids) if i in dups})
+    table = _read_parts(out, dirty, None)
+    drop = {(part_col[i], ids[i]) for i in missing}
+    rows = [r for r in table.to_pylist() if (r["_part"], r["id"]) not in drop]
+    # one row per id: a result beats an error, then the newest, then the later part name
+    rows.sort(key=lambda r: (r["id"], r["error"] is None, r["processed_at"], r["_part"]))
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        best[r["id"]] = r
+    stats["duplicate_rows_removed"] = len(rows) - len(best)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in best.values():  # the partition follows from the row, wherever the copy was
+        groups.setdefault(class_dir(r["label_name"], r["error"]), []).append(r)
+    written = set()
+    for cls, group in sorted(groups.items()):
+        rel = part_path(cls, [r["id"] for r in group])
+        out.write(rel, _table_bytes(rows_to_table(group, PART_SCHEMA)), atomic=True)
+        written.add(rel)
+    out.delete([p for p in dirty if p not in written])  # only after the new parts exist
+    return state.rescan(out), stats
+
+
+def compact(out: Output, state: State, target_rows: int, min_parts: int) -> tuple[State, int]:
+    """Merge small parts: in a partition holding at least ``min_parts`` parts of fewer than
+    ``target_rows`` rows, pack those into parts of up to ``target_rows`` rows (named from their
+    ids, written before the sources are deleted: a crash in between leaves duplicates that
+    `repair` resolves). Returns the new state and the number of parts merged away."""
+    if target_rows <= 0:
+        return state, 0
+    sizes = state.part_rows()
+    small: dict[str, list[str]] = {}
+    for part in state.parts:
+        if sizes.get(part, 0) < target_rows:
+            small.setdefault(_partition_of(part), []).append(part)
+    merged = 0
+    for cls, parts in sorted(small.items()):
+        if len(parts) < max(2, min_parts):
+            continue
+        groups: list[list[str]] = [[]]
+        rows = 0
+        for part in sorted(parts):
+            if groups[-1] and rows + sizes[part] > target_rows:
+                groups.append([])
+                rows = 0
+            groups[-1].append(part)
+            rows += sizes[part]
+        for group in (g for g in groups if len(g) > 1):
+            table = _read_parts(out, group, None)
+            rel = part_path(cls, table.column("id").to_pylist())
+            out.write(rel, _table_bytes(table.select(PART_SCHEMA.names)), atomic=True)
+            out.delete([p for p in group if p != rel])
+            merged += len(group) - 1
+    return (state.rescan(out) if merged else state), merged
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+def _nested(a: str, b: str, so: dict | None) -> bool:
+    """Whether URL ``a`` equals or lies inside ``b`` (same filesystem)."""
+    if fsspec.utils.get_protocol(a) != fsspec.utils.get_protocol(b):
+        return False
+    fa, pa_ = fsspec.core.url_to_fs(a, **(so or {}))
+    _, pb = fsspec.core.url_to_fs(b, **(so or {}))
+    pa_, pb = pa_.rstrip("/"), pb.rstrip("/")
+    return pa_ == pb or pa_.startswith(pb + "/")
+
+
+def storage_options(cfg: Mapping[str, Any], urls: Sequence[str]) -> dict | None:
+    """fsspec options from ``cfg.storage`` (endpoint, region, anonymous, storage_options) for the
+    job's URLs; credential keys are refused (they come from the environment)."""
+    storage = dict(cfg.get("storage") or {})
+    s3 = [u for u in urls if fsspec.utils.get_protocol(u) in ("s3", "s3a")]
+    return _storage_options(storage, s3[0] if s3 else (urls[0] if urls else ""))
+
+
+def bundle_info(uri: str | None, so: dict | None) -> dict[str, Any] | None:
+    """URI, version and class names of a bundle, from its small text files."""
+    if uri is None:
+        return None
+    fs, path = fsspec.core.url_to_fs(uri.rstrip("/"), **(so or {}))
+    try:
+        version = fs.cat_file(f"{path}/version").decode("utf-8", "replace").strip()
+        config = yaml.safe_load(fs.cat_file(f"{path}/config.yaml")) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model bundle {uri} has no version/config.yaml") from None
+    return {"uri": uri, "version": version, "class_names": list(config.get("class_names") or [])}
+
+
+def init_ray(cfg: Mapping[str, Any]) -> None:
+    """Connect to the cluster (``ray_address``, ``RAY_ADDRESS``, ``ray job submit``) or start a
+    local one (with this source tree on the workers' path)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = cfg.get("ray_runtime_env") or None
+    address = cfg.get("ray_address") or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+        return
+    if runtime_env is None and (_ROOT / "medseg_core").is_dir():
+        runtime_env = {"env_vars": {"PYTHONPATH": str(_ROOT)}}
+    ray.init(include_dashboard=False, runtime_env=runtime_env,
+             num_cpus=int(cfg["ray_num_cpus"]) if cfg.get("ray_num_cpus") else None)
+
+
+def _pool_size(batch: Mapping[str, Any], n_images: int) -> int | list[int]:
+    """``batch.concurrency``, or one actor per CPU (GPU) of the cluster, never more actors than
+    batches to run."""
+    from pipelines.predict import _cluster_size
+
+    batches = max(1, math.ceil(n_images / max(1, int(batch["batch_size"]))))
+    if batch.get("concurrency") is not None:
+        c = batch["concurrency"]
+        if isinstance(c, int):
+            return min(int(c), batches)
+        lo, hi = (int(v) for v in c)
+        return [min(lo, batches), min(hi, batches)]
+    fits = _cluster_size(float(batch.get("num_cpus") or 1), float(batch.get("num_gpus") or 0))
+    return min(fits, batches)
+
+
+def _segmentation_summary(state: State) -> dict[str, Any]:
+    """Aggregate metrics over every committed row with ground truth (summed counts)."""
+    table = state.rows.filter(pc.is_valid(state.rows.column("tp")))
+    if table.num_rows == 0:
+        return {"images": 0}
+    counts = np.stack([table.column(k).to_numpy().astype(np.int64)
+                       for k in ("tp", "fp", "fn", "tn")], axis=1)
+    summary: dict[str, Any] = {"images": int(table.num_rows),
+                               "counts": [int(v) for v in counts.sum(axis=0)]}
+    summary.update(metrics_from_counts(counts.sum(axis=0)))
+    for key in ("dice", "iou"):
+        summary[f"{key}_mean"] = float(np.mean(table.column(key).to_numpy()))
+    hd = table.column("hd95").to_numpy(zero_copy_only=False).astype(np.float64)
+    finite = hd[np.isfinite(hd)]
+    summary["hd95_mean"] = float(finite.mean()) if finite.size else None
+    summary["hd95_inf"] = int(np.count_nonzero(np.isinf(hd)))
+    return summary
+
+
+def _totals(state: State, class_names: Sequence[str]) -> dict[str, Any]:
+    classes = state.rows.column(PARTITION).to_pylist()
+    by_class = {class_dir(c): 0 for c in class_names}
+    by_class.update(Counter(classes))
+    errors = [
+        {"id": i, "error": e}
+        for i, e in zip(state.ids, state.rows.column("error").to_pylist()) if e is not None
+    ]
+    versions = Counter(zip(state.rows.column("segmenter_version").to_pylist(),
+                           state.rows.column("classifier_version").to_pylist()))
+    return {
+        "images": state.rows.num_rows,
+        "counts_by_class": dict(sorted(by_class.items())),
+        "errors": len(errors),
+        "error_list": sorted(errors, key=lambda e: e["id"])[:LIST_CAP],
+        "masks": len(state.masks),
+        "parts": len(state.parts),
+        "bundle_versions": [{"segmenter": s, "classifier": c, "images": n}
+                            for (s, c), n in sorted(versions.items(), key=str)],
+    }
+
+
+def _write_json(out: Output, rel: str, obj: Any) -> None:
+    out.write(rel, (json.dumps(obj, indent=1, allow_nan=False, default=str) + "\n").encode(),
+              atomic=True)
+
+
+def _clean(obj: Any) -> Any:
+    """NaN/inf -> None so the manifest is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def list_input(cfg: Mapping[str, Any], so: dict | None) -> Listing:
+    return list_records(str(cfg["input"]), str(cfg["layout"]), storage_options=so, strict=False,
+                        **dict(cfg.get("layout_options") or {}))
+
+
+def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Run the job on a plain config dict (as composed from pipelines/conf/segment_batch.yaml);
+    returns the manifest."""
+    started = time.time()
+    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    input_url, output_url = str(cfg["input"]), str(cfg["output"]).rstrip("/")
+    bundles = dict(cfg["bundles"])
+    seg_uri, cls_uri = str(bundles["segmenter"]), bundles.get("classifier")
+    cls_uri = str(cls_uri) if cls_uri else None
+    batch = dict(cfg["batch"])
+    so = storage_options(cfg, [input_url, output_url, seg_uri, cls_uri or ""])
+    if _nested(output_url, input_url, so) or _nested(input_url, output_url, so):
+        raise ValueError(f"output {output_url} and input {input_url} must not contain each other "
+                         "(the job would read its own masks as input)")
+    out = Output(output_url, so)
+    seg_info, cls_info = bundle_info(seg_uri, so), bundle_info(cls_uri, so)
+    class_names = cls_info["class_names"] if cls_info else []
+
+    if cfg.get("overwrite"):
+        print(f"[segment_batch] overwrite=true: deleting {RESULTS_DIR}/ and {MASKS_DIR}/ under "
+              f"{output_url}", flush=True)
+        out.delete_tree(RESULTS_DIR)
+        out.delete_tree(MASKS_DIR)
+    elif cfg.get("retry_errors"):
+        out.delete_tree(f"{RESULTS_DIR}/{PARTITION}={ERROR_CLASS}")
+
+    listing = list_input(cfg, so)
+    state, repaired = repair(out, State(out))
+    done = set(state.ids)
+    pending = [r for r in listing.records if r.id not in done]
+    limit = cfg.get("limit")
+    todo = pending if limit is None else pending[: max(0, int(limit))]
+    print(f"[segment_batch] {len(listing.records)} images in {input_url} ({len(listing.skipped)} "
+          f"files skipped by the layout), {len(listing.records) - len(pending)} already done, "
+          f"{len(todo)} to process", flush=True)
+
+    processed: Counter[str] = Counter()
+    run_errors: list[dict[str, str]] = []
+    t0 = time.time()
+    if todo:
+        processed, run_errors = _process(cfg, batch, todo, seg_uri, cls_uri, so, out, run_id)
+    seconds = time.time() - t0
+
+    state, repaired_end = repair(out, State(out, SUMMARY_COLUMNS))
+    state, merged = compact(out, state, int(cfg.get("compact_rows") or 0),
+                            int(cfg.get("compact_min_parts") or 2))
+    referenced = state.referenced()
+    orphans = sorted(state.masks - referenced)
+    out.delete(orphans)
+    leftovers = out.hidden(RESULTS_DIR) + out.hidden(MASKS_DIR)
+    out.delete(leftovers)
+    state.masks -= set(orphans)
+
+    committed = set(state.ids)
+    remaining = sum(1 for r in listing.records if r.id not in committed)
+    n_processed = sum(processed.values())
+    finished = time.time()
+    manifest = {
+        "format": FORMAT,
+        "run_id": run_id,
+        "started_at": _utc(started),
+        "finished_at": _utc(finished),
+        "seconds": round(finished - started, 3),
+        "input": {"url": input_url, "layout": cfg["layout"],
+                  "layout_options": dict(cfg.get("layout_options") or {}),
+                  "images": len(listing.records), "skipped_files": len(listing.skipped),
+                  "skipped": [{"path": s.path, "reason": s.reason}
+                              for s in listing.skipped[:LIST_CAP]]},
+        "output": output_url,
+        "bundles": {"segmenter": seg_info, "classifier": cls_info},
+        "class_names": class_names,
+        "run": {
+            "processed": n_processed,
+            "already_done": len(listing.records) - len(pending),
+            "limit": limit,
+            "remaining": remaining,
+            "complete": remaining == 0,
+            "counts_by_class": dict(sorted(processed.items())),
+            "errors": len(run_errors),
+            "processing_seconds": round(seconds, 3),
+            "images_per_s": round(n_processed / seconds, 3) if n_processed and seconds else 0.0,
+            "overwrite": bool(cfg.get("overwrite")),
+            "retry_errors": bool(cfg.get("retry_errors")),
+            "batch": {k: batch.get(k) for k in ("batch_size", "num_cpus", "num_gpus",
+                                                 "torch_threads", "io_threads")},
+        },
+        "repair": {
+            "duplicate_rows_removed": repaired["duplicate_rows_removed"]
+            + repaired_end["duplicate_rows_removed"],
+            "rows_without_mask_removed": repaired["rows_without_mask_removed"]
+            + repaired_end["rows_without_mask_removed"],
+            "orphan_masks_removed": len(orphans),
+            "temporary_files_removed": len(leftovers),
+            "parts_merged": merged,
+        },
+        "totals": _totals(state, class_names),
+        "segmentation": _segmentation_summary(state),
+    }
+    manifest = _clean(manifest)
+    _write_json(out, f"{RUNS_DIR}/{run_id}.json", manifest)
+    _write_json(out, MANIFEST, manifest)
+    totals, seg = manifest["totals"], manifest["segmentation"]
+    print(f"[segment_batch] processed {n_processed} images in {seconds:.1f} s "
+          f"({manifest['run']['images_per_s']} images/s), {len(run_errors)} errors; output now "
+          f"holds {totals['images']} results {totals['counts_by_class']}"
+          + (f", Dice {seg['dice']:.4f} IoU {seg['iou']:.4f} over {seg['images']} images with "
+             "ground truth" if seg.get("images") else "")
+          + f"; manifest {output_url}/{MANIFEST}", flush=True)
+    return manifest
+
+
+def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record], seg_uri: str,
+             cls_uri: str | None, so: dict | None, out: Output, run_id: str
+             ) -> tuple[Counter[str], list[dict[str, str]]]:
+    """Predict and commit ``todo`` on the actor pool, streaming; returns this run's counts."""
+    init_ray(cfg)
+    num_gpus = float(batch.get("num_gpus") or 0)
+    device = str(batch.get("device") or "auto")
+    if device == "auto":
+        device = "cuda" if num_gpus > 0 else "cpu"
+    ds = predict_records(
+        todo,
+        seg_uri=seg_uri,
+        cls_uri=cls_uri,
+        storage_options=so,
+        batch_size=int(batch["batch_size"]),
+        concurrency=_pool_size(batch, len(todo)),
+        num_gpus=num_gpus,
+        num_cpus=float(batch.get("num_cpus") or 1),
+        threshold=cfg.get("threshold"),
+        predictor=CommittingPredictor,
+        predictor_kwargs={
+            "device": device,
+            "output": out.url,
+            "output_options": so,
+            "run_id": run_id,
+            "io_threads": int(batch.get("io_threads") or 8),
+            "torch_threads": batch.get("torch_threads"),
+            "hausdorff": bool(batch.get("hausdorff", True)),
+            "with_truth": bool(cfg.get("ground_truth", True)),
+            "max_pixels": batch.get("max_pixels"),
+            "mask_threshold": int(batch.get("mask_threshold", 127)),
+            "model_batch_size": int(batch.get("model_batch_size") or 16),
+        },
+        forward_credentials=bool((cfg.get("storage") or {}).get("forward_credentials", True)),
+        max_tasks_in_flight_per_actor=batch.get("max_tasks_in_flight_per_actor"),
+    )
+    counts: Counter[str] = Counter()
+    errors: list[dict[str, str]] = []
+    for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        counts.update(summary.column(PARTITION).to_pylist())
+        for i, e in zip(summary.column("id").to_pylist(), summary.column("error").to_pylist()):
+            if e is not None:
+                errors.append({"id": i, "error": e})
+    return counts, errors
+
+
+@hydra.main(config_path=CONF_DIR, config_name="segment_batch", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run(OmegaConf.to_container(cfg, resolve=True))
+
+
+if __name__ == "__main__":
+    main()

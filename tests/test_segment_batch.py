@@ -1,0 +1,387 @@
+"""The nightly bulk segmentation job (pipelines/segment_batch.py): exact outputs on a real S3
+server, exactly-once under limits, kills, reruns and injected damage, safe output names."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from PIL import Image
+
+from medseg_core.io import encode_mask_png, encode_png
+from medseg_core.layouts import Listing, Record, list_records
+from medseg_core.metrics import confusion_counts, metrics_from_counts
+from tests.test_predict import (
+    CLASS_NAMES,
+    add_corrupt_files,
+    assert_matches,
+    decode_png_mask,
+    make_busi_archive,
+    reference,
+    sample_image,
+    save_bundles,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_DIRS = ("results", "masks")
+
+
+def job_config(overrides: list[str]) -> dict:
+    from pipelines.config import load_config
+
+    return load_config(overrides, config_name="segment_batch")
+
+
+def run_job(overrides: list[str]) -> dict:
+    from pipelines.segment_batch import run
+
+    return run(job_config(overrides))
+
+
+def read_results(url: str, filesystem=None) -> list[dict]:
+    """Every committed row, as any Parquet reader sees the dataset (Hive partitions)."""
+    path = url.removeprefix("s3://")
+    if filesystem is None and not Path(path).exists():
+        return []
+    ds = pads.dataset(path, filesystem=filesystem, format="parquet", partitioning="hive")
+    return ds.to_table().to_pylist()
+
+
+def local_files(out: Path, sub: str) -> set[str]:
+    base = out / sub
+    return {p.relative_to(out).as_posix() for p in base.rglob("*") if p.is_file()} \
+        if base.exists() else set()
+
+
+def canonical(rows: list[dict]) -> str:
+    """Rows in a comparable form (NaN equal to NaN, order by id)."""
+    return json.dumps(sorted(rows, key=lambda r: r["id"]), sort_keys=True, default=str)
+
+
+def check_exactly_once(out: Path, expected_ids: set[str] | None = None) -> list[dict]:
+    """Each id in one row; every result row has its mask; no mask, temp file or part extra."""
+    rows = read_results(str(out / "results"))
+    ids = Counter(r["id"] for r in rows)
+    assert not [i for i, n in ids.items() if n > 1], "duplicate rows"
+    if expected_ids is not None:
+        assert set(ids) == expected_ids
+    masks = local_files(out, "masks")
+    referenced = {r["mask_path"] for r in rows if r["error"] is None}
+    assert None not in referenced
+    assert masks == referenced  # every mask present, none extra
+    for r in rows:
+        assert (r["error"] is None) == (r["predicted_class"] != "error")
+        if r["error"] is None:
+            assert r["mask_path"] == f"masks/{r['predicted_class']}/{r['safe_id']}.png"
+    assert not [p for p in (out / "results").rglob(".*")]  # no temporary files left
+    return rows
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    return save_bundles(str(tmp_path_factory.mktemp("bundles")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Names
+
+
+def test_safe_ids_are_plain_unique_names():
+    from pipelines.segment_batch import class_dir, part_name, safe_id
+
+    ids = ["benign/benign (1)", "benign_benign (1)", "../../evil", "/etc/passwd", "..", ".",
+           "a/../../../b", "ünïcode 名前 (3)", "名前", "-rf --no-preserve-root", "x" * 500,
+           "back\\slash", "nul\x00byte", "%2e%2e%2fx", ""]
+    safe = [safe_id(i) for i in ids]
+    assert len(set(safe)) == len(ids)  # unique even where slugs collide
+    for s in safe:
+        assert "/" not in s and "\\" not in s and not s.startswith((".", "-"))
+        assert s not in (".", "..") and len(s) <= 100
+        assert all(c.isascii() and (c.isalnum() or c in "._-") for c in s)
+    assert safe_id("benign/benign (1)").startswith("benign_benign_1-")
+    assert safe_id("benign/benign (1)") == safe_id("benign/benign (1)")  # deterministic
+    assert class_dir("benign") == "benign"
+    assert class_dir(None) == "unclassified" and class_dir("benign", "boom") == "error"
+    assert "/" not in class_dir("../../x") and not class_dir("../../x").startswith(".")
+    assert class_dir("error") != "error"  # a class literally named "error" stays apart
+    assert part_name(["b", "a"]) == part_name(["a", "b"]) != part_name(["a"])
+
+
+def test_commit_never_writes_outside_the_output(tmp_path):
+    from pipelines.segment_batch import Output, commit_rows
+
+    out_dir = tmp_path / "deep" / "out"
+    rows = [{"id": i, "source": "x", "label_name": name, "error": None, "mask_png": b"png",
+             "label": 0, "true_label": -1, "seconds": 0.0}
+            for i, name in [("../../evil", "benign"), ("/etc/passwd", "../../cls"),
+                            ("a/../../../b", "名"), ("c", "..")]]
+    commit_rows(Output(str(out_dir)), rows, "run")
+    everything = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert everything and all(out_dir in p.parents for p in everything)
+    assert {r["id"] for r in read_results(str(out_dir / "results"))} == {r["id"] for r in rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole job on a real S3-compatible server
+
+
+def test_s3_archive_with_corrupt_files_gives_exact_outputs(s3, ray_cluster, tmp_path,
+                                                         monkeypatch):
+    import s3fs
+
+    local = make_busi_archive(tmp_path / "busi", per_class=3, seed=1)
+    bad = add_corrupt_files(local)
+    image = sample_image(np.random.default_rng(9))
+    (local / "benign" / "ünïcode 名前 (1).png").write_bytes(encode_png(image))
+    (local / "benign" / "ünïcode 名前 (1)_mask.png").write_bytes(
+        encode_mask_png(np.ones(image.shape[:2], np.uint8)))
+    for bucket in ("medseg-in", "medseg-models", "medseg-out"):
+        s3.create_bucket(bucket)
+    s3.upload_dir(local, "s3://medseg-in/archive")
+    seg_uri, cls_uri = save_bundles("s3://medseg-models/v1", storage_options=s3.storage_options)
+
+    # credentials only in the environment (the Ray workers never see it: forwarded in memory)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, s3.env[key])
+    overrides = ["input=s3://medseg-in/archive", "layout=busi", f"bundles.segmenter={seg_uri}",
+                 f"bundles.classifier={cls_uri}", "output=s3://medseg-out/nightly",
+                 f"storage.endpoint_url={s3.endpoint}", "batch.batch_size=4"]
+    manifest = run_job(overrides)
+
+    fs = s3fs.S3FileSystem(**s3.storage_options)
+    fs.invalidate_cache()
+    records = list_records(str(local), "busi").records
+    ref = reference(seg_uri, cls_uri, records, storage_options=s3.storage_options)
+    assert set(ref) == {r.id for r in records} - set(bad)
+
+    rows = read_results("s3://medseg-out/nightly/results", filesystem=fs)
+    by_id = {r["id"]: r for r in rows}
+    assert len(rows) == len(by_id) == len(records) == 14
+    assert set(by_id) == {r.id for r in records}
+    labels = {r.id: r.label for r in records}
+    seg_counts = []
+    for rid, out in ref.items():
+        row = by_id[rid]
+        assert_matches(row, out)
+        assert row["predicted_class"] == row["label_name"] == out["label_name"]
+        assert row["source"] == f"s3://medseg-in/archive/{rid}.png"
+        assert row["true_label"] == labels[rid]
+        assert (row["segmenter_version"], row["classifier_version"]) == ("seg-v1", "cls-v1")
+        counts = confusion_counts(out["mask"], out["truth"])[0]
+        seg_counts.append(counts)
+        assert [row[k] for k in ("tp", "fp", "fn", "tn")] == [int(c) for c in counts]
+        assert row["dice"] == metrics_from_counts(counts)["dice"]
+        assert row["iou"] == metrics_from_counts(counts)["iou"]
+        mask = decode_png_mask(fs.cat_file(f"medseg-out/nightly/{row['mask_path']}"))
+        np.testing.assert_array_equal(mask, out["mask"])  # original resolution, identical
+    for rid, name in bad.items():
+        row = by_id[rid]
+        assert row["predicted_class"] == "error" and row["mask_path"] is None
+        assert f"s3://medseg-in/archive/{name}" in row["error"]
+        assert row["label"] == -1 and np.isnan(row["dice"])
+
+    keys = {k.removeprefix("medseg-out/") for k in fs.find("medseg-out")}
+    masks = {k.removeprefix("nightly/") for k in keys if k.startswith("nightly/masks/")}
+    assert masks == {r["mask_path"] for r in rows if r["error"] is None}
+    assert all(k.startswith("nightly/") for k in keys)
+    assert {k for k in keys if not k.startswith(("nightly/masks/", "nightly/results/"))} == {
+        "nightly/manifest.json", f"nightly/runs/{manifest['run_id']}.json"}
+
+    stored = json.loads(fs.cat_file("medseg-out/nightly/manifest.json"))
+    assert stored == manifest
+    expected_classes = Counter(out["label_name"] for out in ref.values())
+    totals = manifest["totals"]
+    assert totals["images"] == 14 and totals["errors"] == 4 and totals["masks"] == 10
+    assert totals["counts_by_class"] == {**dict.fromkeys(CLASS_NAMES, 0), **expected_classes,
+                                         "error": 4}
+    assert sorted(e["id"] for e in totals["error_list"]) == sorted(bad)
+    assert manifest["run"]["processed"] == 14 and manifest["run"]["errors"] == 4
+    assert manifest["run"]["complete"] and manifest["run"]["images_per_s"] > 0
+    assert manifest["bundles"]["segmenter"]["version"] == "seg-v1"
+    assert manifest["bundles"]["classifier"]["version"] == "cls-v1"
+    summed = np.sum(seg_counts, axis=0)
+    seg = manifest["segmentation"]
+    assert seg["images"] == 10 and seg["counts"] == [int(c) for c in summed]
+    assert seg["dice"] == pytest.approx(metrics_from_counts(summed)["dice"])
+    assert seg["iou"] == pytest.approx(metrics_from_counts(summed)["iou"])
+    assert "medsegtest" not in json.dumps(manifest)  # no credentials anywhere
+
+    again = run_job(overrides)  # idempotent: nothing to do, nothing rewritten
+    assert again["run"]["processed"] == 0 and again["run"]["already_done"] == 14
+    fs.invalidate_cache()
+    after = {k.removeprefix("medseg-out/") for k in fs.find("medseg-out")}
+    assert after - keys == {f"nightly/runs/{again['run_id']}.json"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume, rerun, repair, overwrite
+
+
+def test_limit_rerun_repair_and_overwrite_keep_exactly_once(ray_cluster, bundles, tmp_path):
+    archive = make_busi_archive(tmp_path / "busi", per_class=4, seed=2)
+    bad = add_corrupt_files(archive)
+    ids = {r.id for r in list_records(str(archive), "busi").records}
+    out = tmp_path / "out"
+    base = [f"input={archive}", "layout=busi", f"bundles.segmenter={bundles[0]}",
+            f"bundles.classifier={bundles[1]}", f"output={out}", "batch.batch_size=3",
+            "batch.concurrency=1"]
+
+    first = run_job([*base, "limit=5"])
+    assert first["run"]["processed"] == 5 and not first["run"]["complete"]
+    assert first["run"]["remaining"] == len(ids) - 5
+    assert len(check_exactly_once(out)) == 5
+
+    second = run_job(base)
+    assert second["run"]["processed"] == len(ids) - 5 and second["run"]["complete"]
+    rows = check_exactly_once(out, ids)
+    assert second["totals"]["images"] == len(ids) == 16
+
+    snapshot = {p: (out / p).stat().st_mtime_ns for sub in RESULT_DIRS
+                for p in local_files(out, sub)}
+    third = run_job(base)
+    assert third["run"]["processed"] == 0
+    assert {p: (out / p).stat().st_mtime_ns for sub in RESULT_DIRS
+            for p in local_files(out, sub)} == snapshot  # untouched
+
+    # damage: a straggler's duplicate part, an orphan mask, a lost mask, a temp file
+    parts = sorted(p for p in local_files(out, "results") if "=error" not in p)
+    dup_src = out / parts[0]
+    dup_ids = {r["id"] for r in read_results(str(dup_src))}
+    other = "normal" if "=normal" not in parts[0] else "benign"
+    (out / f"results/predicted_class={other}").mkdir(exist_ok=True)
+    shutil.copy(dup_src, out / f"results/predicted_class={other}/part-straggler.parquet")
+    (out / "masks" / "benign").mkdir(exist_ok=True)
+    (out / "masks" / "benign" / "orphan-0000000000000000.png").write_bytes(b"x")
+    lost = next(r for r in rows if r["error"] is None and r["id"] not in dup_ids)
+    (out / lost["mask_path"]).unlink()
+    (out / "results" / ".tmp-dead-part-x.parquet").write_bytes(b"partial")
+    repaired = run_job([*base, "retry_errors=true"])
+    assert repaired["repair"] == {"duplicate_rows_removed": len(dup_ids),
+                                  "rows_without_mask_removed": 1, "orphan_masks_removed": 1,
+                                  "temporary_files_removed": 1, "parts_merged": 0}
+    # processed again: the image whose mask was lost, and the errors (retry_errors)
+    assert repaired["run"]["processed"] == 1 + len(bad)
+    assert repaired["totals"]["errors"] == len(bad)
+    rows = check_exactly_once(out, ids)
+    assert {r["run_id"] for r in rows if r["id"] == lost["id"] or r["error"]} == {
+        repaired["run_id"]}
+
+    redo = run_job([*base, "overwrite=true"])
+    assert redo["run"]["processed"] == len(ids) and redo["totals"]["images"] == len(ids)
+    after = check_exactly_once(out, ids)
+    assert {r["run_id"] for r in after} == {redo["run_id"]}
+
+    merged = run_job([*base, "compact_rows=100", "compact_min_parts=2"])  # small parts merged
+    parts = [p for p in local_files(out, "results") if p.endswith(".parquet")]
+    assert merged["run"]["processed"] == 0 and merged["repair"]["parts_merged"] > 0
+    assert len(parts) == len({p.split("/")[1] for p in parts})  # one part per class left
+    assert canonical(check_exactly_once(out, ids)) == canonical(after)  # same rows
+
+
+def test_killed_driver_then_rerun_processes_every_image_once(ray_cluster, bundles, tmp_path):
+    import ray
+
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for i in range(30):
+        (folder / f"scan {i:02d}.png").write_bytes(encode_png(sample_image(rng, 150, 220)))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    ids = {r.id for r in list_records(str(folder), "images").records}
+    out = tmp_path / "out"
+    overrides = [f"input={folder}", "layout=images", f"bundles.segmenter={bundles[0]}",
+                 f"bundles.classifier={bundles[1]}", f"output={out}", "batch.batch_size=1",
+                 "batch.concurrency=1"]
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, str(ROOT / "pipelines" / "segment_batch.py"), *overrides,
+           f"ray_address={address}",
+           f"ray_runtime_env={{env_vars: {{PYTHONPATH: '{ROOT}'}}}}"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    log = open(tmp_path / "driver.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if len([p for p in local_files(out, "results") if p.endswith(".parquet")]) >= 3:
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-3000:]
+    committed = {r["id"] for r in read_results(str(out / "results"))}
+    assert 0 < len(committed) < len(ids)  # killed midway
+
+    manifest = run_job(overrides)
+    assert manifest["run"]["complete"] and manifest["totals"]["images"] == len(ids)
+    rows = check_exactly_once(out, ids)
+    assert [r["id"] for r in rows if r["error"]] == ["broken"]
+
+
+def test_malicious_names_stay_inside_the_output(ray_cluster, bundles, tmp_path, monkeypatch):
+    import pipelines.segment_batch as job
+
+    rng = np.random.default_rng(6)
+    folder = tmp_path / "in"
+    (folder / "deep" / "er").mkdir(parents=True)
+    names = ["a b.png", "ünïcode 名前.png", "x..evil.png", "-rf --no-preserve-root.png",
+             "%2e%2e%2fx.png", "deep/er/x y.png"]
+    for name in names:
+        (folder / name).write_bytes(encode_png(sample_image(rng)))
+    real = str(folder / "a b.png")
+    extra = [Record("../../evil", real), Record("/etc/passwd", real),
+             Record("a/../../../b", real), Record("..", real)]
+    listed = job.list_input
+
+    def with_hostile_ids(cfg, so):
+        listing = listed(cfg, so)
+        return Listing(listing.records + extra, listing.skipped, listing.class_names)
+
+    monkeypatch.setattr(job, "list_input", with_hostile_ids)
+    out = tmp_path / "job" / "out"
+    manifest = run_job([f"input={folder}", "layout=images", f"bundles.segmenter={bundles[0]}",
+                        f"output={out}"])  # segmentation only
+    expected = {n.rsplit(".", 1)[0] for n in names} | {r.id for r in extra}
+    rows = check_exactly_once(out, expected)
+    assert manifest["totals"]["counts_by_class"] == {"unclassified": len(expected)}
+    assert all(r["label"] == -1 and r["predicted_class"] == "unclassified" for r in rows)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and folder not in p.parents]
+    assert written and all(out in p.parents for p in written)
+    assert not (tmp_path / "evil").exists() and not list(tmp_path.glob("*evil*"))
+
+
+def test_output_inside_input_is_refused(bundles, tmp_path):
+    (tmp_path / "a.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    with pytest.raises(ValueError, match="must not contain each other"):
+        run_job([f"input={tmp_path}", f"bundles.segmenter={bundles[0]}",
+                 f"output={tmp_path / 'results'}"])
+
+
+def test_busi_full_subset_masks_at_original_size(ray_cluster, bundles, shared_data, tmp_path):
+    archive = shared_data / "busi_full"
+    if not archive.is_dir():
+        pytest.skip("busi_full is absent")
+    out = tmp_path / "out"
+    manifest = run_job([f"input={archive}", "layout=busi", f"bundles.segmenter={bundles[0]}",
+                        f"bundles.classifier={bundles[1]}", f"output={out}", "limit=3"])
+    assert manifest["run"]["processed"] == 3 and not manifest["run"]["complete"]
+    rows = check_exactly_once(out)
+    for row in rows:
+        with Image.open(row["source"]) as im:
+            assert (row["width"], row["height"]) == im.size
+        with Image.open(out / row["mask_path"]) as m:
+            assert m.size == (row["width"], row["height"])
+        assert row["tp"] is not None and not np.isnan(row["dice"])
