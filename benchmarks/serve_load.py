@@ -202,7 +202,6 @@ def main() -> None:
                                             entry["user_config"]["max_batch_size"])
     batching = next(d for d in app["deployments"] if d["name"] == "Segmenter")["user_config"]
     batched_size = int(batching["max_batch_size"])
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     t = time.perf_counter()
     deploy(config)
     base = f"http://127.0.0.1:{port}"

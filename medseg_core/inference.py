@@ -342,22 +342,24 @@ class Chain:
             names = self.classifier.names_for(probs.shape[1])
         else:
             probs, names = None, ()
-        results = []
-        for i, mask in enumerate(masks):
-            result: dict[str, Any] = {
-                "mask": mask,
-                "label": -1,
-                "label_name": None,
-                "probabilities": {},
-                "lesion_area_fraction": float(mask.mean()) if mask.size else 0.0,
-                "bbox": mask_bbox(mask),
-            }
-            if probs is not None:
-                label = int(np.argmax(probs[i]))
-                result.update(
-                    label=label,
-                    label_name=names[label],
-                    probabilities={n: float(p) for n, p in zip(names, probs[i])},
-                )
-            results.append(result)
-        return results
+        return [summarize_prediction(mask, None if probs is None else probs[i], names)
+                for i, mask in enumerate(masks)]
+
+
+def summarize_prediction(mask: np.ndarray, probabilities: np.ndarray | None,
+                         names: Sequence[str]) -> dict[str, Any]:
+    """One image's result from its mask and class probabilities: mask, label (-1 without a
+    classifier), label_name, probabilities (name -> p), lesion_area_fraction and bbox."""
+    result: dict[str, Any] = {
+        "mask": mask,
+        "label": -1,
+        "label_name": None,
+        "probabilities": {},
+        "lesion_area_fraction": float(mask.mean()) if mask.size else 0.0,
+        "bbox": mask_bbox(mask),
+    }
+    if probabilities is not None:
+        label = int(np.argmax(probabilities))
+        result.update(label=label, label_name=names[label],
+                      probabilities={n: float(p) for n, p in zip(names, probabilities)})
+    return result

@@ -7,40 +7,44 @@ deterministic train/val/test (or fold) record lists.
 `build_datasets(cfg, splits)` turns those lists into Ray Datasets whose rows are
 ``{"image": uint8 (H, W, C), "mask": uint8 (H, W), "label": int64}`` at ``data.image_size``:
 
-    records --from_items--> [random_shuffle of the records, train only]
-            --map_batches(read bytes (thread pool, fsspec) + decode + transform)--> rows
+    records --RecordsDatasource (ray.data.read_datasource)--> read tasks of data.read.batch_size
+            records: read the bytes (fsspec; a thread pool for object storage), decode,
+            transform --> one block of rows per task
 
-Reading, decoding and transforming happen in one Ray task per batch of records, with the same
-medseg_core code as in-process training and inference (`decode_record`, `build_transforms`,
-`sample_rng`), so a sample is augmented identically wherever it is processed. Nothing
-materializes the archive: the only thing held in full is the record list (URIs), and the
-streaming executor's backpressure bounds the decoded images in flight.
+Reading, decoding and transforming happen in the read task itself, with the same medseg_core
+code as in-process training and inference (`decode_record`, `build_transforms`, `sample_rng`),
+so a sample is augmented identically wherever it is processed and undecoded bytes never travel
+through the object store. Nothing materializes the archive: the record list (URIs) is the only
+thing held in full, and the streaming executor's backpressure bounds the decoded images in
+flight. Packed archives (`pipelines/pack.py`) are read the same way, one Parquet row group per
+task unit.
 
 Per-epoch augmentation (why it works this way)
 ----------------------------------------------
 Ray Train V2 hands each worker a `DataIterator` (`get_dataset_shard`) and the worker calls
 `iter_torch_batches` once per epoch; every call re-executes the Dataset (in the
-`SplitCoordinator` actor for `streaming_split`, in the caller otherwise). The map tasks run in
-other processes, so a Python epoch counter set by the training loop is not visible to them, and
-the training loop cannot rebuild a Dataset it only holds an iterator of. Ray itself solves this
-for its random operators with `DataContext._execution_idx`: the executing Dataset's context
-counts its executions, the count is pinned into the plan when an execution starts, and the map
-tasks run with that context installed (`RandomSeedConfig(reseed_after_execution=True)` reseeds
-`random_shuffle` from the same number). We use the same counter:
+`SplitCoordinator` actor for `streaming_split`, in the caller otherwise). The decode tasks run
+in other processes, so an epoch counter kept by the training loop is not visible to them, and
+the loop cannot rebuild a Dataset it only holds an iterator of. But each execution starts by
+asking the datasource for its read tasks (`Datasource.get_read_tasks`), in the process that
+executes the plan, with the Dataset's `DataContext`, whose `_execution_idx` counts the
+executions of that Dataset (Ray's own per-epoch reseeding, `RandomSeedConfig(
+reseed_after_execution=True)` for `random_shuffle`, reads the same counter). So there:
 
-    augmentation epoch = data.epoch_offset + (number of earlier executions of this Dataset)
-    rng of one sample  = medseg_core.dataset.sample_rng(cfg.seed, epoch, record id)
+    epoch = data.epoch_offset + (number of earlier executions of this Dataset)
+    record order = permutation seeded by (cfg.seed, epoch)         (data.shuffle, train only)
+    rng of one sample = medseg_core.dataset.sample_rng(cfg.seed, epoch, record id)
 
-so the k-th pass over the train Dataset (or over its Train shards) is augmentation epoch k on
-every worker, differs from other epochs, and is reproducible for the same seed, independent of
-the order, batching or process in which samples are decoded. `data.shuffle` reshuffles the
-*records* (small rows, before any byte is read) with `random_shuffle` reseeded from the same
-counter, so shuffling costs no image memory. Caveats: other executions of the *same* Dataset
-object (`count()`, `schema()`, `take()`) advance the counter too, and a restarted Train worker
-group restarts it at `data.epoch_offset` (set that to the resume epoch when a new fit resumes
-from a checkpoint). Loops that own their epoch number pin it explicitly instead with
-`train_epoch_dataset(ds, epoch, cfg)` (the epoch travels in `fn_kwargs`). With
-``trainer.gpu_augment`` the train rows are only resized and augmentation happens on the device.
+and the epoch is handed to every read task as a plain argument. The k-th pass over the train
+Dataset (or over its Train shards: all workers share one execution per epoch) is augmentation
+epoch k, differs from the other epochs, reshuffles the records without any all-to-all shuffle,
+and is reproducible for the same seed whatever order, batching or process decodes the samples
+(and equal to `RecordDataset.set_epoch(k)` in-process). Caveats: other executions of the *same*
+Dataset object (`count()`, `schema()`, `take()`) advance the counter too, and a restarted Train
+worker group restarts it at `data.epoch_offset` (set that to the resume epoch when a new fit
+resumes from a checkpoint). Loops that own their epoch number pin it instead with
+`train_epoch_dataset(ds, epoch, cfg)`. With ``trainer.gpu_augment`` the train rows are only
+resized and augmentation happens on the device.
 
 Bad input (error accounting)
 ----------------------------
@@ -49,7 +53,7 @@ differs from its image, or a file that vanished after listing: with ``data.stric
 default) the record is dropped, a warning naming the file is logged where it happened, and the
 problem goes to the run's report (`data.report`, JSON). Problems found on the driver (listing,
 hashing) are recorded directly; problems found in Ray tasks are sent to one small ledger actor
-per report, and the task waits for the acknowledgement before its rows are emitted, so once an
+per report, and the task waits for the acknowledgement before its block is emitted, so once an
 epoch has been consumed the report holds every record it dropped (deduplicated by file and
 reason, so re-reading a bad file every epoch counts it once). `data_report(cfg)` returns the
 report, writes it and warns with the names. ``data.strict: true`` raises on the first bad file
@@ -66,7 +70,7 @@ without it.
 from __future__ import annotations
 
 import copy
-import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -732,18 +736,6 @@ class DecodeSpec:
         return build_transforms({"size": list(self.image_size), **aug}, train=bool(aug))
 
 
-def _execution_epoch(spec: DecodeSpec) -> int:
-    """Augmentation epoch of the running execution (see the module docstring)."""
-    from ray.data import DataContext
-
-    idx = getattr(DataContext.get_current(), "_execution_idx", None)
-    if idx is None:  # a Ray without the counter: stay reproducible, lose per-epoch variation
-        warnings.warn("ray.data.DataContext has no _execution_idx; augmentation epoch fixed at "
-                      "data.epoch_offset (use train_epoch_dataset to pin epochs)", stacklevel=2)
-        idx = spec.base_execution_idx
-    return spec.epoch_offset + int(idx) - spec.base_execution_idx
-
-
 def _finish(spec: DecodeSpec, samples: list[dict[str, Any]]) -> dict[str, np.ndarray] | Any:
     h, w = spec.image_size
     if not samples:
@@ -762,7 +754,7 @@ def _finish(spec: DecodeSpec, samples: list[dict[str, Any]]) -> dict[str, np.nda
 
 
 def _apply(spec: DecodeSpec, transform, sample: dict[str, Any], epoch: int | None) -> dict:
-    rng = sample_rng(spec.seed, epoch, sample["id"]) if spec.augment else None
+    rng = sample_rng(spec.seed, int(epoch or 0), sample["id"]) if spec.augment else None
     out = transform(sample, rng)
     h, w = spec.image_size
     if out["image"].shape != (h, w, spec.channels) or out["mask"].shape != (h, w):
@@ -771,11 +763,9 @@ def _apply(spec: DecodeSpec, transform, sample: dict[str, Any], epoch: int | Non
     return out
 
 
-def decode_raw_batch(batch: dict[str, np.ndarray], spec: DecodeSpec,
-                     epoch: int | None = None) -> dict[str, np.ndarray]:
-    """map_batches UDF over raw records: read all files of the batch, decode, transform."""
-    if spec.augment and epoch is None:
-        epoch = _execution_epoch(spec)
+def decode_raw_batch(batch: Mapping[str, Sequence[Any]], spec: DecodeSpec,
+                     epoch: int | None = None) -> dict[str, np.ndarray] | Any:
+    """Read all files of a batch of raw records, decode, transform (augmentation `epoch`)."""
     recs = [Record(str(i), str(u), tuple(str(m) for m in (ms if ms is not None else ())), int(lab))
             for i, u, ms, lab in zip(batch["id"], batch["image_uri"], batch["mask_uris"],
                                      batch["label"])]
@@ -841,11 +831,9 @@ def decode_packed_row(row: Mapping[str, Any], *, channels: int = 3,
                          max_pixels=max_pixels, threshold=threshold)
 
 
-def decode_packed_batch(batch: dict[str, np.ndarray], spec: DecodeSpec,
-                        epoch: int | None = None) -> dict[str, np.ndarray]:
-    """map_batches UDF over packed row groups: read each row group once, decode its rows."""
-    if spec.augment and epoch is None:
-        epoch = _execution_epoch(spec)
+def decode_packed_batch(batch: Mapping[str, Sequence[Any]], spec: DecodeSpec,
+                        epoch: int | None = None) -> dict[str, np.ndarray] | Any:
+    """Read each packed row group of the batch once, decode and transform the wanted rows."""
     transform = spec.transform()
     samples, problems = [], []
     for shard, rg, rows in zip(batch["shard"], batch["row_group"], batch["rows"]):
@@ -875,6 +863,105 @@ def decode_packed_batch(batch: dict[str, np.ndarray], spec: DecodeSpec,
     return _finish(spec, samples)
 
 
+def read_chunk(kind: str, chunk: list[dict[str, Any]], spec: DecodeSpec,
+               epoch: int | None) -> list[Any]:
+    """One Ray read task: a chunk of raw records or packed row groups -> one decoded block."""
+    from ray.data.block import BlockAccessor
+
+    if kind == "packed":
+        out = decode_packed_batch({"shard": [c["shard"] for c in chunk],
+                                   "row_group": [c["row_group"] for c in chunk],
+                                   "rows": [c["rows"] for c in chunk]}, spec, epoch)
+    else:
+        out = decode_raw_batch({"id": [c["id"] for c in chunk],
+                                "image_uri": [c["image_uri"] for c in chunk],
+                                "mask_uris": [c["mask_uris"] for c in chunk],
+                                "label": [c["label"] for c in chunk]}, spec, epoch)
+    return [BlockAccessor.batch_to_block(out) if isinstance(out, dict) else out]
+
+
+def _make_records_datasource() -> type:
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class RecordsDatasource(Datasource):
+        """The records of one split as a Ray Data source whose read tasks read, decode and
+        transform `per_task` records (or packed row groups) each.
+
+        `get_read_tasks` runs when an execution of the Dataset starts, in the process that
+        executes it (the driver, or the SplitCoordinator actor behind Ray Train's dataset
+        shards), with that execution's DataContext: that is where the epoch is fixed (pinned, or
+        `epoch_offset` + the Dataset's execution count) and the records are shuffled for it;
+        every read task gets the epoch as a plain argument.
+        """
+
+        def __init__(self, items: list[dict[str, Any]], kind: str, spec: DecodeSpec,
+                     per_task: int, shuffle: bool, seed: int, epoch: int | None,
+                     row_bytes: int, n_rows: int):
+            super().__init__()
+            self.items, self.kind, self.spec = items, kind, spec
+            self.per_task, self.shuffle, self.seed = per_task, shuffle, seed
+            self.epoch, self.row_bytes, self.n_rows = epoch, row_bytes, n_rows
+            self.base_execution_idx = 0
+
+        def get_name(self) -> str:
+            return "MedsegRecords"
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return self.n_rows * self.row_bytes
+
+        def epoch_for(self, data_context: Any) -> int | None:
+            if self.epoch is not None:
+                return int(self.epoch)
+            if not (self.spec.augment or self.shuffle):
+                return None
+            if data_context is None:  # Ray asks for metadata only (no execution)
+                return self.spec.epoch_offset
+            idx = getattr(data_context, "_execution_idx", None)
+            if idx is None:  # a Ray without the counter: reproducible, but the same every pass
+                warnings.warn("DataContext has no _execution_idx: the augmentation epoch stays "
+                              "at data.epoch_offset (pin epochs with train_epoch_dataset)",
+                              stacklevel=2)
+                idx = self.base_execution_idx
+            return self.spec.epoch_offset + int(idx) - self.base_execution_idx
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[ReadTask]:
+            epoch = self.epoch_for(data_context)
+            items = self.items
+            if self.shuffle and epoch is not None:
+                order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(items))
+                items = [items[i] for i in order]
+            tasks = []
+            for start in range(0, len(items), self.per_task):
+                chunk = items[start:start + self.per_task]
+                rows = sum(len(c["rows"]) for c in chunk) if self.kind == "packed" else len(chunk)
+                # num_rows unknown: bad records may be dropped, so no count() from metadata
+                meta = BlockMetadata(num_rows=None, size_bytes=rows * self.row_bytes,
+                                     exec_stats=None, input_files=None)
+                tasks.append(ReadTask(functools.partial(read_chunk, self.kind, chunk, self.spec,
+                                                        epoch), meta))
+            return tasks
+
+    RecordsDatasource.__module__ = __name__
+    RecordsDatasource.__qualname__ = "RecordsDatasource"
+    return RecordsDatasource
+
+
+_LAZY: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """`RecordsDatasource` is created on first use, so importing this module does not import
+    Ray; it is still importable by name (how Ray pickles it into the processes that execute
+    a Dataset)."""
+    if name == "RecordsDatasource":
+        if name not in _LAZY:
+            _LAZY[name] = _make_records_datasource()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @dataclass
 class _Pipeline:
     """How a Dataset of build_datasets was made, so train_epoch_dataset can rebuild it."""
@@ -889,7 +976,7 @@ class _Pipeline:
 _PIPELINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _spec(cfg: dict[str, Any], split: str, train: bool, ledger: Any, packed: bool) -> DecodeSpec:
+def _spec(cfg: dict[str, Any], split: str, train: bool, ledger: Any) -> DecodeSpec:
     data = cfg["data"]
     gpu_aug = bool((cfg.get("trainer") or {}).get("gpu_augment", False))
     aug = dict(data.get("augment") or {}) if (train and not gpu_aug) else None
@@ -925,43 +1012,34 @@ def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str 
     from the execution count of the returned Dataset.
     """
     import ray
-    from ray.data import RandomSeedConfig, TaskPoolStrategy
+    from ray.data import TaskPoolStrategy
 
     data = cfg["data"]
     train = split.startswith("train") if train is None else train
     records = list(records)
     if ledger is None:
         ledger = problem_ledger(cfg)
-    packed = bool(records) and PACKED_MARK in records[0].image_uri
     read = _read_cfg(data)
-    seed = int(cfg.get("seed", 0))
-    shuffle = bool(train and data.get("shuffle", False))
-    if packed:
-        items = _packed_items(records)
+    spec = _spec(cfg, split, train, ledger)
+    if records and PACKED_MARK in records[0].image_uri:
+        kind, items = "packed", _packed_items(records)
         per_task = max(1, int(read["packed_batch_size"]))
-        fn = decode_packed_batch
     else:
-        items = [r.to_dict() for r in records]
+        kind, items = "raw", [r.to_dict() for r in records]
         per_task = max(1, int(read["batch_size"]))
-        fn = decode_raw_batch
-    if shuffle and epoch is not None:  # pinned epoch: the permutation is explicit too
-        order = np.random.default_rng([seed, int(epoch), 7]).permutation(len(items))
-        items = [items[i] for i in order]
-    n_blocks = max(1, math.ceil(len(items) / per_task)) if items else 1
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks) if items else \
-        ray.data.from_items([], override_num_blocks=1)
-    if shuffle and epoch is None:
-        ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    spec = dataclasses.replace(_spec(cfg, split, train, ledger, packed),
-                               base_execution_idx=int(getattr(ds.context, "_execution_idx", 0)))
+    h, w = spec.image_size
+    source = __getattr__("RecordsDatasource")(
+        items, kind, spec, per_task, shuffle=bool(train and data.get("shuffle", False)),
+        seed=int(cfg.get("seed", 0)), epoch=epoch, row_bytes=h * w * (spec.channels + 1) + 8,
+        n_rows=len(records))
     concurrency = read.get("concurrency")
-    out = ds.map_batches(
-        fn, batch_size=per_task, batch_format="numpy", zero_copy_batch=True,
-        fn_kwargs={"spec": spec, "epoch": epoch}, num_cpus=float(read["num_cpus"]),
-        compute=TaskPoolStrategy(size=int(concurrency)) if concurrency else None,
-    )
-    _PIPELINES[out] = _Pipeline(records, cfg, split, train, ledger)
-    return out
+    ds = ray.data.read_datasource(
+        source, override_num_blocks=max(1, math.ceil(len(items) / per_task)),
+        num_cpus=float(read["num_cpus"]),
+        compute=TaskPoolStrategy(size=int(concurrency)) if concurrency else None)
+    source.base_execution_idx = int(getattr(ds.context, "_execution_idx", 0))
+    _PIPELINES[ds] = _Pipeline(records, cfg, split, train, ledger)
+    return ds
 
 
 def build_datasets(cfg: dict[str, Any],

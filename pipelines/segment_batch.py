@@ -611,12 +611,10 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
           f"files skipped by the layout), {len(listing.records) - len(pending)} already done, "
           f"{len(todo)} to process", flush=True)
 
-    processed: Counter[str] = Counter()
-    run_errors: list[dict[str, str]] = []
-    t0 = time.time()
+    progress = Progress()
     if todo:
-        processed, run_errors = _process(cfg, batch, todo, seg_uri, cls_uri, so, out, run_id)
-    seconds = time.time() - t0
+        _process(cfg, batch, todo, seg_uri, cls_uri, so, out, run_id, progress)
+    processed, run_errors, seconds = progress.counts, progress.errors, progress.seconds
 
     state, repaired_end = repair(out, State(out, SUMMARY_COLUMNS))
     state, merged = compact(out, state, int(cfg.get("compact_rows") or 0),
@@ -656,6 +654,8 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "errors": len(run_errors),
             "processing_seconds": round(seconds, 3),
             "images_per_s": round(n_processed / seconds, 3) if n_processed and seconds else 0.0,
+            "first_commit_seconds": round(progress.first_seconds, 3),
+            "steady_images_per_s": round(progress.steady_rate(), 3),
             "overwrite": bool(cfg.get("overwrite")),
             "retry_errors": bool(cfg.get("retry_errors")),
             "batch": {k: batch.get(k) for k in ("batch_size", "num_cpus", "num_gpus",
@@ -686,10 +686,46 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+class Progress:
+    """This run's committed images, as the summaries stream back to the driver."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.errors: list[dict[str, str]] = []
+        self.start = time.time()
+        self.first: float | None = None  # when the first committed batch came back
+        self.first_rows = 0
+        self.end = self.start
+
+    def add(self, summary: pa.Table) -> None:
+        now = time.time()
+        if self.first is None:
+            self.first, self.first_rows = now, summary.num_rows
+        self.end = now
+        self.counts.update(summary.column(PARTITION).to_pylist())
+        for i, e in zip(summary.column("id").to_pylist(), summary.column("error").to_pylist()):
+            if e is not None:
+                self.errors.append({"id": i, "error": e})
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+    @property
+    def first_seconds(self) -> float:
+        return (self.first - self.start) if self.first is not None else 0.0
+
+    def steady_rate(self) -> float:
+        """Images/s after the first batch came back (actor start-up excluded)."""
+        n = sum(self.counts.values()) - self.first_rows
+        span = self.end - (self.first or self.end)
+        return n / span if n > 0 and span > 0 else 0.0
+
+
 def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record], seg_uri: str,
-             cls_uri: str | None, so: dict | None, out: Output, run_id: str
-             ) -> tuple[Counter[str], list[dict[str, str]]]:
-    """Predict and commit ``todo`` on the actor pool, streaming; returns this run's counts."""
+             cls_uri: str | None, so: dict | None, out: Output, run_id: str,
+             progress: Progress) -> None:
+    """Predict and commit ``todo`` on the actor pool, streaming into ``progress``."""
     init_ray(cfg)
     num_gpus = float(batch.get("num_gpus") or 0)
     device = str(batch.get("device") or "auto")
@@ -717,19 +753,14 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
             "with_truth": bool(cfg.get("ground_truth", True)),
             "max_pixels": batch.get("max_pixels"),
             "mask_threshold": int(batch.get("mask_threshold", 127)),
-            "model_batch_size": int(batch.get("model_batch_size") or 16),
+            "model_batch_size": batch.get("model_batch_size"),
         },
         forward_credentials=bool((cfg.get("storage") or {}).get("forward_credentials", True)),
         max_tasks_in_flight_per_actor=batch.get("max_tasks_in_flight_per_actor"),
     )
-    counts: Counter[str] = Counter()
-    errors: list[dict[str, str]] = []
+    progress.start = time.time()
     for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        counts.update(summary.column(PARTITION).to_pylist())
-        for i, e in zip(summary.column("id").to_pylist(), summary.column("error").to_pylist()):
-            if e is not None:
-                errors.append({"id": i, "error": e})
-    return counts, errors
+        progress.add(summary)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="segment_batch", version_base=None)

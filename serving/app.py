@@ -9,8 +9,8 @@ Three deployments, composed through deployment handles:
   replica one (``ray_actor_options.num_gpus``).
 - ``Ingress`` (FastAPI via ``@serve.ingress``) authenticates, enforces byte and pixel limits,
   decodes the image, calls both models and summarises the result with
-  ``medseg_core.inference.Chain`` itself, so the response equals ``Chain.predict`` run
-  in-process on the same bundles and image.
+  ``medseg_core.inference.summarize_prediction``, the function ``Chain.predict`` uses, so the
+  response equals ``Chain.predict`` run in-process on the same bundles and image.
 
 ``build_app(args)`` is the application builder named by ``serving/config.yaml``
 (``import_path: serving.app:build_app``); ``args`` validate as ``serving.schemas.AppArgs``.
@@ -21,7 +21,7 @@ import base64
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from medseg_core.checkpoint import Bundle, load_bundle
-from medseg_core.inference import Chain, Classifier, Segmenter
+from medseg_core.inference import Classifier, Segmenter, summarize_prediction
 from medseg_core.io import (
     ImageDecodeError,
     ImageTooLargeError,
@@ -248,42 +248,6 @@ class ClassifierDeployment(_ModelReplica):
 
 
 # ----------------------------------------------------------------------------- summarising
-
-
-class _ReplaySegmenter:
-    """Stands in for ``inference.Segmenter`` inside ``Chain``: returns the mask the Segmenter
-    deployment computed."""
-
-    def __init__(self, masks: list[np.ndarray]) -> None:
-        self._masks = masks
-
-    def predict(self, images: Sequence[np.ndarray], threshold: float | None = None) -> list[np.ndarray]:
-        return self._masks
-
-
-class _ReplayClassifier:
-    """Stands in for ``inference.Classifier`` inside ``Chain``: returns the probabilities and
-    class names the Classifier deployment computed."""
-
-    def __init__(self, probabilities: np.ndarray, names: Sequence[str]) -> None:
-        self._probs = probabilities
-        self._names = tuple(names)
-
-    def predict(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
-        return self._probs
-
-    def names_for(self, num_classes: int) -> tuple[str, ...]:
-        return self._names
-
-
-def summarize(image: np.ndarray, mask: np.ndarray, probabilities: np.ndarray,
-              names: Sequence[str]) -> dict[str, Any]:
-    """label, label_name, probabilities, lesion_area_fraction, bbox (and mask) of one image,
-    computed by ``Chain.predict`` itself from the deployments' outputs, so serving and
-    in-process inference cannot drift apart."""
-    chain = Chain(_ReplaySegmenter([mask]),  # type: ignore[arg-type]
-                  _ReplayClassifier(np.asarray(probabilities)[None], names))  # type: ignore[arg-type]
-    return chain.predict([image])[0]
 
 
 def encode_mask(mask: np.ndarray, fmt: MaskFormat | str) -> dict[str, Any]:
@@ -521,7 +485,7 @@ class Ingress:
         cls = await self._call("Classifier", self.classifier.classify.remote(image, seg["mask"]))
         t4 = time.perf_counter()
         fmt = mask_format or MaskFormat(self.settings.default_mask_format)
-        result = summarize(image, seg["mask"], cls["probabilities"], cls["names"])
+        result = summarize_prediction(seg["mask"], np.asarray(cls["probabilities"]), cls["names"])
         mask = await asyncio.to_thread(encode_mask, result["mask"], fmt)
         t5 = time.perf_counter()
         body = {

@@ -118,7 +118,7 @@ class BatchingConfig(_Strict):
 
     max_batch_size: int = Field(8, ge=1, description="Requests per @serve.batch call.")
     batch_wait_timeout_s: float = Field(
-        0.005, ge=0, description="Longest wait for a batch to fill after its first request."
+        0.002, ge=0, description="Longest wait for a batch to fill after its first request."
     )
 
 

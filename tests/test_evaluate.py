@@ -220,6 +220,38 @@ def test_ray_backend_gives_the_same_rows(ray_cluster, workspace, local_run) -> N
     assert (root / "eval-ray" / "figures" / "cases.png").is_file()
 
 
+@pytest.mark.s3
+def test_archive_bundles_and_report_on_object_storage(s3, workspace, local_run, monkeypatch):
+    """Everything on a real S3-compatible server (credentials from the environment only): the
+    same rows as from local files."""
+    import fsspec
+
+    from pipelines.evaluate import evaluate
+
+    root, archive = workspace
+    s3.upload_dir(archive, "s3://medseg-eval/archive")
+    s3.upload_dir(root / "runs", "s3://medseg-eval/runs")
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    cfg = eval_config(root, "s3://medseg-eval/archive", "evaluate.split=all",
+                      f"data.endpoint_url={s3.endpoint}", "data.region=us-east-1",
+                      "evaluate.segmenter=s3://medseg-eval/runs/tiny/segmenter/best",
+                      "evaluate.classifier=s3://medseg-eval/runs/tiny/classifier/best",
+                      "evaluate.out=s3://medseg-eval/eval")
+    summary = evaluate(cfg)
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3.endpoint})
+    assert {p.rsplit("/", 1)[-1] for p in fs.ls("medseg-eval/eval")} >= {
+        "report.html", "summary.json", "per_image.parquet", "per_image.csv", "figures"}
+    assert json.loads(fs.cat_file("medseg-eval/eval/summary.json"))["segmentation"] == \
+        summary["segmentation"]
+    assert "curves_segmenter.png" in {p.rsplit("/", 1)[-1] for p in fs.ls("medseg-eval/eval/figures")}
+    with fs.open("medseg-eval/eval/per_image.parquet", "rb") as f:
+        remote = pq.read_table(f).drop(["seconds", "source", "error"]).to_pylist()
+    _, out, _ = local_run
+    local = pq.read_table(out / "per_image_no_tta.parquet").drop(["seconds", "source", "error"])
+    assert remote == local.to_pylist()
+
+
 def test_choose_backend_and_training_log(tmp_path) -> None:
     from pipelines.evaluate import choose_backend, find_training_log
 

@@ -255,6 +255,7 @@ def test_chain_predictor_batch_equals_chain_and_turns_bad_files_into_rows(bundle
     assert len({r["label"] for r in rows.values() if r["error"] is None}) >= 2  # varied labels
 
 
+@pytest.mark.ray
 def test_predict_records_on_ray_equals_chain_in_process(ray_cluster, bundles, archive):
     from pipelines.predict import predict_records
 

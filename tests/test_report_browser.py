@@ -30,16 +30,17 @@ from medseg_core.report import lookup, write_report
 from medseg_core.results import error_row, prediction_row
 from tests.test_evaluate import eval_config, make_run
 
-pytestmark = pytest.mark.browser
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 WINDOW = (1280, 2000)
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install "
+                       "chromium; `python3 scripts/dev.py test` installs it)"),
+]
 
 
 def run_chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; "
-                    "`python3 scripts/dev.py test` installs it)")
+    assert CHROMIUM is not None
     flags = [
         "--headless", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--no-default-browser-check",

@@ -135,6 +135,8 @@ def test_commit_never_writes_outside_the_output(tmp_path):
 # The whole job on a real S3-compatible server
 
 
+@pytest.mark.s3
+@pytest.mark.ray
 def test_s3_archive_with_corrupt_files_gives_exact_outputs(s3, ray_cluster, tmp_path,
                                                          monkeypatch):
     import s3fs
@@ -227,6 +229,7 @@ def test_s3_archive_with_corrupt_files_gives_exact_outputs(s3, ray_cluster, tmp_
 # Resume, rerun, repair, overwrite
 
 
+@pytest.mark.ray
 def test_limit_rerun_repair_and_overwrite_keep_exactly_once(ray_cluster, bundles, tmp_path):
     archive = make_busi_archive(tmp_path / "busi", per_class=4, seed=2)
     bad = add_corrupt_files(archive)
@@ -288,6 +291,7 @@ def test_limit_rerun_repair_and_overwrite_keep_exactly_once(ray_cluster, bundles
     assert canonical(check_exactly_once(out, ids)) == canonical(after)  # same rows
 
 
+@pytest.mark.ray
 def test_killed_driver_then_rerun_processes_every_image_once(ray_cluster, bundles, tmp_path):
     import ray
 
@@ -331,6 +335,7 @@ def test_killed_driver_then_rerun_processes_every_image_once(ray_cluster, bundle
     assert [r["id"] for r in rows if r["error"]] == ["broken"]
 
 
+@pytest.mark.ray
 def test_malicious_names_stay_inside_the_output(ray_cluster, bundles, tmp_path, monkeypatch):
     import pipelines.segment_batch as job
 
@@ -353,7 +358,7 @@ def test_malicious_names_stay_inside_the_output(ray_cluster, bundles, tmp_path, 
     monkeypatch.setattr(job, "list_input", with_hostile_ids)
     out = tmp_path / "job" / "out"
     manifest = run_job([f"input={folder}", "layout=images", f"bundles.segmenter={bundles[0]}",
-                        f"output={out}"])  # segmentation only
+                        f"output={out}", "batch.batch_size=16"])  # segmentation only
     expected = {n.rsplit(".", 1)[0] for n in names} | {r.id for r in extra}
     rows = check_exactly_once(out, expected)
     assert manifest["totals"]["counts_by_class"] == {"unclassified": len(expected)}
@@ -370,6 +375,8 @@ def test_output_inside_input_is_refused(bundles, tmp_path):
                  f"output={tmp_path / 'results'}"])
 
 
+@pytest.mark.ray
+@pytest.mark.shared_data
 def test_busi_full_subset_masks_at_original_size(ray_cluster, bundles, shared_data, tmp_path):
     archive = shared_data / "busi_full"
     if not archive.is_dir():

@@ -144,8 +144,7 @@ def server(ray_cluster, bundles, s3) -> str:
     for name in ("Segmenter", "Classifier"):
         patch_deployment(app, name, {"ray_actor_options": {"num_cpus": 0.2},
                                      "autoscaling_config": fixed})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deploy(config, timeout_s=300)
+    deploy(config, timeout_s=300)  # serve.start(http_options=config's: 127.0.0.1, free port)
     yield f"http://127.0.0.1:{port}"
     serve.delete(app["name"])
 
@@ -274,7 +273,12 @@ def test_healthz_and_models(server):
     assert models["segmenter"]["uri"] == "s3://medseg-serving/bundles/segmenter"
     assert models["segmenter"]["version"] == "seg-test-1"
     assert models["segmenter"]["device"] == "cpu"
-    assert models["segmenter"]["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.005}
+    from serving.launch import load_config
+
+    configured = {d["name"]: d.get("user_config") for d in
+                  load_config()["applications"][0]["deployments"]}
+    assert models["segmenter"]["batching"] == configured["Segmenter"]
+    assert models["classifier"]["batching"] == configured["Classifier"]
     assert models["classifier"]["class_names"] == CLASS_NAMES
     assert models["classifier"]["input_size"] == [32, 32]
 
