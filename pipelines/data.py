@@ -700,7 +700,7 @@ def list_packed(url: str, so: dict | None = None) -> tuple[list[Record], list[in
 
 
 def _read_cfg(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    read = {"batch_size": 32, "io_threads": 8, "num_cpus": 1.0, "concurrency": None,
+    read = {"batch_size": 16, "io_threads": 8, "num_cpus": 1.0, "concurrency": None,
             "packed_batch_size": 1}
     read.update(data_cfg.get("read") or {})
     return read

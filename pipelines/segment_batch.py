@@ -452,10 +452,9 @@ def _nested(a: str, b: str, so: dict | None) -> bool:
     """Whether URL ``a`` equals or lies inside ``b`` (same filesystem)."""
     if fsspec.utils.get_protocol(a) != fsspec.utils.get_protocol(b):
         return False
-    fa, pa_ = fsspec.core.url_to_fs(a, **(so or {}))
-    _, pb = fsspec.core.url_to_fs(b, **(so or {}))
-    pa_, pb = pa_.rstrip("/"), pb.rstrip("/")
-    return pa_ == pb or pa_.startswith(pb + "/")
+    path_a = fsspec.core.url_to_fs(a, **(so or {}))[1].rstrip("/")
+    path_b = fsspec.core.url_to_fs(b, **(so or {}))[1].rstrip("/")
+    return path_a == path_b or path_a.startswith(path_b + "/")
 
 
 def storage_options(cfg: Mapping[str, Any], urls: Sequence[str]) -> dict | None:
