@@ -92,7 +92,8 @@ import numpy as np
 from medseg_core.dataset import sample_rng
 from medseg_core.io import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_bytes
 from medseg_core.layouts import LayoutError, Listing, Record, decode_record, list_records
-from medseg_core.splits import group_near_duplicates, kfold_split, phash, ratio_split
+from medseg_core.splits import phash
+from medseg_core.splits import split_records as core_split_records
 from medseg_core.synthetic import generate_dataset
 from medseg_core.transforms import build_transforms
 
@@ -475,31 +476,6 @@ def list_archive(data_cfg: dict[str, Any], strict: bool | None = None) -> Listin
     )
 
 
-def image_hashes(records: list[Record], storage_options: dict | None = None) -> list[int]:
-    """Perceptual hash of each record's image."""
-    return [phash(decode_image(read_bytes(r.image_uri, storage_options), 1)) for r in records]
-
-
-def cached_hashes(records: list[Record], cache_dir: str | None,
-                  storage_options: dict | None = None) -> list[int]:
-    """Hashes, cached by record id under `cache_dir` so a rerun does not decode the archive."""
-    if not cache_dir:
-        return image_hashes(records, storage_options)
-    key = hashlib.sha256("\n".join(r.image_uri for r in records).encode()).hexdigest()[:16]
-    url = f"{cache_dir.rstrip('/')}/phash-{key}.json"
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        with fs.open(path, "r") as f:
-            cached = json.load(f)
-        if len(cached) == len(records):
-            return [int(cached[r.id]) for r in records]
-    hashes = image_hashes(records, storage_options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump({r.id: str(h) for r, h in zip(records, hashes)}, f)
-    return hashes
-
-
 def image_phash(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> int:
     """The split hash of one image file (the same for raw and packed archives)."""
     return phash(decode_image(data, 1, max_pixels=max_pixels, name=name, draft=(128, 128)))
@@ -564,19 +540,12 @@ def _reason(e: BaseException, name: str) -> str:
 
 def split_records(records: list[Record], hashes: list[int] | None,
                   split_cfg: dict[str, Any]) -> dict[str, list[Record]]:
-    """Deterministic ratio or k-fold split, stratified by label, near-duplicates grouped."""
-    labels = [r.label for r in records]
-    if hashes is None:
-        groups = list(range(len(records)))
-    else:
-        groups = group_near_duplicates(hashes, int(split_cfg.get("dedup_distance", 6)))
-    seed = int(split_cfg.get("seed", 0))
-    if split_cfg.get("mode", "ratio") == "kfold":
-        idx = kfold_split(records, labels, groups, n_folds=int(split_cfg["n_folds"]),
-                          fold=int(split_cfg["fold"]), seed=seed)
-    else:
-        idx = ratio_split(records, labels, groups, ratios=tuple(split_cfg["ratios"]), seed=seed)
-    return {name: [records[i] for i in ids] for name, ids in idx.items()}
+    """`medseg_core.splits.split_records` driven by the `data.split` config."""
+    kfold = split_cfg.get("mode", "ratio") == "kfold"
+    return core_split_records(
+        records, hashes, ratios=tuple(split_cfg.get("ratios", (0.8, 0.1, 0.1))),
+        n_folds=int(split_cfg["n_folds"]) if kfold else None, fold=int(split_cfg.get("fold", 0)),
+        seed=int(split_cfg.get("seed", 0)), max_distance=int(split_cfg.get("dedup_distance", 6)))
 
 
 def load_records(cfg: dict[str, Any]) -> tuple[list[Record], list[int] | None]:
@@ -700,7 +669,7 @@ def list_packed(url: str, so: dict | None = None) -> tuple[list[Record], list[in
 
 
 def _read_cfg(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    read = {"batch_size": 16, "io_threads": 8, "num_cpus": 1.0, "concurrency": None,
+    read = {"batch_size": 32, "io_threads": 8, "num_cpus": 1.0, "concurrency": None,
             "packed_batch_size": 1}
     read.update(data_cfg.get("read") or {})
     return read

@@ -60,6 +60,7 @@ from medseg_core.report import case_montage, write_report
 from medseg_core.results import error_row, prediction_row
 from medseg_core.viz import confusion_matrix_image, plot_curves
 from pipelines import CONF_DIR
+from pipelines.cluster import connect
 from pipelines.data import (
     PACKED_MARK,
     is_packed,
@@ -301,22 +302,6 @@ class EvalPredictor(ChainPredictor):
         return pa.concat_tables(tables)
 
 
-def init_ray(ray_cfg: Mapping[str, Any]) -> None:
-    """Connect to the running cluster (address / RAY_ADDRESS), or start a local one."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    n = ray_cfg.get("local_num_cpus")
-    ray.init(num_cpus=int(n) if n else None, include_dashboard=False)
-
-
 def predict_ray(records: Sequence[Record], cfg: Mapping[str, Any], flips: Sequence[str] | None,
                 *, with_masks: bool = False,
                 variants: Sequence[str] | None = None) -> dict[str, list[dict]]:
@@ -327,7 +312,7 @@ def predict_ray(records: Sequence[Record], cfg: Mapping[str, Any], flips: Sequen
         raise ValueError("evaluate.backend=ray reads image files by URI (pipelines/predict.py) and "
                          "cannot read packed archives yet; use evaluate.backend=local")
     rc = ev.get("ray") or {}
-    init_ray(rc)
+    connect(rc.get("address"), rc.get("local_num_cpus"))
     concurrency = rc.get("concurrency")
     if isinstance(concurrency, (list, tuple)):
         concurrency = tuple(int(c) for c in concurrency)

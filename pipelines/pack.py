@@ -44,7 +44,6 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fsspec
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -60,6 +59,8 @@ from pipelines.data import (
     EnvCredentials,
     Problem,
     _blamed_path,
+    _check_no_credentials,
+    _fs,
     _is_local,
     _max_pixels,
     _reason,
@@ -131,7 +132,7 @@ def pack_shard(index: int, records: list[Record], spec: dict[str, Any]) -> dict[
     name = f"shard-{index:05d}.parquet"
     url = f"{spec['out'].rstrip('/')}/{name}"
     so, creds = spec["storage_options"], spec["credentials"]
-    out_fs, out_path = fsspec.core.url_to_fs(url, **(spec["out_storage_options"] or {}))
+    out_fs, out_path = _fs(url, spec["out_storage_options"], creds)
     if _is_local(out_fs):
         out_fs.makedirs(out_fs._parent(out_path), exist_ok=True)
     schema = _schema()
@@ -179,6 +180,17 @@ def _pack_batch(batch: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str,
     return {"summary": np.array(out, dtype=object)}
 
 
+def _out_options(cfg: dict[str, Any], out: str) -> dict | None:
+    """fsspec options of pack.out: pack.storage_options, else the data config's S3 endpoint,
+    region and anonymous settings (no credentials either way: they come from the environment)."""
+    so = dict(cfg["pack"].get("storage_options") or {})
+    _check_no_credentials(so, "pack.storage_options")
+    if so:
+        return so
+    return storage_options({k: v for k, v in cfg["data"].items() if k != "storage_options"},
+                           url=out)
+
+
 def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
     """Pack `cfg["data"]`'s archive to `cfg["pack"]["out"]`; returns the manifest."""
     data, pack = cfg["data"], cfg["pack"]
@@ -203,8 +215,9 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         "compress_level": int(pack.get("compress_level", 1)),
         "channels": int(data.get("channels", 3)), "max_pixels": _max_pixels(data),
         "strict": strict, "storage_options": so,
-        "credentials": _task_credentials(data, str(data["url"])) or EnvCredentials(),
-        "out_storage_options": pack.get("storage_options") or None,
+        "credentials": (_task_credentials(data, str(data["url"])) or _task_credentials(data, out)
+                        or EnvCredentials()),
+        "out_storage_options": _out_options(cfg, out),
         "io_threads": int((data.get("read") or {}).get("io_threads", 8)),
     }
     shard_size = max(1, int(pack.get("shard_size", 512)))
@@ -238,7 +251,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
                     for p in sorted(problems, key=lambda p: p.path)],
         "seconds": round(time.time() - t0, 3),
     }
-    fs, path = fsspec.core.url_to_fs(f"{out}/{MANIFEST_NAME}", **(spec["out_storage_options"] or {}))
+    fs, path = _fs(f"{out}/{MANIFEST_NAME}", spec["out_storage_options"])
     with fs.open(path, "w") as f:
         json.dump(manifest, f, indent=1)
     if problems:

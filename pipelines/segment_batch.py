@@ -76,6 +76,7 @@ from omegaconf import DictConfig, OmegaConf
 from medseg_core.layouts import Listing, Record, list_records
 from medseg_core.metrics import metrics_from_counts
 from pipelines import CONF_DIR
+from pipelines.cluster import connect
 from pipelines.data import storage_options as _storage_options
 from pipelines.predict import RESULT_FIELDS, ChainPredictor, predict_records, rows_to_table
 
@@ -478,24 +479,6 @@ def bundle_info(uri: str | None, so: dict | None) -> dict[str, Any] | None:
     return {"uri": uri, "version": version, "class_names": list(config.get("class_names") or [])}
 
 
-def init_ray(cfg: Mapping[str, Any]) -> None:
-    """Connect to the cluster (``ray_address``, ``RAY_ADDRESS``, ``ray job submit``) or start a
-    local one (with this source tree on the workers' path)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env = cfg.get("ray_runtime_env") or None
-    address = cfg.get("ray_address") or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=runtime_env)
-        return
-    if runtime_env is None and (_ROOT / "medseg_core").is_dir():
-        runtime_env = {"env_vars": {"PYTHONPATH": str(_ROOT)}}
-    ray.init(include_dashboard=False, runtime_env=runtime_env,
-             num_cpus=int(cfg["ray_num_cpus"]) if cfg.get("ray_num_cpus") else None)
-
-
 def _pool_size(batch: Mapping[str, Any], n_images: int) -> int | list[int]:
     """``batch.concurrency``, or one actor per CPU (GPU) of the cluster, never more actors than
     batches to run."""
@@ -725,7 +708,7 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
              cls_uri: str | None, so: dict | None, out: Output, run_id: str,
              progress: Progress) -> None:
     """Predict and commit ``todo`` on the actor pool, streaming into ``progress``."""
-    init_ray(cfg)
+    connect(cfg.get("ray_address"), cfg.get("ray_num_cpus"), cfg.get("ray_runtime_env") or None)
     num_gpus = float(batch.get("num_gpus") or 0)
     device = str(batch.get("device") or "auto")
     if device == "auto":

@@ -25,6 +25,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from medseg_core.layouts import Record
+from pipelines.cluster import connect
 from pipelines.data import build_datasets
 from pipelines.loop import fit_stage, score_key
 from pipelines.runlog import RunLog, join
@@ -102,19 +103,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def init_ray(trainer: dict[str, Any]) -> None:
-    """Connect to the running cluster (`ray submit`, `ray start`), or start a local one."""
-    if ray.is_initialized():
-        return
-    address = trainer.get("address") or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
+    """Connect, leaving Ray Data's read tasks a CPU beside the trainer workers on a cluster
+    started here (otherwise the run waits forever for resources)."""
     num_cpus = trainer.get("local_num_cpus")
     if not num_cpus:
-        # leave Ray Data's read tasks a slot beside the trainer workers, or the run waits forever
         need = int(trainer["num_workers"]) * float(trainer.get("cpus_per_worker", 1)) + 1
         num_cpus = max(os.cpu_count() or 1, math.ceil(need))
-    ray.init(num_cpus=int(num_cpus), include_dashboard=False)
+    connect(trainer.get("address"), num_cpus)
 
 
 def scaling_config(trainer: dict[str, Any]) -> ScalingConfig:

@@ -30,7 +30,7 @@ from tests.test_data_pipeline import digests, make_cfg
 ROOT_DIR = Path(__file__).resolve().parents[1]
 
 
-def pack(tmp_path: Path, url: str, out: Path, *overrides: str, backend: str = "ray") -> dict:
+def pack(tmp_path: Path, url: str, out: Path | str, *overrides: str, backend: str = "ray") -> dict:
     cfg = make_cfg(tmp_path, url, f"+pack.out={out}", "+pack.shard_size=6",
                    "+pack.row_group_rows=4", f"+pack.backend={backend}", *overrides)
     return pack_archive(cfg)
@@ -117,13 +117,15 @@ def test_pack_leaves_out_bad_files_and_names_them(synthetic_archive, tmp_path):
 @pytest.mark.s3
 def test_packed_archive_on_s3_is_detected_and_read(ray_cluster, s3, synthetic_archive,
                                                    tmp_path, monkeypatch):
-    out = tmp_path / "packed"
-    pack(tmp_path, synthetic_archive, out, backend="local")
-    s3.upload_dir(out, "s3://medseg-packs/synthetic")
     for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.env["AWS_ACCESS_KEY_ID"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.env["AWS_SECRET_ACCESS_KEY"])
+    s3.create_bucket("medseg-packs")
+    # packed straight to the object store by Ray tasks (credentials from the environment)
+    m = pack(tmp_path, synthetic_archive, "s3://medseg-packs/synthetic",
+             f"data.endpoint_url={s3.endpoint}", "data.region=us-east-1")
+    assert m["records"] == 15
     # layout says busi: the manifest at the URL is detected
     cfg = make_cfg(tmp_path, "s3://medseg-packs/synthetic", "data=busi",
                    f"data.endpoint_url={s3.endpoint}", "data.region=us-east-1")

@@ -29,15 +29,15 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_local_training_writes_bundles_logs_and_reaches_dice(tmp_path):
+def test_local_training_writes_bundles_and_logs(tmp_path):
     from pipelines.train import run
 
-    cfg = config(tmp_path, "trainer=local", "train.epochs=6", "train.classifier_epochs=2",
+    cfg = config(tmp_path, "trainer=local", "train.epochs=3", "train.classifier_epochs=1",
                  "run_name=local")
     bundles = run(cfg)
     stage_dir = tmp_path / "runs" / "local" / "segmenter"
     rows = read_csv(stage_dir / "metrics.csv")
-    assert [int(float(r["epoch"])) for r in rows] == list(range(6))
+    assert [int(float(r["epoch"])) for r in rows] == list(range(3))
     losses = [float(r["train_loss"]) for r in rows]
     assert losses[-1] < losses[0]
     assert (stage_dir / "curves.png").stat().st_size > 1000
