@@ -4,7 +4,8 @@ data, measured in one run.
     python3 scripts/dev.py bench train_scaling [hydra overrides]
 
 Each worker gets one CPU (Ray sets OMP_NUM_THREADS=1 for it), so 2 workers use twice the
-cores of 1. samples/s is taken from the epochs after the first (warm-up), from the loop's own
+cores of 1. The data are decoded once into the object store (`trainer.cache_data`), so
+decoding does not compete with the workers on a 2-core machine. samples/s is taken from the epochs after the first (warm-up), from the loop's own
 step timing, so dataset start-up is excluded. Last line:
 `RESULT ddp_scaling_2w=<samples/s with 2 workers / samples/s with 1 worker>`.
 """
@@ -29,6 +30,9 @@ BASE = [
     "trainer=ray", "stages=[segmenter]", "model=unet",
     "data.generate.n_per_class=40", "data.generate.size=128", "data.image_size=[128,128]",
     "train.batch_size=8", "train.epochs=4", "trainer.cpus_per_worker=1",
+    # decoded once up front: on 2 cores the per-epoch decode tasks would compete with the
+    # workers, and this measures the trainer's scaling
+    "trainer.cache_data=true",
 ]
 
 

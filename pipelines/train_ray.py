@@ -147,6 +147,9 @@ def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]]) -> dict[str, s
         parts: dict[str, list[Record]] = {"train": splits["train"]}
         parts.update({f"val_{r}": splits["val"][r::world] for r in range(world)})
         datasets = build_datasets(cfg, parts)
+        if trainer.get("cache_data"):
+            # decode once into the object store (fixed augmentation): small archives, benchmarks
+            datasets = {name: ds.materialize() for name, ds in datasets.items()}
         steps = expected_steps(len(splits["train"]), world, int(cfg["train"]["batch_size"]))
         print(f"[{stage}] Ray Train: {world} worker(s), {len(splits['train'])} train / "
               f"{len(splits['val'])} val images, {steps} steps per epoch", flush=True)
