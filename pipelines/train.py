@@ -21,7 +21,7 @@ if __package__ in (None, "") and (_ROOT / "medseg_core").is_dir():  # `python pi
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from medseg_core.checkpoint import load_bundle
 from medseg_core.dataset import RecordDataset, collate
@@ -30,6 +30,7 @@ from medseg_core.layouts import Record, load_record
 from medseg_core.metrics import SegmentationMeter
 from medseg_core.transforms import build_transforms
 from pipelines import CONF_DIR
+from pipelines.config import resolve
 from pipelines.data import load_splits
 from pipelines.loop import StageSpec, fit_stage
 from pipelines.runlog import RunLog, join
@@ -205,7 +206,7 @@ def run(cfg: dict[str, Any]) -> dict[str, str]:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(OmegaConf.to_container(cfg, resolve=True))
+    run(resolve(cfg))
 
 
 if __name__ == "__main__":
