@@ -26,12 +26,12 @@ from omegaconf import DictConfig
 from medseg_core.checkpoint import load_bundle
 from medseg_core.dataset import RecordDataset, collate
 from medseg_core.inference import Segmenter
-from medseg_core.layouts import Record, load_record
+from medseg_core.layouts import Record
 from medseg_core.metrics import SegmentationMeter
 from medseg_core.transforms import build_transforms
 from pipelines import CONF_DIR
 from pipelines.config import resolve
-from pipelines.data import load_splits
+from pipelines.data import load_any_record, load_splits, storage_options
 from pipelines.loop import StageSpec, fit_stage
 from pipelines.runlog import RunLog, join
 
@@ -101,7 +101,7 @@ class LocalContext:
 
     def __init__(self, cfg: dict[str, Any], splits: dict[str, list[Record]], log: RunLog):
         self.device = resolve_device(cfg["trainer"].get("device", "auto"))
-        so = cfg["data"].get("storage_options") or None
+        so = storage_options(cfg["data"])
         bs, ebs = int(cfg["train"]["batch_size"]), int(cfg["train"]["eval_batch_size"])
         workers = int(cfg["trainer"].get("loader_workers", 0))
         self.train_set = RecordDataset(splits["train"], cpu_transforms(cfg, True),
@@ -146,13 +146,14 @@ def format_epoch(m: dict[str, float]) -> str:
     return f"epoch {int(m['epoch']):3d}  {body}{'  *best' if m.get('is_best') else ''}"
 
 
-def test_dice(seg_uri: str, records: list[Record], storage_options: dict | None = None,
+def test_dice(seg_uri: str, records: list[Record], cfg: dict[str, Any],
               device: str = "cpu") -> dict[str, float]:
-    """Dice/IoU of a segmenter bundle on records, at each image's original resolution."""
+    """Dice/IoU of a segmenter bundle on records (raw or packed), at each image's original
+    resolution."""
     segmenter = Segmenter(load_bundle(seg_uri), device=device)
     meter = SegmentationMeter()
     for rec in records:
-        sample = load_record(rec, storage_options=storage_options)
+        sample = load_any_record(rec, cfg)
         pred = segmenter.predict([sample["image"]])[0]
         meter.update(pred[None], sample["mask"][None])
     return meter.aggregate()
@@ -180,7 +181,7 @@ def summarize(cfg: dict[str, Any], bundles: dict[str, str],
     held_out = splits.get("test") or splits["val"]
     result: dict[str, float] = {}
     if "segmenter" in bundles:
-        agg = test_dice(bundles["segmenter"], held_out, cfg["data"].get("storage_options") or None)
+        agg = test_dice(bundles["segmenter"], held_out, cfg)
         result = {"dice": float(agg["dice"]), "iou": float(agg["iou"])}
         name = "test" if splits.get("test") else "val"
         print(f"\n{name} split ({len(held_out)} images): Dice {agg['dice']:.4f}  "
