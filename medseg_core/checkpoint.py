@@ -241,11 +241,8 @@ def load_bundle(
         raise BundleError(f"{METRICS_FILE} of model bundle {url} is not valid JSON: {exc}") from exc
 
     try:
-        state = torch.load(
-            io.BytesIO(_read(fs, path, WEIGHTS_FILE, url)),
-            map_location=map_location,
-            weights_only=True,
-        )
+        blob = io.BytesIO(_read(fs, path, WEIGHTS_FILE, url))
+        state = torch.load(blob, map_location=map_location, weights_only=True)
     except BundleError:
         raise
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
