@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from medseg_core import metrics as M
+from medseg_core.results import SEG_METRICS
 
 __all__ = [
     "SEG_METRICS",
@@ -52,16 +53,6 @@ __all__ = [
     "class_name",
 ]
 
-# Count-based segmentation metrics: per image and global (from counts summed over images).
-SEG_METRICS = (
-    "dice",
-    "iou",
-    "thresholded_jaccard",
-    "sensitivity",
-    "specificity",
-    "precision",
-    "recall",
-)
 # Columns of the per-image table, in order (after id/source/classes).
 TABLE_METRICS = (*SEG_METRICS, "hd95")
 _FUNCS: dict[str, Callable[[Any], Any]] = {

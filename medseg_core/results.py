@@ -23,7 +23,8 @@ import numpy as np
 from medseg_core.metrics import confusion_counts, hausdorff95, metrics_from_counts
 
 COUNT_KEYS = ("tp", "fp", "fn", "tn")
-METRIC_KEYS = (
+# Count-based segmentation metrics reported per image and in aggregates.
+SEG_METRICS = (
     "dice",
     "iou",
     "thresholded_jaccard",
@@ -31,9 +32,8 @@ METRIC_KEYS = (
     "specificity",
     "precision",
     "recall",
-    "accuracy",
-    "hd95",
 )
+METRIC_KEYS = (*SEG_METRICS, "accuracy", "hd95")
 RESULT_KEYS = (
     "id",
     "source",
