@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from medseg_core.dataset import RecordDataset, collate, sample_rng  # noqa: E402
 from medseg_core.layouts import load_record  # noqa: E402
 from medseg_core.transforms import build_transforms  # noqa: E402
+from pipelines.cluster import connect  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.data import build_dataset, list_archive, list_packed  # noqa: E402
 from pipelines.pack import pack_archive  # noqa: E402
@@ -80,19 +81,41 @@ def tree_pss_mb(root: int) -> float:
     return total / 1024
 
 
-def tree_cpu_s(root: int) -> float:
-    """User + system CPU seconds of `root` and its live descendants (Ray workers persist)."""
-    kids, todo, ticks = _children(), [root], 0
+CPU_KINDS = ("driver", "workers", "ray daemons")
+
+
+def _cpu_kind(pid: int, root: int) -> str:
+    if pid == root:
+        return "driver"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "workers"
+    if cmd.startswith("ray::") or "default_worker.py" in cmd:
+        return "workers"
+    if any(k in cmd for k in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env",
+                              "monitor.py", "ray/_private", "ray/autoscaler")):
+        return "ray daemons"
+    return "workers"  # DataLoader workers
+
+
+def tree_cpu(root: int) -> dict[str, float]:
+    """User + system CPU seconds of `root` and its live descendants (Ray workers persist), by
+    kind: the driver (this process), workers (Ray tasks/actors, DataLoader workers), Ray's
+    daemons (raylet, GCS, agents)."""
+    kids, todo = _children(), [root]
+    ticks = dict.fromkeys(CPU_KINDS, 0)
     while todo:
         pid = todo.pop()
         todo += kids.get(pid, [])
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+            ticks[_cpu_kind(pid, root)] += int(fields[11]) + int(fields[12])  # utime, stime
         except (OSError, IndexError, ValueError):
             pass
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return {k: v / os.sysconf("SC_CLK_TCK") for k, v in ticks.items()}
 
 
 def loadavg() -> str:
@@ -196,8 +219,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    connect(num_cpus=cores)  # as the pipelines start Ray (pipelines/cluster.py)
     t = time.perf_counter()
     packed_dir, resized_dir = f"{tmp}/packed", f"{tmp}/packed{args.size}"
     pack_archive({**cfg, "pack": {"out": packed_dir, "shard_size": 128, "row_group_rows": 32}})
@@ -207,6 +229,9 @@ def main() -> None:
     pk_cfg = {**cfg, "data": {**data, "url": packed_dir, "layout": "packed"}}
     rs_cfg = {**cfg, "data": {**data, "url": resized_dir, "layout": "packed"}}
     raw_ds = build_dataset(records, cfg, split="train")
+    # (c') the same with Ray Data's per-operator budgets off (data.read.reserve_op_resources)
+    unres = {**cfg, "data": {**data, "read": {**data["read"], "reserve_op_resources": False}}}
+    unres_ds = build_dataset(records, unres, split="train")
     packed_ds = build_dataset(list_packed(packed_dir)[0], pk_cfg, split="train")
     resized_ds = build_dataset(list_packed(resized_dir)[0], rs_cfg, split="train")
     loader = Loader(records, transform, seed, args.batch, args.workers)
@@ -218,32 +243,43 @@ def main() -> None:
         "a": lambda: single_process(records, transform, seed),
         "b": loader.epoch,
         "c": lambda: ray_epoch(raw_ds, args.batch)[0],
+        "c'": lambda: ray_epoch(unres_ds, args.batch)[0],
         "d": lambda: ray_epoch(packed_ds, args.batch)[0],
         "d'": lambda: ray_epoch(resized_ds, args.batch)[0],
     }
-    for name in ("b", "c", "d", "d'"):
+    for name in ("b", "c", "c'", "d", "d'"):
         runs[name]()
     best: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}   # CPU seconds per image
+    kinds: dict[str, list[dict[str, float]]] = {k: [] for k in runs}  # the same, by process kind
     me = os.getpid()
     for r in range(args.rounds):
         for name, fn in runs.items():
-            c0, p0 = tree_cpu_s(me), time.process_time()
+            c0, p0 = tree_cpu(me), time.process_time()
             rate = fn()
-            used = (time.process_time() - p0) if name == "a" else (tree_cpu_s(me) - c0)
+            c1 = tree_cpu(me)
+            by_kind = {k: (c1[k] - c0[k]) / len(records) for k in CPU_KINDS}
+            used = (time.process_time() - p0) if name == "a" else sum(by_kind.values()) * len(records)
             best[name].append(rate)
             cpu[name].append(used / len(records))
+            kinds[name].append(by_kind)
         print(f"round {r + 1} (load {loadavg()}): "
               + "  ".join(f"{k}={v[-1]:.1f}" for k, v in best.items()), flush=True)
-    a, b, c, d, d2 = (max(best[k]) for k in ("a", "b", "c", "d", "d'"))
+    a, b, c, c2, d, d2 = (max(best[k]) for k in ("a", "b", "c", "c'", "d", "d'"))
     # CPU-normalised rates: images per CPU-second of everything involved (this process, its
     # DataLoader workers, the Ray cluster), times the cores; insensitive to other load.
     cpu_rate = {k: cores / min(v) if k != "a" else 1 / min(v) for k, v in cpu.items()}
     print(f"(a) single process            {a:8.1f} images/s", flush=True)
     print(f"(b) DataLoader, {args.workers} workers      {b:8.1f} images/s", flush=True)
     print(f"(c) Ray Data, raw files       {c:8.1f} images/s", flush=True)
+    print(f"(c') same, op budgets off     {c2:8.1f} images/s", flush=True)
     print(f"(d) Ray Data, packed Parquet  {d:8.1f} images/s   (pack: {pack_s:.1f}s)", flush=True)
     print(f"(d') Ray Data, packed {args.size}px PNG {d2:6.1f} images/s", flush=True)
+    print("CPU ms per image by process kind (round with the least CPU):", flush=True)
+    for name in ("b", "c", "c'", "d", "d'"):
+        k = min(kinds[name], key=lambda d: sum(d.values()))
+        print(f"    ({name}) " + ", ".join(f"{kind} {v * 1000:.2f}" for kind, v in k.items()),
+              flush=True)
     del loader, runs
     gc.collect()
 
@@ -257,7 +293,7 @@ def main() -> None:
               f"(driver + Ray cluster PSS), {rate:.1f} images/s", flush=True)
 
     cr = cpu_rate
-    cr_d2 = cr["d'"]
+    cr_c2, cr_d2 = cr["c'"], cr["d'"]
     print(f"\n| run | images/s (best of {args.rounds}) | ratio | images/s per {cores} cores of "
           "CPU time | ratio |\n| --- | ---: | --- | ---: | --- |")
     print(f"| (a) single process, decode+resize+augment | {a:.1f} | per-core limit "
@@ -266,6 +302,9 @@ def main() -> None:
     print(f"| (c) Ray Data, raw files | {c:.1f} | c/b = {c / b:.2f}, c/(a x {cores}) = "
           f"{c / (a * cores):.2f} | {cr['c']:.1f} | c/b = {cr['c'] / cr['b']:.2f}, "
           f"c/(a x {cores}) = {cr['c'] / (cr['a'] * cores):.2f} |")
+    print(f"| (c') the same, `data.read.reserve_op_resources=false` | {c2:.1f} | c'/b = "
+          f"{c2 / b:.2f}, c'/(a x {cores}) = {c2 / (a * cores):.2f} | {cr_c2:.1f} | "
+          f"c'/b = {cr_c2 / cr['b']:.2f} |")
     print(f"| (d) Ray Data, packed Parquet (original bytes) | {d:.1f} | d/b = {d / b:.2f} "
           f"| {cr['d']:.1f} | d/b = {cr['d'] / cr['b']:.2f} |")
     print(f"| (d') Ray Data, packed {args.size}px PNG | {d2:.1f} | d'/b = {d2 / b:.2f} "

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray
 
+from pipelines.cluster import connect
 from pipelines.config import load_config
 from pipelines.train import run
 
@@ -45,7 +46,7 @@ def samples_per_s(out: Path, run_name: str) -> float:
 def main(overrides: list[str]) -> None:
     out = Path(tempfile.mkdtemp(prefix="medseg-scaling-"))
     # 2 trainer CPUs + 1 for Ray Data's decode tasks
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    connect(num_cpus=3)
     results = {}
     for workers in (1, 2):
         name = f"scale{workers}"

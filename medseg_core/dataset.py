@@ -22,12 +22,18 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 
 class RecordDataset(torch.utils.data.Dataset):
-    """Decodes a record and applies a joint transform; `set_epoch` changes the augmentation."""
+    """Decodes a record and applies a joint transform; `set_epoch` changes the augmentation.
+
+    `loader` replaces `load_record` (e.g. a reader of packed archives); it must be picklable
+    for DataLoader workers.
+    """
 
     def __init__(self, records: Sequence[Record], transform: Callable[..., Sample] | None = None,
-                 *, seed: int = 0, storage_options: dict | None = None, channels: int = 3):
+                 *, seed: int = 0, storage_options: dict | None = None, channels: int = 3,
+                 loader: Callable[[Record], Sample] | None = None):
         self.records = list(records)
         self.transform = transform
+        self.loader = loader
         self.seed = seed
         self.epoch = 0
         self.storage_options = storage_options
@@ -41,7 +47,11 @@ class RecordDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]
-        sample = load_record(record, storage_options=self.storage_options, channels=self.channels)
+        if self.loader is not None:
+            sample = self.loader(record)
+        else:
+            sample = load_record(record, storage_options=self.storage_options,
+                                 channels=self.channels)
         if self.transform is not None:
             sample = self.transform(sample, sample_rng(self.seed, self.epoch, record.id))
         return sample

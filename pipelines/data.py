@@ -40,9 +40,9 @@ Dataset (or over its Train shards: all workers share one execution per epoch) is
 epoch k, differs from the other epochs, reshuffles the records without any all-to-all shuffle,
 and is reproducible for the same seed whatever order, batching or process decodes the samples
 (and equal to `RecordDataset.set_epoch(k)` in-process). Caveats: other executions of the *same*
-Dataset object (`count()`, `schema()`, `take()`) advance the counter too, and a restarted Train
-worker group restarts it at `data.epoch_offset` (set that to the resume epoch when a new fit
-resumes from a checkpoint). Loops that own their epoch number pin it instead with
+Dataset object (`count()`, `schema()`, `take()`) advance the counter too, and a Train worker
+group restarted by `FailureConfig` within one fit restarts it at `data.epoch_offset` (a rerun
+that resumes a run sets `data.epoch_offset` to the resume epoch itself: `pipelines/train_ray.py`). Loops that own their epoch number pin it instead with
 `train_epoch_dataset(ds, epoch, cfg)`. With ``trainer.gpu_augment`` the train rows are only
 resized and augmentation happens on the device.
 
@@ -670,7 +670,7 @@ def list_packed(url: str, so: dict | None = None) -> tuple[list[Record], list[in
 
 def _read_cfg(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     read = {"batch_size": 32, "io_threads": 8, "num_cpus": 1.0, "concurrency": None,
-            "packed_batch_size": 1}
+            "packed_batch_size": 1, "reserve_op_resources": True}
     read.update(data_cfg.get("read") or {})
     return read
 
@@ -1006,6 +1006,11 @@ def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str 
         source, override_num_blocks=max(1, math.ceil(len(items) / per_task)),
         num_cpus=float(read["num_cpus"]),
         compute=TaskPoolStrategy(size=int(concurrency)) if concurrency else None)
+    # Ray 2.60's per-operator budgets (ReservationOpResourceAllocator) take the cluster size from
+    # the autoscaling coordinator's reservation, which on a fixed 2-CPU cluster read 0 CPUs
+    # whenever fewer than 2 read tasks ran: ~1.25 tasks ran at a time. Off, both CPUs stay busy,
+    # but nothing bounds the blocks waiting for a consumer slower than the reads.
+    ds.context.op_resource_reservation_enabled = bool(read["reserve_op_resources"])
     source.base_execution_idx = int(getattr(ds.context, "_execution_idx", 0))
     _PIPELINES[ds] = _Pipeline(records, cfg, split, train, ledger)
     return ds
@@ -1040,16 +1045,18 @@ def load_any_record(record: Record, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """In-process loading of a raw or packed record (decoded, not transformed)."""
     data = cfg.get("data", cfg)
     so = storage_options(data)
+    threshold = int(data.get("mask_threshold", 127))
     if PACKED_MARK in record.image_uri:
         shard, rg, row = parse_packed_uri(record.image_uri)
         table = _read_row_group(shard, rg, PACKED_COLUMNS, so, None)
         values = {c: table.column(c)[row].as_py() for c in PACKED_COLUMNS}
         return decode_packed_row(values, channels=int(data.get("channels", 3)),
-                                 max_pixels=_max_pixels(data))
+                                 max_pixels=_max_pixels(data), threshold=threshold)
     blobs = fetch_many([record.image_uri, *record.mask_uris], so)
     for u, b in blobs.items():
         if isinstance(b, BaseException):
             raise FileNotFoundError(f"{u}: cannot read: {b}") from b
     return decode_record(record, blobs[record.image_uri],  # type: ignore[arg-type]
                          [blobs[m] for m in record.mask_uris],  # type: ignore[misc]
-                         channels=int(data.get("channels", 3)), max_pixels=_max_pixels(data))
+                         channels=int(data.get("channels", 3)), max_pixels=_max_pixels(data),
+                         threshold=threshold)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import tempfile
 from typing import Any
 
 import fsspec
 
+from medseg_core.checkpoint import METRICS_FILE
 from medseg_core.viz import plot_curves, save_png
 
 CURVE_KEYS = ("train_loss", "val_loss", "val_dice", "val_iou", "val_accuracy", "val_macro_f1")
@@ -66,6 +68,14 @@ class RunLog:
 
     def resume_dir(self) -> str | None:
         return self.latest if exists(join(self.latest, "version")) else None
+
+    def resume_epoch(self) -> int:
+        """The epoch a rerun of this stage starts at (0 without a latest bundle)."""
+        if self.resume_dir() is None:
+            return 0
+        fs, path = fsspec.core.url_to_fs(join(self.latest, METRICS_FILE))
+        state = json.loads(fs.cat_file(path)).get("train_state", {})
+        return int(state.get("epoch", -1)) + 1
 
     def record(self, metrics: dict[str, float], bundle_dir: str | None,
                history: list[dict[str, Any]]) -> None:

@@ -10,6 +10,7 @@ loop in Ray Train workers (DDP).
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from medseg_core.metrics import SegmentationMeter
 from medseg_core.transforms import build_transforms
 from pipelines import CONF_DIR
 from pipelines.config import resolve
-from pipelines.data import load_any_record, load_splits, storage_options
+from pipelines.data import load_any_record, load_splits
 from pipelines.loop import StageSpec, fit_stage
 from pipelines.runlog import RunLog, join
 
@@ -101,12 +102,13 @@ class LocalContext:
 
     def __init__(self, cfg: dict[str, Any], splits: dict[str, list[Record]], log: RunLog):
         self.device = resolve_device(cfg["trainer"].get("device", "auto"))
-        so = storage_options(cfg["data"])
         bs, ebs = int(cfg["train"]["batch_size"]), int(cfg["train"]["eval_batch_size"])
         workers = int(cfg["trainer"].get("loader_workers", 0))
+        # raw or packed archives, read as the Ray pipeline reads them
+        loader = functools.partial(load_any_record, cfg=cfg)
         self.train_set = RecordDataset(splits["train"], cpu_transforms(cfg, True),
-                                       seed=int(cfg["seed"]), storage_options=so)
-        val = RecordDataset(splits["val"], cpu_transforms(cfg, False), storage_options=so)
+                                       seed=int(cfg["seed"]), loader=loader)
+        val = RecordDataset(splits["val"], cpu_transforms(cfg, False), loader=loader)
         gen = torch.Generator().manual_seed(int(cfg["seed"]))
         self.train_loader = torch.utils.data.DataLoader(
             self.train_set, batch_size=bs, shuffle=True, drop_last=len(self.train_set) > bs,

@@ -146,7 +146,12 @@ def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]]) -> dict[str, s
         spec = stage_spec(cfg, stage)
         parts: dict[str, list[Record]] = {"train": splits["train"]}
         parts.update({f"val_{r}": splits["val"][r::world] for r in range(world)})
-        datasets = build_datasets(cfg, parts)
+        # a rerun resumes at the latest bundle's next epoch: its augmentation epochs go on
+        # from there instead of replaying the first ones
+        resume_epoch = RunLog(run_dir(cfg), stage).resume_epoch()
+        data_cfg = {**cfg["data"], "epoch_offset": int(cfg["data"].get("epoch_offset", 0))
+                    + resume_epoch}
+        datasets = build_datasets({**cfg, "data": data_cfg}, parts)
         if trainer.get("cache_data"):
             # decode once into the object store (fixed augmentation): small archives, benchmarks
             datasets = {name: ds.materialize() for name, ds in datasets.items()}

@@ -50,8 +50,9 @@ def ray_cluster():
     """One local Ray cluster for the whole session: 2 CPUs, no dashboard."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        from pipelines.cluster import connect
+
+        connect(num_cpus=2)  # as the entry points start one: this tree on the path, Ray env
     yield ray
     try:
         from ray import serve

@@ -38,6 +38,11 @@ def test_local_training_writes_bundles_and_logs(tmp_path):
     stage_dir = tmp_path / "runs" / "local" / "segmenter"
     rows = read_csv(stage_dir / "metrics.csv")
     assert [int(float(r["epoch"])) for r in rows] == list(range(3))
+    from pipelines.runlog import RunLog
+
+    # where a rerun with this name starts (and the augmentation epoch its data starts at)
+    assert RunLog(str(tmp_path / "runs" / "local"), "segmenter").resume_epoch() == 3
+    assert RunLog(str(tmp_path / "runs" / "nothing-yet"), "segmenter").resume_epoch() == 0
     losses = [float(r["train_loss"]) for r in rows]
     assert losses[-1] < losses[0]
     assert (stage_dir / "curves.png").stat().st_size > 1000
