@@ -31,7 +31,7 @@ PRESETS = {
     # 2 CPU cores, 30 minutes: 128 px, the instance-norm improved U-Net (fast, stable from scratch)
     "cpu": [
         "data=busi", "data.image_size=[128,128]", "model=improved_unet", "model.dropout=0.1",
-        "trainer=local", "train.batch_size=8", "train.epochs=30", "train.classifier_epochs=10",
+        "trainer=local", "train.batch_size=8", "train.epochs=24", "train.classifier_epochs=12",
         "train.optimizer.lr=0.002", "classifier.widths=[16,32,64,128]",
     ],
     # one GPU: 256 px, classic U-Net with batch norm, GPU augmentation, bf16, channels_last
