@@ -356,7 +356,11 @@ def predict_ray(records: Sequence[Record], cfg: Mapping[str, Any], flips: Sequen
             print(f"[evaluate] {n}/{len(records)} images, "
                   f"{n / max(now - start, 1e-9):.1f} images/s", flush=True)
     print(f"[evaluate] {n}/{len(records)} images (Ray Data)", flush=True)
-    return rows
+    # Ray Data yields rows in completion order; the records' order makes the summary (its
+    # bootstrap resamples by position) identical to the in-process backend's
+    position = {r.id: i for i, r in enumerate(records)}
+    return {k: sorted(v, key=lambda row: position.get(str(row["id"]), len(position)))
+            for k, v in rows.items()}
 
 
 # ----------------------------------------------------------------------------------------------
