@@ -259,9 +259,10 @@ def main() -> None:
             rate = fn()
             c1 = tree_cpu(me)
             by_kind = {k: (c1[k] - c0[k]) / len(records) for k in CPU_KINDS}
-            used = (time.process_time() - p0) if name == "a" else sum(by_kind.values()) * len(records)
+            per_image = ((time.process_time() - p0) / len(records) if name == "a"
+                         else sum(by_kind.values()))
             best[name].append(rate)
-            cpu[name].append(used / len(records))
+            cpu[name].append(per_image)
             kinds[name].append(by_kind)
         print(f"round {r + 1} (load {loadavg()}): "
               + "  ".join(f"{k}={v[-1]:.1f}" for k, v in best.items()), flush=True)

@@ -42,8 +42,8 @@ and is reproducible for the same seed whatever order, batching or process decode
 (and equal to `RecordDataset.set_epoch(k)` in-process). Caveats: other executions of the *same*
 Dataset object (`count()`, `schema()`, `take()`) advance the counter too, and a Train worker
 group restarted by `FailureConfig` within one fit restarts it at `data.epoch_offset` (a rerun
-that resumes a run sets `data.epoch_offset` to the resume epoch itself: `pipelines/train_ray.py`). Loops that own their epoch number pin it instead with
-`train_epoch_dataset(ds, epoch, cfg)`. With ``trainer.gpu_augment`` the train rows are only
+that resumes a run adds the resume epoch to `data.epoch_offset`: `pipelines/train_ray.py`).
+Loops that own their epoch number pin it instead with `train_epoch_dataset(ds, epoch, cfg)`. With ``trainer.gpu_augment`` the train rows are only
 resized and augmentation happens on the device.
 
 Bad input (error accounting)
@@ -69,6 +69,7 @@ without it.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import hashlib
@@ -779,6 +780,27 @@ def _read_row_group(shard: str, row_group: int, columns: list[str], so: dict | N
 
 PACKED_COLUMNS = ["id", "image", "mask", "label", "source", "encoding", "shape"]
 
+# load_any_record reads one row at a time (in-process training and evaluation); without this
+# small per-process cache every row of a row group would read and parse the whole group again
+# (keyed by path: packed shards are written once and never rewritten in place).
+_ROW_GROUP_CACHE: collections.OrderedDict = collections.OrderedDict()
+_ROW_GROUP_CACHE_SIZE = 8
+_ROW_GROUP_LOCK = threading.Lock()
+
+
+def _cached_row_group(shard: str, row_group: int, so: dict | None):
+    key = (shard, row_group)
+    with _ROW_GROUP_LOCK:
+        if key in _ROW_GROUP_CACHE:
+            _ROW_GROUP_CACHE.move_to_end(key)
+            return _ROW_GROUP_CACHE[key]
+    table = _read_row_group(shard, row_group, PACKED_COLUMNS, so, None)
+    with _ROW_GROUP_LOCK:
+        _ROW_GROUP_CACHE[key] = table
+        while len(_ROW_GROUP_CACHE) > _ROW_GROUP_CACHE_SIZE:
+            _ROW_GROUP_CACHE.popitem(last=False)
+    return table
+
 
 def decode_packed_row(row: Mapping[str, Any], *, channels: int = 3,
                       max_pixels: int | None = DEFAULT_MAX_PIXELS, threshold: int = 127) -> dict:
@@ -1048,7 +1070,7 @@ def load_any_record(record: Record, cfg: Mapping[str, Any]) -> dict[str, Any]:
     threshold = int(data.get("mask_threshold", 127))
     if PACKED_MARK in record.image_uri:
         shard, rg, row = parse_packed_uri(record.image_uri)
-        table = _read_row_group(shard, rg, PACKED_COLUMNS, so, None)
+        table = _cached_row_group(shard, rg, so)
         values = {c: table.column(c)[row].as_py() for c in PACKED_COLUMNS}
         return decode_packed_row(values, channels=int(data.get("channels", 3)),
                                  max_pixels=_max_pixels(data), threshold=threshold)

@@ -359,8 +359,7 @@ def predict_ray(records: Sequence[Record], cfg: Mapping[str, Any], flips: Sequen
     # Ray Data yields rows in completion order; the records' order makes the summary (its
     # bootstrap resamples by position) identical to the in-process backend's
     position = {r.id: i for i, r in enumerate(records)}
-    return {k: sorted(v, key=lambda row: position.get(str(row["id"]), len(position)))
-            for k, v in rows.items()}
+    return {k: sorted(v, key=lambda row: position[str(row["id"])]) for k, v in rows.items()}
 
 
 # ----------------------------------------------------------------------------------------------

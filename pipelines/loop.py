@@ -33,6 +33,7 @@ from medseg_core.engine import (
 from medseg_core.losses import build_loss
 from medseg_core.metrics import ClassificationMeter, metrics_from_counts
 from medseg_core.models import build_model
+from pipelines.runlog import next_epoch
 
 
 class WorkerContext(Protocol):
@@ -115,7 +116,7 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
         bundle = load_bundle(resume)
         model.load_state_dict(bundle.model.state_dict())
         state = bundle.metrics.get("train_state", {})
-        start_epoch = int(state.get("epoch", -1)) + 1
+        start_epoch = next_epoch(state)
         best = float(state.get("best", -math.inf))
         stale = int(state.get("stale", 0))
         history = list(state.get("history", []))

@@ -45,6 +45,11 @@ def copy_dir(src: str, dst: str) -> None:
         fs.put_file(os.path.join(src, name), f"{path}/{name}")
 
 
+def next_epoch(train_state: dict[str, Any]) -> int:
+    """The epoch after the one a bundle's `train_state` was saved at (0 for none)."""
+    return int(train_state.get("epoch", -1)) + 1
+
+
 class RunLog:
     """Publishes epoch results of one stage: bundles, CSV, curves and TensorBoard scalars."""
 
@@ -74,8 +79,7 @@ class RunLog:
         if self.resume_dir() is None:
             return 0
         fs, path = fsspec.core.url_to_fs(join(self.latest, METRICS_FILE))
-        state = json.loads(fs.cat_file(path)).get("train_state", {})
-        return int(state.get("epoch", -1)) + 1
+        return next_epoch(json.loads(fs.cat_file(path)).get("train_state", {}))
 
     def record(self, metrics: dict[str, float], bundle_dir: str | None,
                history: list[dict[str, Any]]) -> None:
