@@ -24,6 +24,7 @@ that drift in the machine's load hits both paths. The last line is
 
     python3 scripts/dev.py bench batch_throughput                 # 240 images
     python3 scripts/dev.py bench batch_throughput --images 647 --batch-size 8 --torch-threads 1
+    python3 scripts/dev.py bench batch_throughput --gpu --images 647   # batch=gpu, loop on cuda
 """
 
 from __future__ import annotations
@@ -60,10 +61,15 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "busi_full"))
     p.add_argument("--images", type=int, default=240, help="first N images (sorted ids)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--actors", type=int, default=None, help="actor pool size (default: CPUs)")
-    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per actor")
-    p.add_argument("--io-threads", type=int, default=4)
+    p.add_argument("--gpu", action="store_true",
+                   help="job with batch=gpu (one actor per GPU), loop on cuda")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per job batch (default: the batch config's)")
+    p.add_argument("--actors", type=int, default=None, help="actor pool size (default: config)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads per actor (default: the batch config's)")
+    p.add_argument("--io-threads", type=int, default=None,
+                   help="reads/decodes in flight per actor (default: the batch config's)")
     return p.parse_args()
 
 
@@ -92,10 +98,11 @@ def loop(chain: Chain, records: list) -> float:
 def job_overrides(args: argparse.Namespace, seg: str, cls: str, out: Path, n: int) -> list[str]:
     over = [f"input={args.data}", "layout=busi", "ground_truth=false",
             f"bundles.segmenter={seg}", f"bundles.classifier={cls}", f"output={out}",
-            f"limit={n}", f"batch.batch_size={args.batch_size}",
-            f"batch.torch_threads={args.torch_threads}", f"batch.io_threads={args.io_threads}"]
-    if args.actors:
-        over.append(f"batch.concurrency={args.actors}")
+            f"limit={n}", f"batch={'gpu' if args.gpu else 'cpu'}"]
+    for key, value in (("batch_size", args.batch_size), ("torch_threads", args.torch_threads),
+                       ("io_threads", args.io_threads), ("concurrency", args.actors)):
+        if value is not None:
+            over.append(f"batch.{key}={value}")
     return over
 
 
@@ -103,7 +110,8 @@ def main() -> None:
     args = parse_args()
     if not Path(args.data).is_dir():
         sys.exit(f"{args.data} is absent")
-    from pipelines.segment_batch import init_ray, run
+    from pipelines.cluster import connect
+    from pipelines.segment_batch import run
 
     records = list_records(args.data, "busi").records[: args.images]
     n = len(records)
@@ -112,14 +120,14 @@ def main() -> None:
         seg, cls = make_bundles(tmp)
         for rec in records:  # page cache
             read_bytes(rec.image_uri)
-        init_ray({})
+        connect()
         cores = os.cpu_count()
         print(f"{n} images of {args.data}, {cores} cores; torch threads in the loop: "
               f"{torch.get_num_threads()}", flush=True)
 
         run(load_config(job_overrides(args, seg, cls, tmp / "warm", 4),
                         config_name="segment_batch"))
-        chain = Chain.from_uris(seg, cls)
+        chain = Chain.from_uris(seg, cls, device="cuda" if args.gpu else "cpu")
         for rec in records[:2]:
             chain.predict([decode_image(read_bytes(rec.image_uri))])
         # the loop's two halves before and after the job, so load drift hits both paths
@@ -134,14 +142,17 @@ def main() -> None:
         loop_s += loop(chain, records[half:])
 
         loop_ips, job_ips = n / loop_s, n / job_s
-        actors = args.actors or f"{cores} (one per CPU)"
+        b = cfg["batch"]
+        actors = b["concurrency"] or ("one per GPU" if args.gpu else f"{cores} (one per CPU)")
         print()
         print("| path | images | seconds | images/s |")
         print("| --- | ---: | ---: | ---: |")
-        print(f"| plain loop, 1 process, torch {torch.get_num_threads()} threads | {n} | "
+        where = "cuda" if args.gpu else f"torch {torch.get_num_threads()} threads"
+        print(f"| plain loop, 1 process, {where} | {n} | "
               f"{loop_s:.1f} | {loop_ips:.2f} |")
-        print(f"| job end to end: {actors} actors x {args.torch_threads} torch thread(s), "
-              f"batch {args.batch_size} | {n} | {job_s:.1f} | {job_ips:.2f} |")
+        print(f"| job end to end ({'gpu' if args.gpu else 'cpu'}): {actors} actors x "
+              f"{b['torch_threads']} torch thread(s), batch {b['batch_size']}, model batch "
+              f"{b['model_batch_size']} | {n} | {job_s:.1f} | {job_ips:.2f} |")
         r = manifest["run"]
         print(f"| job, steady state (after the first batch, {r['first_commit_seconds']:.1f} s "
               f"of pool start-up) | {n} | | {r['steady_images_per_s']:.2f} |")

@@ -19,6 +19,7 @@ what serving adds rather than a difference in compute.
 
     python3 scripts/dev.py bench serve_load                  # untrained bundles, default models
     python3 scripts/dev.py bench serve_load --segmenter s3://b/seg --classifier s3://b/cls
+    python3 scripts/dev.py bench serve_load --model-gpus 0.5 --model-cpus 2   # one GPU, shared
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ def parse_args() -> argparse.Namespace:
                    help="images per forward pass inside a Serve batch (default: config)")
     p.add_argument("--model-cpus", type=float, default=1.0,
                    help="num_cpus (and so torch threads) of each model replica")
+    p.add_argument("--model-gpus", type=float, default=0.0,
+                   help="num_gpus of each model replica (0.5: both models share one GPU); the "
+                        "in-process Chain then runs on cuda too")
+    p.add_argument("--ingress-replicas", type=int, default=1,
+                   help="Ingress replicas (HTTP decode/encode; one is the bottleneck on a GPU)")
     p.add_argument("--num-cpus", type=int, default=4,
                    help="Ray's logical CPUs (bookkeeping only: room for the replicas asked for)")
     return p.parse_args()
@@ -189,10 +195,12 @@ def main() -> None:
                                       "classifier": {"bundle_uri": cls_uri, **model_args},
                                       "auth": {"token_env": None}})
     fixed = {"min_replicas": 1, "max_replicas": 1}
-    patch_deployment(app, "Ingress", {"autoscaling_config": fixed})
+    patch_deployment(app, "Ingress", {"autoscaling_config": {
+        "min_replicas": args.ingress_replicas, "max_replicas": args.ingress_replicas}})
     for name in MODELS:
         patch_deployment(app, name, {"autoscaling_config": fixed,
-                                     "ray_actor_options": {"num_cpus": args.model_cpus}})
+                                     "ray_actor_options": {"num_cpus": args.model_cpus,
+                                                           "num_gpus": args.model_gpus}})
         entry = next(d for d in app["deployments"] if d["name"] == name)
         if args.max_batch_size is not None:
             entry["user_config"]["max_batch_size"] = args.max_batch_size
@@ -208,7 +216,8 @@ def main() -> None:
     url = f"{base}/v1/predict"
     models = requests.get(f"{base}/v1/models", timeout=30).json()
     print(f"deployed in {time.perf_counter() - t:.1f} s; batching {batching}; model replicas "
-          f"num_cpus={args.model_cpus}, torch threads "
+          f"num_cpus={args.model_cpus} num_gpus={args.model_gpus}, devices "
+          f"{[m['device'] for m in models.values()]}, torch threads "
           f"{[m['torch_threads'] for m in models.values()]}", flush=True)
 
     def set_batching(max_batch_size: int) -> None:
@@ -225,7 +234,8 @@ def main() -> None:
         raise RuntimeError("user_config change not applied within 60 s")
 
     threads = max(1, int(args.model_cpus))
-    chain = Chain(Segmenter(load_bundle(seg_uri)), Classifier(load_bundle(cls_uri)))
+    device = "cuda" if args.model_gpus > 0 else "cpu"
+    chain = Chain(Segmenter(load_bundle(seg_uri), device), Classifier(load_bundle(cls_uri), device))
     asyncio.run(load(url, payload, 4, 16))  # warm-up
     chain_ms, http_ms = paired_overhead(chain, image, url, payload, args.pairs, threads)
     print(f"paired, one at a time: in-process Chain p50 {chain_ms:.1f} ms "

@@ -47,19 +47,27 @@ class RayContext:
         self.batch_size = int(cfg["train"]["batch_size"])
         self.eval_batch_size = int(cfg["train"]["eval_batch_size"])
         self.steps = int(config["steps_per_epoch"])
+        # a cached Dataset replays one record order every epoch: reshuffle rows locally instead
+        cached = bool(cfg["trainer"].get("cache_data")) and bool(cfg["data"].get("shuffle"))
+        self.shuffle_buffer = 8 * self.batch_size if cached else None
+        self.seed = int(cfg.get("seed", 0)) * 100_003 + self.rank
         self.log = RunLog(run_dir(cfg), config["stage"]) if self.rank == 0 else None
 
-    def _batches(self, shard, batch_size: int, drop_last: bool):
+    def _batches(self, shard, batch_size: int, drop_last: bool, **shuffle: Any):
         return shard.iter_torch_batches(
             batch_size=batch_size, drop_last=drop_last,
             dtypes={"image": torch.uint8, "mask": torch.uint8, "label": torch.int64},
-            device="cpu", prefetch_batches=2,
+            device="cpu", prefetch_batches=2, **shuffle,
         )
 
     def train_batches(self, epoch: int):
         # every worker gets the same number of rows (streaming_split(equal=True)); drop_last
         # keeps the number of DDP steps equal too
-        return self._batches(self.train_shard, self.batch_size, drop_last=True)
+        shuffle = {}
+        if self.shuffle_buffer:
+            shuffle = {"local_shuffle_buffer_size": self.shuffle_buffer,
+                       "local_shuffle_seed": self.seed + 1_000 * epoch}
+        return self._batches(self.train_shard, self.batch_size, drop_last=True, **shuffle)
 
     def val_batches(self):
         return self._batches(self.val_shard, self.eval_batch_size, drop_last=False)
@@ -153,7 +161,8 @@ def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]]) -> dict[str, s
                     + resume_epoch}
         datasets = build_datasets({**cfg, "data": data_cfg}, parts)
         if trainer.get("cache_data"):
-            # decode once into the object store (fixed augmentation): small archives, benchmarks
+            # decode once into the object store: small archives, benchmarks (CPU augmentation
+            # is then fixed; trainer.gpu_augment stays random per epoch)
             datasets = {name: ds.materialize() for name, ds in datasets.items()}
         steps = expected_steps(len(splits["train"]), world, int(cfg["train"]["batch_size"]))
         print(f"[{stage}] Ray Train: {world} worker(s), {len(splits['train'])} train / "
