@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from medseg_core.postprocess import keep_largest
 from medseg_core.transforms import normalize_batch, resize_image, resize_mask, to_size
 
 if TYPE_CHECKING:
@@ -120,6 +121,13 @@ class Segmenter(_Runner):
         mode, tile_overlap: override ``config["inference"]`` (``tile_overlap``: pixels, or a
             fraction of the tile size when below 1; default 0.25).
         amp: bf16 autocast; default on for CUDA devices, off otherwise.
+        flip: test-time augmentation, the probabilities averaged over the image and its
+            left-right mirror image (override of ``config["inference"]["flip"]``, default off;
+            twice the compute).
+        keep_largest: keep only the largest 8-connected component of each mask (override of
+            ``config["inference"]["keep_largest"]``, default off). In resize mode it is found at
+            the model's resolution and the probabilities outside it are zeroed, so
+            ``predict_proba`` shows it too; the component is taken at the bundle's threshold.
 
     Tile mode: tiles are ``input_size``; neighbouring tiles overlap by ``tile_overlap`` pixels and
     only each tile's centre (a margin of ``tile_overlap // 2`` removed on every side) is kept, the
@@ -135,9 +143,14 @@ class Segmenter(_Runner):
         mode: str | None = None,
         tile_overlap: int | None = None,
         amp: bool | None = None,
+        keep_largest: bool | None = None,
+        flip: bool | None = None,
     ) -> None:
         super().__init__(bundle, device, batch_size, amp)
         inference = dict(self.config.get("inference") or {})
+        self.keep_largest = bool(inference.get("keep_largest", False)) \
+            if keep_largest is None else keep_largest
+        self.flip = bool(inference.get("flip", False)) if flip is None else flip
         self.mode = mode or inference.get("mode", "resize")
         if self.mode not in MODES:
             raise ValueError(f"unknown inference mode {self.mode!r}; expected one of {MODES}")
@@ -162,20 +175,29 @@ class Segmenter(_Runner):
             margins.append(min(overlap // 2, (side - 1) // 2))
         return margins[0], margins[1]
 
-    def _probabilities(self, batch: np.ndarray) -> torch.Tensor:
-        """uint8 (B,H,W,C) -> foreground probabilities (B,H,W) float32 on the device."""
-        x = self._normalize(batch)
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             out = self.model(x)
         if isinstance(out, (list, tuple)):
             out = out[0]
         return torch.sigmoid(out[:, 0].float())
 
+    def _probabilities(self, batch: np.ndarray) -> torch.Tensor:
+        """uint8 (B,H,W,C) -> foreground probabilities (B,H,W) float32 on the device
+        (with ``flip``: the mean of the image's and its mirror image's)."""
+        x = self._normalize(batch)
+        probs = self._forward(x)
+        if self.flip:
+            probs = (probs + self._forward(x.flip(-1)).flip(-1)) / 2
+        return probs
+
     def _predict_resize(self, images: list[np.ndarray]) -> list[np.ndarray]:
         results: list[np.ndarray] = []
         for part in _chunks(len(images), self.batch_size):
             batch = np.stack([resize_image(im, self.input_size) for im in images[part]])
             probs = self._probabilities(batch)
+            if self.keep_largest:  # at the model's resolution: cheap, and the same component
+                probs = probs * keep_largest(probs > self.threshold)
             for im, prob in zip(images[part], probs):
                 size = im.shape[:2]
                 if tuple(prob.shape) != size:
@@ -210,8 +232,13 @@ class Segmenter(_Runner):
             centres = probs[:, mh:mh + ch, mw:mw + cw].cpu().numpy()
             for (index, y, x, _), centre in zip(chunk, centres):
                 outputs[index][y:y + ch, x:x + cw] = centre
-        return [np.ascontiguousarray(out[:im.shape[0], :im.shape[1]])
-                for out, im in zip(outputs, images)]
+        results = [np.ascontiguousarray(out[:im.shape[0], :im.shape[1]])
+                   for out, im in zip(outputs, images)]
+        if self.keep_largest:
+            for out in results:
+                keep = keep_largest(torch.from_numpy(out[None]) > self.threshold)[0]
+                out *= keep.numpy()
+        return results
 
     def predict_proba(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Foreground probability maps (float32 HxW, each image's original size)."""

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from medseg_core.checkpoint import load_bundle
+from medseg_core.checkpoint import load_bundle, save_bundle
 from medseg_core.dataset import RecordDataset, collate
 from medseg_core.inference import Segmenter
 from medseg_core.layouts import Record
@@ -148,11 +148,12 @@ def format_epoch(m: dict[str, float]) -> str:
     return f"epoch {int(m['epoch']):3d}  {body}{'  *best' if m.get('is_best') else ''}"
 
 
-def test_dice(seg_uri: str, records: list[Record], cfg: dict[str, Any],
-              device: str = "cpu") -> dict[str, float]:
+def test_dice(seg_uri: str, records: list[Record], cfg: dict[str, Any], device: str = "cpu",
+              keep_largest: bool | None = None, flip: bool | None = None) -> dict[str, float]:
     """Dice/IoU of a segmenter bundle on records (raw or packed), at each image's original
-    resolution."""
-    segmenter = Segmenter(load_bundle(seg_uri), device=device)
+    resolution (`keep_largest`, `flip`: override the bundle's inference options)."""
+    segmenter = Segmenter(load_bundle(seg_uri), device=device, keep_largest=keep_largest,
+                          flip=flip)
     meter = SegmentationMeter()
     for rec in records:
         sample = load_any_record(rec, cfg)
@@ -172,6 +173,54 @@ def run_local(cfg: dict[str, Any], splits: dict[str, list[Record]]) -> dict[str,
         log.close()
         bundles[stage] = log.best
     return bundles
+
+
+# inference options chosen after training: name -> (flip, keep_largest), cheapest first
+POSTPROCESS = {"none": (False, False), "largest": (False, True), "flip": (True, False),
+               "flip+largest": (True, True)}
+
+
+def choose_postprocess(seg_uri: str, records: list[Record], cfg: dict[str, Any]) -> str:
+    """Set the segmenter bundle's `inference.flip` / `inference.keep_largest` from
+    `train.postprocess`, and return the option's name.
+
+    `auto` (as nnU-Net decides its post-processing): score every option of `POSTPROCESS` on
+    `records` (the validation split) and keep the best, a costlier option only when it scores
+    strictly higher. A name sets it outright. The bundle is rewritten only when the setting
+    changes; its version is then the weights' version plus "+flip", "+largest" or
+    "+flip+largest", and its metrics keep the scores.
+    """
+    mode = str(cfg["train"].get("postprocess", "auto"))
+    if mode != "auto" and mode not in POSTPROCESS:
+        raise ValueError(f"train.postprocess must be auto or one of {list(POSTPROCESS)}, "
+                         f"got {mode!r}")
+    scores: dict[str, float] = {}
+    if mode == "auto":
+        if not records:
+            return "none"
+        for name, (flip, keep) in POSTPROCESS.items():
+            scores[name] = float(test_dice(seg_uri, records, cfg, keep_largest=keep,
+                                           flip=flip)["dice"])
+        choice = "none"
+        for name, score in scores.items():
+            if score > scores[choice]:
+                choice = name
+        print("[postprocess] validation Dice " + ", ".join(
+            f"{name} {score:.4f}" for name, score in scores.items()) + f": {choice}", flush=True)
+    else:
+        choice = mode
+    flip, keep = POSTPROCESS[choice]
+    bundle = load_bundle(seg_uri)
+    inference = dict(bundle.config.get("inference") or {})
+    if (bool(inference.get("flip", False)), bool(inference.get("keep_largest", False))) \
+            != (flip, keep):
+        inference.update(flip=flip, keep_largest=keep)
+        metrics = {**bundle.metrics, "postprocess": {"mode": mode, "choice": choice,
+                                                     "val_dice": scores}}
+        base = bundle.version.split("+", 1)[0]
+        save_bundle(seg_uri, bundle.model, {**bundle.config, "inference": inference}, metrics,
+                    version=base if choice == "none" else f"{base}+{choice}")
+    return choice
 
 
 def summarize(cfg: dict[str, Any], bundles: dict[str, str],
@@ -203,6 +252,8 @@ def run(cfg: dict[str, Any]) -> dict[str, str]:
         bundles = run_ray(cfg, splits)
     else:
         raise ValueError(f"unknown trainer.backend {backend!r}; expected local or ray")
+    if "segmenter" in bundles:
+        choose_postprocess(bundles["segmenter"], splits["val"], cfg)
     summarize(cfg, bundles, splits)
     return bundles
 
