@@ -95,10 +95,14 @@ def loop(chain: Chain, records: list) -> float:
     return time.perf_counter() - start
 
 
+def batch_kind(args: argparse.Namespace) -> str:
+    return "gpu" if args.gpu else "cpu"
+
+
 def job_overrides(args: argparse.Namespace, seg: str, cls: str, out: Path, n: int) -> list[str]:
     over = [f"input={args.data}", "layout=busi", "ground_truth=false",
             f"bundles.segmenter={seg}", f"bundles.classifier={cls}", f"output={out}",
-            f"limit={n}", f"batch={'gpu' if args.gpu else 'cpu'}"]
+            f"limit={n}", f"batch={batch_kind(args)}"]
     for key, value in (("batch_size", args.batch_size), ("torch_threads", args.torch_threads),
                        ("io_threads", args.io_threads), ("concurrency", args.actors)):
         if value is not None:
@@ -150,7 +154,7 @@ def main() -> None:
         where = "cuda" if args.gpu else f"torch {torch.get_num_threads()} threads"
         print(f"| plain loop, 1 process, {where} | {n} | "
               f"{loop_s:.1f} | {loop_ips:.2f} |")
-        print(f"| job end to end ({'gpu' if args.gpu else 'cpu'}): {actors} actors x "
+        print(f"| job end to end ({batch_kind(args)}): {actors} actors x "
               f"{b['torch_threads']} torch thread(s), batch {b['batch_size']}, model batch "
               f"{b['model_batch_size']} | {n} | {job_s:.1f} | {job_ips:.2f} |")
         r = manifest["run"]

@@ -15,10 +15,9 @@ import torch.nn.functional as F
 def _run_max(labels: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
     """Every pixel of a horizontal foreground run takes the run's largest label."""
     b, h, w = labels.shape
-    first_col = torch.zeros((1, 1, w), dtype=torch.bool, device=fg.device)
-    first_col[..., 0] = True
+    # the left neighbour, background in column 0: a run never continues across a row end
     prev = F.pad(fg[..., :-1], (1, 0), value=False)
-    start = fg & (~prev | first_col)
+    start = fg & ~prev
     run = torch.cumsum(start.reshape(-1).to(torch.int64), 0) * fg.reshape(-1)
     best = torch.zeros(int(run.max()) + 1, dtype=labels.dtype, device=labels.device)
     best = best.scatter_reduce(0, run, labels.reshape(-1), reduce="amax")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -148,18 +149,28 @@ def format_epoch(m: dict[str, float]) -> str:
     return f"epoch {int(m['epoch']):3d}  {body}{'  *best' if m.get('is_best') else ''}"
 
 
-def test_dice(seg_uri: str, records: list[Record], cfg: dict[str, Any], device: str = "cpu",
-              keep_largest: bool | None = None, flip: bool | None = None) -> dict[str, float]:
-    """Dice/IoU of a segmenter bundle on records (raw or packed), at each image's original
-    resolution (`keep_largest`, `flip`: override the bundle's inference options)."""
-    segmenter = Segmenter(load_bundle(seg_uri), device=device, keep_largest=keep_largest,
-                          flip=flip)
-    meter = SegmentationMeter()
+def segmentation_scores(seg_uri: str, records: list[Record], cfg: dict[str, Any],
+                        options: Mapping[str, Mapping[str, Any]],
+                        device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Dice/IoU/... of a segmenter bundle on records (raw or packed), at each image's original
+    resolution, for each named set of `Segmenter` overrides (`{}`: the bundle's own options).
+    One pass: the bundle is loaded and each record decoded once for all the options."""
+    bundle = load_bundle(seg_uri)
+    segmenters = {name: Segmenter(bundle, device=device, **over) for name, over in options.items()}
+    meters = {name: SegmentationMeter() for name in options}
     for rec in records:
         sample = load_any_record(rec, cfg)
-        pred = segmenter.predict([sample["image"]])[0]
-        meter.update(pred[None], sample["mask"][None])
-    return meter.aggregate()
+        for name, segmenter in segmenters.items():
+            meters[name].update(segmenter.predict([sample["image"]])[0][None],
+                                sample["mask"][None])
+    return {name: meter.aggregate() for name, meter in meters.items()}
+
+
+def test_dice(seg_uri: str, records: list[Record], cfg: dict[str, Any], device: str = "cpu",
+              keep_largest: bool | None = None, flip: bool | None = None) -> dict[str, float]:
+    """`segmentation_scores` of one option (`keep_largest`, `flip`: override the bundle's)."""
+    over = {"keep_largest": keep_largest, "flip": flip}
+    return segmentation_scores(seg_uri, records, cfg, {"one": over}, device)["one"]
 
 
 def run_local(cfg: dict[str, Any], splits: dict[str, list[Record]]) -> dict[str, str]:
@@ -198,9 +209,10 @@ def choose_postprocess(seg_uri: str, records: list[Record], cfg: dict[str, Any])
     if mode == "auto":
         if not records:
             return "none"
-        for name, (flip, keep) in POSTPROCESS.items():
-            scores[name] = float(test_dice(seg_uri, records, cfg, keep_largest=keep,
-                                           flip=flip)["dice"])
+        options = {name: {"flip": flip, "keep_largest": keep}
+                   for name, (flip, keep) in POSTPROCESS.items()}
+        scores = {name: float(agg["dice"]) for name, agg
+                  in segmentation_scores(seg_uri, records, cfg, options).items()}
         choice = "none"
         for name, score in scores.items():
             if score > scores[choice]:
