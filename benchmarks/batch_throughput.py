@@ -66,6 +66,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per job batch (default: the batch config's)")
     p.add_argument("--actors", type=int, default=None, help="actor pool size (default: config)")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPU share per actor (default: the batch config's; 0.25 = 4 per GPU)")
+    p.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="CPUs per actor (default: the batch config's)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads per actor (default: the batch config's)")
     p.add_argument("--io-threads", type=int, default=None,
@@ -104,7 +108,8 @@ def job_overrides(args: argparse.Namespace, seg: str, cls: str, out: Path, n: in
             f"bundles.segmenter={seg}", f"bundles.classifier={cls}", f"output={out}",
             f"limit={n}", f"batch={batch_kind(args)}"]
     for key, value in (("batch_size", args.batch_size), ("torch_threads", args.torch_threads),
-                       ("io_threads", args.io_threads), ("concurrency", args.actors)):
+                       ("io_threads", args.io_threads), ("concurrency", args.actors),
+                       ("num_gpus", args.gpus_per_actor), ("num_cpus", args.cpus_per_actor)):
         if value is not None:
             over.append(f"batch.{key}={value}")
     return over
@@ -147,7 +152,9 @@ def main() -> None:
 
         loop_ips, job_ips = n / loop_s, n / job_s
         b = cfg["batch"]
-        actors = b["concurrency"] or ("one per GPU" if args.gpu else f"{cores} (one per CPU)")
+        per_gpu = 1 / float(b["num_gpus"]) if float(b["num_gpus"] or 0) > 0 else 0
+        actors = b["concurrency"] or (f"{per_gpu:g} per GPU ({b['num_cpus']} CPUs each)"
+                                      if args.gpu else f"{cores} (one per CPU)")
         print()
         print("| path | images | seconds | images/s |")
         print("| --- | ---: | ---: | ---: |")

@@ -78,11 +78,22 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
+def prefers_channels_last(model: torch.nn.Module) -> bool:
+    """Whether inference should run `model` in channels_last (NHWC) memory format.
+
+    Convolutions and batch norm run ~1.3-1.4x faster per image in NHWC on CPU (oneDNN) and
+    on GPU; instance and group norm do not (improved_unet measured ~10-20 % slower on CPU),
+    so models with those layers stay NCHW. Results are the same up to float rounding.
+    """
+    slow = (torch.nn.InstanceNorm2d, torch.nn.GroupNorm)
+    return not any(isinstance(m, slow) for m in model.modules())
+
+
 class _Runner:
     """Shared model/device/config handling for the two predictors."""
 
     def __init__(self, bundle: Bundle, device: str | torch.device, batch_size: int,
-                 amp: bool | None) -> None:
+                 amp: bool | None, channels_last: bool | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.bundle = bundle
@@ -90,6 +101,12 @@ class _Runner:
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.model = bundle.model.to(self.device).eval()
+        if channels_last is None:
+            channels_last = (self.config.get("inference") or {}).get("channels_last")
+        self.channels_last = (prefers_channels_last(self.model) if channels_last is None
+                              else bool(channels_last))
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.input_size = to_size(self.config["input_size"])
         self.in_channels = int(self.config.get("in_channels", 3))
         self.mean = self.config.get("mean", 0.0)
@@ -106,9 +123,12 @@ class _Runner:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return nullcontext()
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def _normalize(self, batch: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        return normalize_batch(tensor, self.mean, self.std)
+        return self._layout(normalize_batch(tensor, self.mean, self.std))
 
 
 class Segmenter(_Runner):
@@ -121,6 +141,8 @@ class Segmenter(_Runner):
         mode, tile_overlap: override ``config["inference"]`` (``tile_overlap``: pixels, or a
             fraction of the tile size when below 1; default 0.25).
         amp: bf16 autocast; default on for CUDA devices, off otherwise.
+        channels_last: run the model in NHWC memory format (override of
+            ``config["inference"]["channels_last"]``; default: `prefers_channels_last`).
         flip: test-time augmentation, the probabilities averaged over the image and its
             left-right mirror image (override of ``config["inference"]["flip"]``, default off;
             twice the compute).
@@ -145,8 +167,9 @@ class Segmenter(_Runner):
         amp: bool | None = None,
         keep_largest: bool | None = None,
         flip: bool | None = None,
+        channels_last: bool | None = None,
     ) -> None:
-        super().__init__(bundle, device, batch_size, amp)
+        super().__init__(bundle, device, batch_size, amp, channels_last)
         inference = dict(self.config.get("inference") or {})
         self.keep_largest = bool(inference.get("keep_largest", False)) \
             if keep_largest is None else keep_largest
@@ -273,8 +296,9 @@ class Classifier(_Runner):
         batch_size: int = 16,
         *,
         amp: bool | None = None,
+        channels_last: bool | None = None,
     ) -> None:
-        super().__init__(bundle, device, batch_size, amp)
+        super().__init__(bundle, device, batch_size, amp, channels_last)
         names = self.config.get("class_names")
         self.class_names: tuple[str, ...] | None = tuple(names) if names else None
 
@@ -306,7 +330,7 @@ class Classifier(_Runner):
                                   for im in images[part]])
                 mask = np.stack([self._mask(m) for m in masks[part]])[:, None]
                 x = self._normalize(batch)
-                m = torch.from_numpy(mask).to(self.device)
+                m = self._layout(torch.from_numpy(mask).to(self.device))
                 with self._autocast():
                     logits = self.model(x, m)
                 out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())

@@ -76,6 +76,10 @@ logger = logging.getLogger("ray.serve")
 _DEFAULT_BATCHING = BatchingConfig()
 
 
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000.0, 3)
+
+
 # ------------------------------------------------------------------------------ model replicas
 
 
@@ -192,8 +196,11 @@ class SegmenterDeployment(_ModelReplica):
         self.runner.predict([self._blank()])
 
     async def segment(self, image: np.ndarray, threshold: float | None = None) -> dict[str, Any]:
-        """uint8 HxWxC image -> {"mask": uint8 HxW in {0, 1}, "version": bundle version}."""
-        return await self._segment_batch(image, threshold)
+        """uint8 HxWxC image -> {"mask": uint8 HxW in {0, 1}, "version": bundle version,
+        "replica_ms": time in this replica, "model_ms": its batch's predict call}."""
+        start = time.perf_counter()
+        out = await self._segment_batch(image, threshold)
+        return {**out, "replica_ms": _ms(start, time.perf_counter())}
 
     @serve.batch(max_batch_size=_DEFAULT_BATCHING.max_batch_size,
                  batch_wait_timeout_s=_DEFAULT_BATCHING.batch_wait_timeout_s)
@@ -205,6 +212,7 @@ class SegmenterDeployment(_ModelReplica):
 
     def _segment_sync(self, images: list[np.ndarray],
                       thresholds: list[float | None]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
         masks: list[np.ndarray | None] = [None] * len(images)
         groups: dict[float | None, list[int]] = {}
         for i, t in enumerate(thresholds):
@@ -212,7 +220,8 @@ class SegmenterDeployment(_ModelReplica):
         for t, indices in groups.items():  # one predict per distinct threshold (usually one)
             for i, mask in zip(indices, self.runner.predict([images[i] for i in indices], t)):
                 masks[i] = mask
-        return [{"mask": m, "version": self.bundle.version} for m in masks]
+        model_ms = _ms(start, time.perf_counter())
+        return [{"mask": m, "version": self.bundle.version, "model_ms": model_ms} for m in masks]
 
 
 @serve.deployment(name="Classifier")
@@ -230,8 +239,11 @@ class ClassifierDeployment(_ModelReplica):
         self.runner.predict([blank], [np.zeros(blank.shape[:2], dtype=np.uint8)])
 
     async def classify(self, image: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
-        """-> {"probabilities": float32 (num_classes,), "names": class names, "version"}."""
-        return await self._classify_batch(image, mask)
+        """-> {"probabilities": float32 (num_classes,), "names": class names, "version",
+        "replica_ms", "model_ms"}."""
+        start = time.perf_counter()
+        out = await self._classify_batch(image, mask)
+        return {**out, "replica_ms": _ms(start, time.perf_counter())}
 
     @serve.batch(max_batch_size=_DEFAULT_BATCHING.max_batch_size,
                  batch_wait_timeout_s=_DEFAULT_BATCHING.batch_wait_timeout_s)
@@ -241,10 +253,12 @@ class ClassifierDeployment(_ModelReplica):
 
     def _classify_sync(self, images: list[np.ndarray],
                        masks: list[np.ndarray]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
         probs = self.runner.predict(images, masks)
         names = list(self.runner.names_for(probs.shape[1]))
-        return [{"probabilities": p, "names": names, "version": self.bundle.version}
-                for p in probs]
+        model_ms = _ms(start, time.perf_counter())
+        return [{"probabilities": p, "names": names, "version": self.bundle.version,
+                 "model_ms": model_ms} for p in probs]
 
 
 # ----------------------------------------------------------------------------- summarising
@@ -359,10 +373,6 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 async def require_token(request: Request) -> None:
     """Route dependency: bearer-token check, run before query and body validation."""
     serve.get_replica_context().servable_object.authorize(request)
-
-
-def _ms(start: float, end: float) -> float:
-    return round((end - start) * 1000.0, 3)
 
 
 @serve.deployment(name="Ingress")
@@ -500,6 +510,10 @@ class Ingress:
             "model_versions": {"segmenter": seg["version"], "classifier": cls["version"]},
             "timings": {"read_ms": _ms(t0, t1), "decode_ms": _ms(t1, t2),
                         "segment_ms": _ms(t2, t3), "classify_ms": _ms(t3, t4),
+                        "segment_replica_ms": seg["replica_ms"],
+                        "segment_model_ms": seg["model_ms"],
+                        "classify_replica_ms": cls["replica_ms"],
+                        "classify_model_ms": cls["model_ms"],
                         "postprocess_ms": _ms(t4, t5), "total_ms": _ms(t0, t5)},
         }
         return JSONResponse(body)

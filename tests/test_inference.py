@@ -294,3 +294,33 @@ def test_mask_bbox() -> None:
     m[2, 3] = 1
     m[6, 9] = 1
     assert mask_bbox(m) == [3, 2, 10, 7]
+
+
+@pytest.mark.parametrize("mode", ["resize", "tile"])
+def test_channels_last_gives_the_same_results(root: Path, seg_model, cls_uri: str,
+                                              mode: str) -> None:
+    uri = _save_seg(root, f"seg_nhwc_{mode}", seg_model, [TILE, TILE], mode=mode)
+    images = images_for(11, [(40, 56), (70, 33)])
+    nhwc = Segmenter(load_bundle(uri), batch_size=2, channels_last=True)
+    nchw = Segmenter(load_bundle(uri), batch_size=2, channels_last=False)
+    assert nhwc.channels_last and not nchw.channels_last
+    assert next(nhwc.model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(nhwc.predict_proba(images), nchw.predict_proba(images)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    masks = nchw.predict(images)
+    probs = [Classifier(load_bundle(cls_uri), channels_last=flag).predict(images, masks)
+             for flag in (True, False)]
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-5)
+
+
+def test_channels_last_default_follows_the_model_and_the_bundle(root: Path, seg_model) -> None:
+    uri = _save_seg(root, "seg_layout", seg_model, [TILE, TILE], mode="resize")
+    assert Segmenter(load_bundle(uri)).channels_last  # batch-norm / plain convolutions
+    spec = {**SEG_MODEL, "norm": "instance"}
+    cfg = make_bundle_config(spec, task="segmentation", input_size=[TILE, TILE], mean=MEAN,
+                             std=STD)
+    inst_uri = save_bundle(str(root / "seg_inst"), build_model(spec), cfg, version="v-inst")
+    assert not Segmenter(load_bundle(inst_uri)).channels_last  # instance norm: NCHW is faster
+    bundle = load_bundle(uri)
+    bundle.config["inference"] = {**bundle.config["inference"], "channels_last": False}
+    assert not Segmenter(bundle).channels_last
