@@ -180,7 +180,11 @@ def check_equal(body: dict, ref: dict, image: np.ndarray) -> None:
     assert body["bbox"] == ref["bbox"]
     assert body["image_size"] == list(image.shape[:2])
     assert body["model_versions"] == {"segmenter": "seg-test-1", "classifier": "cls-test-1"}
-    assert set(body["timings"]) >= {"decode_ms", "segment_ms", "classify_ms", "total_ms"}
+    t = body["timings"]
+    assert set(t) >= {"decode_ms", "segment_ms", "classify_ms", "total_ms"}
+    # each hop as the Ingress saw it contains the time in the replica, which contains the model's
+    for hop in ("segment", "classify"):
+        assert 0 < t[f"{hop}_model_ms"] <= t[f"{hop}_replica_ms"] <= t[f"{hop}_ms"]
 
 
 # ------------------------------------------------------------------------------ no server
