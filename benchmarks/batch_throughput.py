@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "busi_full"))
     p.add_argument("--images", type=int, default=240, help="first N images (sorted ids)")
     p.add_argument("--gpu", action="store_true",
-                   help="job with batch=gpu (one actor per GPU), loop on cuda")
+                   help="job with batch=gpu (four actors per GPU), loop on cuda")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per job batch (default: the batch config's)")
     p.add_argument("--actors", type=int, default=None, help="actor pool size (default: config)")

@@ -101,8 +101,9 @@ class _Runner:
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.model = bundle.model.to(self.device).eval()
+        self.inference: dict[str, Any] = dict(self.config.get("inference") or {})
         if channels_last is None:
-            channels_last = (self.config.get("inference") or {}).get("channels_last")
+            channels_last = self.inference.get("channels_last")
         self.channels_last = (prefers_channels_last(self.model) if channels_last is None
                               else bool(channels_last))
         if self.channels_last:
@@ -170,7 +171,7 @@ class Segmenter(_Runner):
         channels_last: bool | None = None,
     ) -> None:
         super().__init__(bundle, device, batch_size, amp, channels_last)
-        inference = dict(self.config.get("inference") or {})
+        inference = self.inference
         self.keep_largest = bool(inference.get("keep_largest", False)) \
             if keep_largest is None else keep_largest
         self.flip = bool(inference.get("flip", False)) if flip is None else flip
