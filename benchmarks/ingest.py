@@ -7,7 +7,8 @@ augmentations of `conf/data/busi_full.yaml`, in one run, page cache warmed first
 
   (a) a single-process loop of read + decode + transform (the per-core limit)
   (b) torch DataLoader, 2 workers, over medseg_core.dataset.RecordDataset
-  (c) the Ray Data pipeline of pipelines/data.py from the raw files
+  (c) the Ray Data pipeline of pipelines/data.py from the raw files, plus (c') the same with
+      Ray Data's own per-operator budgets instead of medseg's read-ahead cap (`read_ahead=null`)
   (d) the same from the packed Parquet archive (pipelines/pack.py, original bytes), plus
       (d') from a pack pre-resized to 256x256 PNG (less decode work per epoch, for reference)
 
@@ -15,7 +16,8 @@ After one warm-up pass of each (workers started, files cached), the runs are tim
 interleaved rounds and the best round of each counts, so that other load on the machine
 disturbs all of them alike. Peak memory (PSS of this
 process and every process it started, i.e. the Ray cluster) is sampled while Ray Data streams
-1x and 10x the archive (the record list repeated). Last line:
+1x and 10x the archive (the record list repeated), and 10x again behind a consumer slower than
+the reads (`--slow-ms` per batch). Last line:
 
     RESULT ingest_ray_vs_dataloader=<c/b> ingest_packed_vs_dataloader=<d/b> ingest_vs_limit=<c/(a*cores)>
 """
@@ -183,11 +185,14 @@ class Loader:
         return n / (time.perf_counter() - t)
 
 
-def ray_epoch(ds, batch: int) -> tuple[float, int]:
-    """One pass over a Ray Dataset (each pass is the next augmentation epoch)."""
+def ray_epoch(ds, batch: int, delay_s: float = 0.0) -> tuple[float, int]:
+    """One pass over a Ray Dataset (each pass is the next augmentation epoch); `delay_s` per
+    batch stands for a consumer slower than the reads."""
     t, n = time.perf_counter(), 0
     for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=4):
         n += len(b["label"])
+        if delay_s:
+            time.sleep(delay_s)
     return n / (time.perf_counter() - t), n
 
 
@@ -200,6 +205,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=10, help="archive multiple for the memory run")
     ap.add_argument("--read-batch", type=int, default=None, help="records per Ray read task")
     ap.add_argument("--rounds", type=int, default=4, help="timed rounds (best one counts)")
+    ap.add_argument("--slow-ms", type=float, default=150.0,
+                    help="per-batch delay of the slow consumer in the memory run")
     args = ap.parse_args()
 
     cores = len(os.sched_getaffinity(0))
@@ -229,9 +236,9 @@ def main() -> None:
     pk_cfg = {**cfg, "data": {**data, "url": packed_dir, "layout": "packed"}}
     rs_cfg = {**cfg, "data": {**data, "url": resized_dir, "layout": "packed"}}
     raw_ds = build_dataset(records, cfg, split="train")
-    # (c') the same with Ray Data's per-operator budgets off (data.read.reserve_op_resources)
-    unres = {**cfg, "data": {**data, "read": {**data["read"], "reserve_op_resources": False}}}
-    unres_ds = build_dataset(records, unres, split="train")
+    # (c') the same with Ray Data's own per-operator budgets instead of medseg's read-ahead cap
+    own = {**cfg, "data": {**data, "read": {**data["read"], "read_ahead": None}}}
+    own_ds = build_dataset(records, own, split="train")
     packed_ds = build_dataset(list_packed(packed_dir)[0], pk_cfg, split="train")
     resized_ds = build_dataset(list_packed(resized_dir)[0], rs_cfg, split="train")
     loader = Loader(records, transform, seed, args.batch, args.workers)
@@ -243,7 +250,7 @@ def main() -> None:
         "a": lambda: single_process(records, transform, seed),
         "b": loader.epoch,
         "c": lambda: ray_epoch(raw_ds, args.batch)[0],
-        "c'": lambda: ray_epoch(unres_ds, args.batch)[0],
+        "c'": lambda: ray_epoch(own_ds, args.batch)[0],
         "d": lambda: ray_epoch(packed_ds, args.batch)[0],
         "d'": lambda: ray_epoch(resized_ds, args.batch)[0],
     }
@@ -273,7 +280,7 @@ def main() -> None:
     print(f"(a) single process            {a:8.1f} images/s", flush=True)
     print(f"(b) DataLoader, {args.workers} workers      {b:8.1f} images/s", flush=True)
     print(f"(c) Ray Data, raw files       {c:8.1f} images/s", flush=True)
-    print(f"(c') same, op budgets off     {c2:8.1f} images/s", flush=True)
+    print(f"(c') same, Ray's op budgets   {c2:8.1f} images/s", flush=True)
     print(f"(d) Ray Data, packed Parquet  {d:8.1f} images/s   (pack: {pack_s:.1f}s)", flush=True)
     print(f"(d') Ray Data, packed {args.size}px PNG {d2:6.1f} images/s", flush=True)
     print("CPU ms per image by process kind (round with the least CPU):", flush=True)
@@ -284,13 +291,17 @@ def main() -> None:
     del loader, runs
     gc.collect()
 
+    # Memory while streaming 1x and 10x the archive; then 10x behind a consumer slower than
+    # the reads, where only backpressure keeps decoded blocks from piling up.
     mem = {}
-    for k in (1, args.repeat):
-        ds = build_dataset(records * k, cfg, split="train")
+    k = args.repeat
+    for key, times, delay in ((1, 1, 0.0), (k, k, 0.0), ("slow", k, args.slow_ms / 1000)):
+        ds = build_dataset(records * times, cfg, split="train")
         with PeakMemory() as pm:
-            rate, n = ray_epoch(ds, args.batch)
-        mem[k] = (pm.peak, n, rate)
-        print(f"    peak memory, {k:2d}x archive ({n} images): {pm.peak:7.0f} MB "
+            rate, n = ray_epoch(ds, args.batch, delay)
+        mem[key] = (pm.peak, n, rate)
+        slow = f", consumer sleeping {args.slow_ms:.0f} ms per batch" if delay else ""
+        print(f"    peak memory, {times:2d}x archive ({n} images{slow}): {pm.peak:7.0f} MB "
               f"(driver + Ray cluster PSS), {rate:.1f} images/s", flush=True)
 
     cr = cpu_rate
@@ -303,16 +314,16 @@ def main() -> None:
     print(f"| (c) Ray Data, raw files | {c:.1f} | c/b = {c / b:.2f}, c/(a x {cores}) = "
           f"{c / (a * cores):.2f} | {cr['c']:.1f} | c/b = {cr['c'] / cr['b']:.2f}, "
           f"c/(a x {cores}) = {cr['c'] / (cr['a'] * cores):.2f} |")
-    print(f"| (c') the same, `data.read.reserve_op_resources=false` | {c2:.1f} | c'/b = "
+    print(f"| (c') the same, Ray Data's own budgets (`data.read.read_ahead=null`) | {c2:.1f} | c'/b = "
           f"{c2 / b:.2f}, c'/(a x {cores}) = {c2 / (a * cores):.2f} | {cr_c2:.1f} | "
           f"c'/b = {cr_c2 / cr['b']:.2f} |")
     print(f"| (d) Ray Data, packed Parquet (original bytes) | {d:.1f} | d/b = {d / b:.2f} "
           f"| {cr['d']:.1f} | d/b = {cr['d'] / cr['b']:.2f} |")
     print(f"| (d') Ray Data, packed {args.size}px PNG | {d2:.1f} | d'/b = {d2 / b:.2f} "
           f"| {cr_d2:.1f} | d'/b = {cr_d2 / cr['b']:.2f} |")
-    k = args.repeat
     print(f"\npeak memory: {mem[1][0]:.0f} MB at 1x ({mem[1][1]} images), {mem[k][0]:.0f} MB at "
-          f"{k}x ({mem[k][1]} images): x{mem[k][0] / mem[1][0]:.2f}")
+          f"{k}x ({mem[k][1]} images): x{mem[k][0] / mem[1][0]:.2f}; {mem['slow'][0]:.0f} MB at "
+          f"{k}x behind the slow consumer ({mem['slow'][2]:.1f} images/s)")
     ray.shutdown()
     print(f"load average at the end: {loadavg()} (other processes on the machine skew wall "
           "clock; the CPU-time columns do not depend on them)")

@@ -15,8 +15,10 @@ Reading, decoding and transforming happen in the read task itself, with the same
 code as in-process training and inference (`decode_record`, `build_transforms`, `sample_rng`),
 so a sample is augmented identically wherever it is processed and undecoded bytes never travel
 through the object store. Nothing materializes the archive: the record list (URIs) is the only
-thing held in full, and the streaming executor's backpressure bounds the decoded images in
-flight. Packed archives (`pipelines/pack.py`) are read the same way, one Parquet row group per
+thing held in full, and backpressure bounds the decoded images in flight: each read operator
+keeps at most `data.read.read_ahead` x its task slots in tasks running or queued plus blocks
+waiting for the consumer (`pipelines/backpressure.py`; null: Ray Data's own per-operator
+budgets). Packed archives (`pipelines/pack.py`) are read the same way, one Parquet row group per
 task unit.
 
 Per-epoch augmentation (why it works this way)
@@ -670,8 +672,8 @@ def list_packed(url: str, so: dict | None = None) -> tuple[list[Record], list[in
 
 
 def _read_cfg(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    read = {"batch_size": 32, "io_threads": 8, "num_cpus": 1.0, "concurrency": None,
-            "packed_batch_size": 1, "reserve_op_resources": True}
+    read = {"batch_size": 64, "io_threads": 8, "num_cpus": 1.0, "concurrency": None,
+            "packed_batch_size": 2, "read_ahead": 2.0}
     read.update(data_cfg.get("read") or {})
     return read
 
@@ -993,6 +995,17 @@ def _packed_items(records: Sequence[Record]) -> list[dict[str, Any]]:
             for (s, g), rows in sorted(groups.items())]
 
 
+def _per_task(n_items: int, per_task: int, task_cpus: float) -> int:
+    """`per_task`, or fewer where that would leave some of the cluster's task slots without
+    a task (a small split on a large cluster)."""
+    import ray
+
+    if not ray.is_initialized():
+        return per_task
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(task_cpus, 1e-3)))
+    return max(1, min(per_task, math.ceil(n_items / slots)))
+
+
 def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str = "train",
                   train: bool | None = None, epoch: int | None = None,
                   ledger: Any = None) -> Dataset:
@@ -1018,6 +1031,7 @@ def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str 
     else:
         kind, items = "raw", [r.to_dict() for r in records]
         per_task = max(1, int(read["batch_size"]))
+    per_task = _per_task(len(items), per_task, float(read["num_cpus"]))
     h, w = spec.image_size
     source = __getattr__("RecordsDatasource")(
         items, kind, spec, per_task, shuffle=bool(train and data.get("shuffle", False)),
@@ -1028,11 +1042,12 @@ def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str 
         source, override_num_blocks=max(1, math.ceil(len(items) / per_task)),
         num_cpus=float(read["num_cpus"]),
         compute=TaskPoolStrategy(size=int(concurrency)) if concurrency else None)
-    # Ray 2.60's per-operator budgets (ReservationOpResourceAllocator) take the cluster size from
-    # the autoscaling coordinator's reservation, which on a fixed 2-CPU cluster read 0 CPUs
-    # whenever fewer than 2 read tasks ran: ~1.25 tasks ran at a time. Off, both CPUs stay busy,
-    # but nothing bounds the blocks waiting for a consumer slower than the reads.
-    ds.context.op_resource_reservation_enabled = bool(read["reserve_op_resources"])
+    if read["read_ahead"] is None:  # Ray Data's own per-operator budgets
+        ds.context.op_resource_reservation_enabled = True
+    else:
+        from pipelines.backpressure import cap_read_ahead
+
+        cap_read_ahead(ds.context, float(read["read_ahead"]))
     source.base_execution_idx = int(getattr(ds.context, "_execution_idx", 0))
     _PIPELINES[ds] = _Pipeline(records, cfg, split, train, ledger)
     return ds

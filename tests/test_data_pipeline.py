@@ -344,3 +344,51 @@ def test_read_from_s3_like_a_user(ray_cluster, s3, synthetic_archive, tmp_path, 
     assert data_report(cfg, warn=False)["dropped"] == 0
     secret = s3.env["AWS_SECRET_ACCESS_KEY"]
     assert secret not in json.dumps(cfg) and secret not in Path(cfg["data"]["report"]).read_text()
+
+
+def _plasma_mib() -> float:
+    import re
+
+    from ray._private.internal_api import memory_summary
+
+    m = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+    return float(m.group(1)) if m else 0.0
+
+
+def _plasma_growth_behind_stalled_consumer(ds, stall_s: float, stop_above: float = 1e9) -> float:
+    """Largest growth (MiB) of the object store, sampled while a consumer holds its first batch
+    for `stall_s` (or until the growth passes `stop_above`)."""
+    import time
+
+    before = _plasma_mib()
+    it = iter(ds.iter_batches(batch_size=8, batch_format="numpy", prefetch_batches=1))
+    next(it)
+    grown, end = 0.0, time.monotonic() + stall_s
+    while time.monotonic() < end and grown <= stop_above:  # the reads go on meanwhile
+        time.sleep(0.5)
+        grown = max(grown, _plasma_mib() - before)
+    for _ in it:
+        pass
+    del it
+    settle = time.monotonic() + 15  # let the pass's blocks be freed before anything else runs
+    while _plasma_mib() > before + 2 and time.monotonic() < settle:
+        time.sleep(0.25)
+    return grown
+
+
+@pytest.mark.ray
+def test_read_ahead_bounds_blocks_waiting_for_a_slow_consumer(ray_cluster, synthetic_archive,
+                                                              tmp_path):
+    from pipelines.backpressure import cap_read_ahead
+
+    # 256 px rows (256 KiB each) in blocks of 8: 40 blocks of 2 MiB for the whole pass
+    cfg = make_cfg(tmp_path, synthetic_archive, "data.image_size=[256,256]",
+                   "data.read.batch_size=8", "data.read.read_ahead=1", "data.shuffle=false")
+    records = load_splits(cfg)["train"]
+    records = (records * (320 // len(records) + 1))[:320]
+    capped = _plasma_growth_behind_stalled_consumer(build_dataset(records, cfg, split="train"), 5)
+    unbounded = build_dataset(records, cfg, split="train")
+    cap_read_ahead(unbounded.context, None)  # Ray Data's budgets off and no cap: all 40 run
+    loose = _plasma_growth_behind_stalled_consumer(unbounded, 30, stop_above=40)
+    assert loose > 40, loose  # the control: without a bound the pass piles up (80 MiB in all)
+    assert capped < 20, (capped, loose)  # 2 task slots + what the iterator holds
