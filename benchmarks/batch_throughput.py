@@ -1,7 +1,8 @@
 """Throughput of the bulk segmentation job versus a plain loop (not a test).
 
-Both paths process the same first N images (sorted ids) of ``../shared/data/busi_full`` (BUSI
-at original resolution, 190-1048 px wide) with the same bundles: the default classic U-Net
+Both paths process the same images of ``../shared/data/busi_full`` (BUSI at original
+resolution, 190-1048 px wide; by default all 647, ``--images N`` takes the first N by sorted
+id) with the same bundles: the default classic U-Net
 (`pipelines/conf/model/unet.yaml`, 256x256 input) and the lesion classifier
 (`pipelines/conf/classifier/cnn.yaml`), untrained (random weights cost the same to run).
 
@@ -22,9 +23,9 @@ that drift in the machine's load hits both paths. The last line is
 
     RESULT batch_vs_loop=<job images/s / loop images/s>
 
-    python3 scripts/dev.py bench batch_throughput                 # 240 images
-    python3 scripts/dev.py bench batch_throughput --images 647 --batch-size 8 --torch-threads 1
-    python3 scripts/dev.py bench batch_throughput --gpu --images 647   # batch=gpu, loop on cuda
+    python3 scripts/dev.py bench batch_throughput                 # the whole archive
+    python3 scripts/dev.py bench batch_throughput --images 240 --batch-size 8 --torch-threads 1
+    python3 scripts/dev.py bench batch_throughput --gpu           # batch=gpu, loop on cuda
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ CONF = ROOT / "pipelines" / "conf"
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "busi_full"))
-    p.add_argument("--images", type=int, default=240, help="first N images (sorted ids)")
+    p.add_argument("--images", type=int, default=None,
+                   help="first N images by sorted id (default: the whole archive)")
     p.add_argument("--gpu", action="store_true",
                    help="job with batch=gpu (four actors per GPU), loop on cuda")
     p.add_argument("--batch-size", type=int, default=None,
