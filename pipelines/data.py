@@ -1006,6 +1006,21 @@ def _per_task(n_items: int, per_task: int, task_cpus: float) -> int:
     return max(1, min(per_task, math.ceil(n_items / slots)))
 
 
+def _set_backpressure(ds: Dataset, read_ahead: float | None) -> None:
+    """medseg's read-ahead cap (pipelines/backpressure.py), or Ray Data's own per-operator
+    budgets where `read_ahead` is null or this Ray lacks the (internal) policy interface."""
+    if read_ahead is not None:
+        try:
+            from pipelines.backpressure import cap_read_ahead
+        except ImportError as e:
+            warnings.warn(f"data.read.read_ahead needs Ray Data's backpressure-policy interface "
+                          f"({e}); using Ray Data's own budgets", stacklevel=3)
+        else:
+            cap_read_ahead(ds.context, float(read_ahead))
+            return
+    ds.context.op_resource_reservation_enabled = True
+
+
 def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str = "train",
                   train: bool | None = None, epoch: int | None = None,
                   ledger: Any = None) -> Dataset:
@@ -1042,12 +1057,7 @@ def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str 
         source, override_num_blocks=max(1, math.ceil(len(items) / per_task)),
         num_cpus=float(read["num_cpus"]),
         compute=TaskPoolStrategy(size=int(concurrency)) if concurrency else None)
-    if read["read_ahead"] is None:  # Ray Data's own per-operator budgets
-        ds.context.op_resource_reservation_enabled = True
-    else:
-        from pipelines.backpressure import cap_read_ahead
-
-        cap_read_ahead(ds.context, float(read["read_ahead"]))
+    _set_backpressure(ds, read["read_ahead"])
     source.base_execution_idx = int(getattr(ds.context, "_execution_idx", 0))
     _PIPELINES[ds] = _Pipeline(records, cfg, split, train, ledger)
     return ds
