@@ -25,13 +25,14 @@ import math
 import time
 from typing import Any
 
-import ray
 from ray.data._internal.execution.backpressure_policy import (
     ENABLED_BACKPRESSURE_POLICIES,
     ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
     BackpressurePolicy,
 )
 from ray.data._internal.execution.operators.input_data_buffer import InputDataBuffer
+
+from pipelines.cluster import cluster_resources, task_slots
 
 FACTOR_KEY = "medseg.read_ahead"
 _SLOTS_REFRESH_S = 10.0   # the cluster may autoscale
@@ -42,29 +43,27 @@ class ReadAheadCap(BackpressurePolicy):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._cpus, self._cpus_at = 1.0, -math.inf
+        self._resources: dict[str, float] = {}
+        self._resources_at = -math.inf
 
     @property
     def name(self) -> str:
         return "MedsegReadAheadCap"
 
-    def _cluster_cpus(self) -> float:
+    def _slots(self, op: Any) -> int:
         now = time.monotonic()
-        if now - self._cpus_at > _SLOTS_REFRESH_S:
-            excluded = self._data_context.execution_options.exclude_resources.cpu or 0.0
-            self._cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1.0)) - excluded)
-            self._cpus_at = now
-        return self._cpus
+        if now - self._resources_at > _SLOTS_REFRESH_S:  # one cluster query per interval
+            self._resources, self._resources_at = cluster_resources(), now
+        excluded = self._data_context.execution_options.exclude_resources.cpu or 0.0
+        return task_slots(op.per_task_resource_allocation().cpu or 1.0,
+                          resources=self._resources, exclude_cpus=excluded)
 
     def can_add_input(self, op: Any) -> bool:
         factor = self._data_context.get_config(FACTOR_KEY)
         if factor is None or isinstance(op, InputDataBuffer):
             return True
-        per_task = op.per_task_resource_allocation().cpu or 1.0
-        limit = max(1.0, float(factor) * self._cluster_cpus() / per_task)
-        state = self._topology.get(op)
-        queued = state.total_enqueued_output_blocks() if state is not None else 0
-        return op.num_active_tasks() + queued + 1 <= limit
+        queued = self._topology[op].total_enqueued_output_blocks()
+        return op.num_active_tasks() + queued + 1 <= max(1.0, float(factor) * self._slots(op))
 
 
 def cap_read_ahead(context: Any, factor: float | None) -> None:

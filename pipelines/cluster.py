@@ -25,3 +25,21 @@ def connect(address: str | None = None, num_cpus: float | None = None,
         runtime_env = {"env_vars": {"PYTHONPATH": str(_ROOT)}}
     ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=False,
              runtime_env=runtime_env)
+
+
+def cluster_resources() -> dict[str, float]:
+    """The running cluster's total resources; this machine's cores before Ray starts."""
+    import ray
+
+    return ray.cluster_resources() if ray.is_initialized() else {"CPU": os.cpu_count() or 1}
+
+
+def task_slots(num_cpus: float = 1, num_gpus: float = 0, *,
+               resources: dict[str, float] | None = None, exclude_cpus: float = 0) -> int:
+    """How many tasks or actors asking for `num_cpus` (or `num_gpus`, which then decides) fit
+    in `resources` (default: `cluster_resources()`) at once, leaving `exclude_cpus` aside."""
+    resources = cluster_resources() if resources is None else resources
+    if num_gpus and num_gpus > 0:
+        return max(1, int(resources.get("GPU", 1) // num_gpus))
+    cpus = resources.get("CPU", 1) - (exclude_cpus or 0)
+    return max(1, int(cpus // max(num_cpus or 1, 1e-3)))

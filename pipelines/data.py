@@ -671,11 +671,19 @@ def list_packed(url: str, so: dict | None = None) -> tuple[list[Record], list[in
 # Ray Data: records -> decoded, transformed rows
 
 
+@functools.cache
+def _read_defaults() -> dict[str, Any]:
+    import yaml
+
+    from pipelines import CONF_DIR
+
+    with open(os.path.join(CONF_DIR, "data_read", "default.yaml")) as f:
+        return dict(yaml.safe_load(f))
+
+
 def _read_cfg(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    read = {"batch_size": 64, "io_threads": 8, "num_cpus": 1.0, "concurrency": None,
-            "packed_batch_size": 2, "read_ahead": 2.0}
-    read.update(data_cfg.get("read") or {})
-    return read
+    """`data.read`, completed from pipelines/conf/data_read/default.yaml (configs built by hand)."""
+    return {**_read_defaults(), **(data_cfg.get("read") or {})}
 
 
 def _max_pixels(data_cfg: Mapping[str, Any]) -> int | None:
@@ -1000,10 +1008,11 @@ def _per_task(n_items: int, per_task: int, task_cpus: float) -> int:
     a task (a small split on a large cluster)."""
     import ray
 
+    from pipelines.cluster import task_slots
+
     if not ray.is_initialized():
         return per_task
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(task_cpus, 1e-3)))
-    return max(1, min(per_task, math.ceil(n_items / slots)))
+    return max(1, min(per_task, math.ceil(n_items / task_slots(task_cpus))))
 
 
 def _set_backpressure(ds: Dataset, read_ahead: float | None) -> None:

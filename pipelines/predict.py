@@ -18,7 +18,6 @@ tables with the fixed schema `result_schema(with_masks)`, so blocks always conca
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ import pyarrow as pa
 from medseg_core.io import DEFAULT_MAX_PIXELS, encode_mask_png
 from medseg_core.layouts import Record, decode_record
 from medseg_core.results import COUNT_KEYS, METRIC_KEYS, error_row, prediction_row
+from pipelines.cluster import task_slots
 from pipelines.data import EnvCredentials
 
 if TYPE_CHECKING:
@@ -347,15 +347,6 @@ def records_dataset(records: Sequence[Record], rows_per_block: int | None = None
     return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_block)))
 
 
-def _cluster_size(num_cpus: float, num_gpus: float) -> int:
-    import ray
-
-    resources = ray.cluster_resources() if ray.is_initialized() else {}
-    if num_gpus and num_gpus > 0:
-        return max(1, int(resources.get("GPU", 1) // num_gpus))
-    return max(1, int(resources.get("CPU", os.cpu_count() or 1) // max(num_cpus or 1, 1e-3)))
-
-
 def actor_pool(concurrency: int | Sequence[int] | None, num_cpus: float = 1, num_gpus: float = 0,
                max_tasks_in_flight_per_actor: int | None = None) -> Any:
     """`ActorPoolStrategy` for an int (fixed size), (min, max) or None ((1, what fits))."""
@@ -365,7 +356,7 @@ def actor_pool(concurrency: int | Sequence[int] | None, num_cpus: float = 1, num
     if max_tasks_in_flight_per_actor:
         kw["max_tasks_in_flight_per_actor"] = int(max_tasks_in_flight_per_actor)
     if concurrency is None:
-        return ActorPoolStrategy(min_size=1, max_size=_cluster_size(num_cpus, num_gpus), **kw)
+        return ActorPoolStrategy(min_size=1, max_size=task_slots(num_cpus, num_gpus), **kw)
     if isinstance(concurrency, int):
         return ActorPoolStrategy(size=concurrency, **kw)
     lo, hi = (int(c) for c in concurrency)

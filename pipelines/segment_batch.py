@@ -482,7 +482,7 @@ def bundle_info(uri: str | None, so: dict | None) -> dict[str, Any] | None:
 def _pool_size(batch: Mapping[str, Any], n_images: int) -> int | list[int]:
     """``batch.concurrency``, or one actor per CPU (GPU) of the cluster, never more actors than
     batches to run."""
-    from pipelines.predict import _cluster_size
+    from pipelines.cluster import task_slots
 
     batches = max(1, math.ceil(n_images / max(1, int(batch["batch_size"]))))
     if batch.get("concurrency") is not None:
@@ -491,7 +491,7 @@ def _pool_size(batch: Mapping[str, Any], n_images: int) -> int | list[int]:
             return min(int(c), batches)
         lo, hi = (int(v) for v in c)
         return [min(lo, batches), min(hi, batches)]
-    fits = _cluster_size(float(batch.get("num_cpus") or 1), float(batch.get("num_gpus") or 0))
+    fits = task_slots(float(batch.get("num_cpus") or 1), float(batch.get("num_gpus") or 0))
     return min(fits, batches)
 
 
