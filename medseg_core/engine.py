@@ -37,6 +37,10 @@ class StepConfig:
     channels_last: bool = False
     augment: dict[str, Any] | None = None  # cfg for transforms.augment_batch (on device)
     threshold: float = 0.5
+    # classifier only: a frozen segmenter whose thresholded masks stand in for the truth, for a
+    # `mask_prob` fraction of the training samples and for every validation sample
+    mask_model: nn.Module | None = None
+    mask_prob: float = 0.0
 
 
 def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -94,6 +98,26 @@ def _inputs(batch: Batch, step: StepConfig) -> tuple[torch.Tensor, torch.Tensor,
     return images, masks, labels
 
 
+def predicted_masks(images: torch.Tensor, step: StepConfig) -> torch.Tensor:
+    """`step.mask_model`'s thresholded masks (B, 1, H, W) float for normalised `images`."""
+    with torch.no_grad(), _autocast(step):
+        logits = step.mask_model(images)
+    return (torch.sigmoid(logits.float()) > step.threshold).float()
+
+
+def _training_masks(images: torch.Tensor, masks: torch.Tensor, step: StepConfig,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """The classifier's training masks: each sample's truth, or with probability
+    `step.mask_prob` the frozen segmenter's prediction on the (augmented) image."""
+    if step.mask_model is None or step.mask_prob <= 0:
+        return masks
+    pred = predicted_masks(images, step)
+    if step.mask_prob >= 1:
+        return pred
+    pick = torch.rand(masks.shape[0], device=masks.device, generator=generator) < step.mask_prob
+    return torch.where(pick[:, None, None, None], pred, masks)
+
+
 def _autocast(step: StepConfig):
     if step.amp_dtype is None:
         return nullcontext()
@@ -145,6 +169,7 @@ def train_epoch(
             if task == "segmentation":
                 loss = loss_fn(model(images), masks)
             else:
+                masks = _training_masks(images, masks, step, generator)
                 loss = loss_fn(model(images, masks), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -199,11 +224,14 @@ def validate_segmenter(model: nn.Module, batches: Iterable[Batch], step: StepCon
 @torch.inference_mode()
 def validate_classifier(model: nn.Module, batches: Iterable[Batch], step: StepConfig,
                         num_classes: int) -> ClassificationMeter:
-    """Confusion matrix of the classifier over `batches` (mergeable across workers)."""
+    """Confusion matrix of the classifier over `batches` (mergeable across workers), given the
+    true masks or, with `step.mask_model`, that segmenter's (as the inference chain does)."""
     model.eval()
     meter = ClassificationMeter(num_classes)
     for batch in batches:
         images, masks, labels = _inputs(batch, step)
+        if step.mask_model is not None:
+            masks = predicted_masks(images, step)
         with _autocast(step):
             logits = model(images, masks)
         meter.update(logits.float().argmax(1).cpu().numpy(), labels.cpu().numpy())

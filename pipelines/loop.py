@@ -12,7 +12,7 @@ import math
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg_core.checkpoint import load_bundle, save_bundle
+from medseg_core.checkpoint import BundleError, load_bundle, save_bundle
 from medseg_core.engine import (
     StepConfig,
     build_optimizer,
@@ -73,10 +73,41 @@ class StageSpec:
     channels_last: bool = False
     fail_at_epoch: int = -1      # fault injection for tests: raise once at this epoch
     fail_marker: str | None = None
+    # classifier: masks from a frozen segmenter bundle instead of the truth (train.classifier_masks)
+    predicted_masks: float = 0.0   # fraction of training samples
+    validate_masks: str = "truth"  # truth | predicted
+    mask_segmenter: str | None = None
 
     @property
     def task(self) -> str:
         return "segmentation" if self.stage == "segmenter" else "classification"
+
+    @property
+    def uses_segmenter(self) -> bool:
+        return self.task == "classification" and (
+            self.predicted_masks > 0 or self.validate_masks == "predicted")
+
+
+def load_mask_segmenter(spec: StageSpec, device: torch.device) -> nn.Module:
+    """The frozen segmenter whose masks the classifier stage trains or validates on."""
+    if not spec.mask_segmenter:
+        raise ValueError("train.classifier_masks needs a segmenter bundle (classifier_masks."
+                         "segmenter, or this run's segmenter stage)")
+    try:
+        bundle = load_bundle(spec.mask_segmenter, map_location=device)
+    except BundleError as exc:
+        raise BundleError(f"train.classifier_masks: {exc} (train the segmenter stage first or "
+                          "set train.classifier_masks.segmenter)") from exc
+    cfg, own = bundle.config, spec.bundle_config
+    if cfg.get("task") != "segmentation":
+        raise ValueError(f"{spec.mask_segmenter} is a {cfg.get('task')} bundle, not a segmenter")
+    if [list(map(float, cfg.get(k, []))) for k in ("mean", "std")] != \
+            [list(map(float, own[k])) for k in ("mean", "std")]:
+        raise ValueError(f"segmenter {spec.mask_segmenter} normalises images with mean/std "
+                         f"{cfg.get('mean')}/{cfg.get('std')}, the classifier with "
+                         f"{own['mean']}/{own['std']}")
+    model = bundle.model.to(device).eval().requires_grad_(False)
+    return model.to(memory_format=torch.channels_last) if spec.channels_last else model
 
 
 def epoch_metrics(spec: StageSpec, ctx: WorkerContext, model: nn.Module,
@@ -139,6 +170,13 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
         amp_dtype=torch.bfloat16 if spec.bf16 and ctx.device.type == "cuda" else None,
         channels_last=spec.channels_last, augment=spec.gpu_augment,
     )
+    val_step = step
+    if spec.uses_segmenter:
+        segmenter = load_mask_segmenter(spec, ctx.device)
+        step = replace(step, mask_model=segmenter if spec.predicted_masks > 0 else None,
+                       mask_prob=spec.predicted_masks)
+        val_step = replace(step, mask_model=segmenter if spec.validate_masks == "predicted"
+                           else None)
     for epoch in range(start_epoch, spec.epochs):
         _maybe_fail(spec, epoch)
         tr = train_epoch(model, ctx.train_batches(epoch), optimizer, loss_fn, step,
@@ -157,7 +195,7 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
             busy = ctx.all_sum(np.array([tr["gpu_busy_fraction"]]))[0] / ctx.world_size
             metrics["gpu_busy_fraction"] = float(busy)
         # validate the plain module: DDP's forward would sync buffers across workers
-        metrics.update(epoch_metrics(spec, ctx, getattr(model, "module", model), step))
+        metrics.update(epoch_metrics(spec, ctx, getattr(model, "module", model), val_step))
         score = metrics[score_key(spec)]
         improved = score > best
         best, stale = (score, 0) if improved else (best, stale + 1)

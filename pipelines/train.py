@@ -69,6 +69,14 @@ def stage_spec(cfg: dict[str, Any], stage: str) -> StageSpec:
     }
     gpu_aug = bool(trainer.get("gpu_augment", False))
     fail = trainer.get("fail_at_epoch", {}) or {}
+    masks = dict(train.get("classifier_masks") or {})
+    predicted = float(masks.get("predicted", 0.0))
+    validate = str(masks.get("validate", "truth"))
+    if not 0.0 <= predicted <= 1.0:
+        raise ValueError(f"train.classifier_masks.predicted must be in [0, 1], got {predicted}")
+    if validate not in ("truth", "predicted"):
+        raise ValueError("train.classifier_masks.validate must be truth or predicted, "
+                         f"got {validate!r}")
     return StageSpec(
         stage=stage,
         model=dict(cfg["model"] if seg else cfg["classifier"]),
@@ -86,6 +94,9 @@ def stage_spec(cfg: dict[str, Any], stage: str) -> StageSpec:
         channels_last=bool(trainer.get("channels_last", False)),
         fail_at_epoch=int(fail.get(stage, -1)),
         fail_marker=join(run_dir(cfg), f".fail-{stage}") if fail.get(stage, -1) >= 0 else None,
+        predicted_masks=predicted,
+        validate_masks=validate,
+        mask_segmenter=masks.get("segmenter") or join(run_dir(cfg), "segmenter", "best"),
     )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipelines.config import load_config
 
@@ -61,8 +62,11 @@ def test_ray_ddp_training_learns_and_merges_metrics_exactly(tmp_path, ray_cluste
     from pipelines.data import load_splits
     from pipelines.train import cpu_transforms, run
 
+    # the classifier trains on half predicted masks and is validated on predicted ones: the
+    # workers load the segmenter bundle the first stage wrote
     cfg = config(tmp_path, "trainer=ray", "trainer.num_workers=2", "trainer.cpus_per_worker=0.5",
-                 "train.epochs=5", "train.classifier_epochs=1", "run_name=ddp")
+                 "train.epochs=5", "train.classifier_epochs=1", "run_name=ddp",
+                 "train.classifier_masks.predicted=0.5", "train.classifier_masks.validate=predicted")
     bundles = run(cfg)
     rows = read_csv(tmp_path / "runs" / "ddp" / "segmenter" / "metrics.csv")
     assert [int(float(r["epoch"])) for r in rows] == list(range(5))
@@ -83,6 +87,9 @@ def test_ray_ddp_training_learns_and_merges_metrics_exactly(tmp_path, ray_cluste
     assert float(rows[-1]["val_images"]) == len(splits["val"])
     assert float(rows[-1]["val_dice"]) == pytest.approx(whole["dice"], abs=1e-9)
     assert float(rows[-1]["val_iou"]) == pytest.approx(whole["iou"], abs=1e-9)
+
+    cls_rows = read_csv(tmp_path / "runs" / "ddp" / "classifier" / "metrics.csv")
+    assert float(cls_rows[-1]["val_images"]) == len(splits["val"])
 
     chain = Chain.from_uris(bundles["segmenter"], bundles["classifier"])
     out = chain.predict([np.full((70, 90, 3), 128, np.uint8)])
@@ -109,3 +116,69 @@ def test_worker_failure_is_survived_and_rerun_resumes(tmp_path, ray_cluster):
     run(config(tmp_path, *args[:-2], "train.epochs=4"))
     rows = read_csv(run_dir / "segmenter" / "metrics.csv")
     assert [int(float(r["epoch"])) for r in rows] == [0, 1, 2, 3]
+
+
+class _SpyClassifier(torch.nn.Module):
+    """Records the masks it is given; constant logits with one trainable parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(3))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.seen.append(mask.detach().clone())
+        return self.bias.expand(image.shape[0], 3) + 0 * image.mean()
+
+
+class _EverywhereSegmenter(torch.nn.Module):
+    """Logits of a lesion everywhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x[:, :1], 10.0)
+
+
+def _seen_masks(prob: float, mask_model: torch.nn.Module | None, validate: bool = False):
+    from medseg_core.engine import StepConfig, train_epoch, validate_classifier
+
+    batches = [{"image": torch.randint(0, 255, (16, 8, 8, 3), dtype=torch.uint8),
+                "mask": torch.zeros(16, 8, 8, dtype=torch.uint8),
+                "label": torch.randint(0, 3, (16,))} for _ in range(4)]
+    model = _SpyClassifier()
+    step = StepConfig(mask_model=mask_model, mask_prob=prob)
+    if validate:
+        validate_classifier(model, batches, step, num_classes=3)
+    else:
+        train_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1),
+                    torch.nn.CrossEntropyLoss(), step, task="classification",
+                    generator=torch.Generator().manual_seed(0))
+    # per sample: 1.0 where the segmenter's mask was used, 0.0 where the (empty) truth was
+    return torch.cat([m.flatten(1).mean(1) for m in model.seen])
+
+
+def test_classifier_trains_on_the_fraction_of_predicted_masks_asked_for():
+    full = _EverywhereSegmenter()
+    assert set(_seen_masks(1.0, full).tolist()) == {1.0}
+    assert set(_seen_masks(0.0, full).tolist()) == {0.0}
+    assert set(_seen_masks(1.0, None).tolist()) == {0.0}
+    mixed = _seen_masks(0.5, full)
+    assert set(mixed.tolist()) == {0.0, 1.0}  # whole samples swapped, both kinds present
+    assert 0.25 < float(mixed.mean()) < 0.75, mixed
+    # validation sees the segmenter's masks whenever one is given, the truth otherwise
+    assert set(_seen_masks(0.0, full, validate=True).tolist()) == {1.0}
+    assert set(_seen_masks(0.0, None, validate=True).tolist()) == {0.0}
+
+
+def test_classifier_masks_settings_are_checked(tmp_path):
+    from medseg_core.checkpoint import BundleError
+    from pipelines.train import run, stage_spec
+
+    with pytest.raises(ValueError, match="predicted must be in"):
+        stage_spec(config(tmp_path, "train.classifier_masks.predicted=1.5"), "classifier")
+    with pytest.raises(ValueError, match="truth or predicted"):
+        stage_spec(config(tmp_path, "train.classifier_masks.validate=segmenter"), "classifier")
+    # the classifier stage alone, asked for predicted masks, with no segmenter trained yet
+    cfg = config(tmp_path, "trainer=local", "stages=[classifier]", "run_name=alone",
+                 "train.classifier_masks.validate=predicted")
+    with pytest.raises(BundleError, match="train the segmenter stage first"):
+        run(cfg)
