@@ -89,10 +89,8 @@ class StageSpec:
 
 
 def load_mask_segmenter(spec: StageSpec, device: torch.device) -> nn.Module:
-    """The frozen segmenter whose masks the classifier stage trains or validates on."""
-    if not spec.mask_segmenter:
-        raise ValueError("train.classifier_masks needs a segmenter bundle (classifier_masks."
-                         "segmenter, or this run's segmenter stage)")
+    """The frozen segmenter (`spec.mask_segmenter`) whose masks the classifier stage trains or
+    validates on."""
     try:
         bundle = load_bundle(spec.mask_segmenter, map_location=device)
     except BundleError as exc:
@@ -169,14 +167,10 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
         grad_clip=spec.grad_clip, threshold=spec.threshold,
         amp_dtype=torch.bfloat16 if spec.bf16 and ctx.device.type == "cuda" else None,
         channels_last=spec.channels_last, augment=spec.gpu_augment,
+        mask_model=load_mask_segmenter(spec, ctx.device) if spec.uses_segmenter else None,
+        mask_prob=spec.predicted_masks,
     )
-    val_step = step
-    if spec.uses_segmenter:
-        segmenter = load_mask_segmenter(spec, ctx.device)
-        step = replace(step, mask_model=segmenter if spec.predicted_masks > 0 else None,
-                       mask_prob=spec.predicted_masks)
-        val_step = replace(step, mask_model=segmenter if spec.validate_masks == "predicted"
-                           else None)
+    val_step = step if spec.validate_masks == "predicted" else replace(step, mask_model=None)
     for epoch in range(start_epoch, spec.epochs):
         _maybe_fail(spec, epoch)
         tr = train_epoch(model, ctx.train_batches(epoch), optimizer, loss_fn, step,
