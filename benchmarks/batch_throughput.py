@@ -97,7 +97,7 @@ def loop(chain: Chain, records: list) -> float:
     """Seconds of the plain single-process loop over the records."""
     start = time.perf_counter()
     for rec in records:
-        chain.predict([decode_image(read_bytes(rec.image_uri))])
+        chain.predict([decode_image(read_bytes(rec.image_uri), keep_grey=True)])  # as the job
     return time.perf_counter() - start
 
 
@@ -140,7 +140,7 @@ def main() -> None:
                         config_name="segment_batch"))
         chain = Chain.from_uris(seg, cls, device="cuda" if args.gpu else "cpu")
         for rec in records[:2]:
-            chain.predict([decode_image(read_bytes(rec.image_uri))])
+            chain.predict([decode_image(read_bytes(rec.image_uri), keep_grey=True)])
         # the loop's two halves before and after the job, so load drift hits both paths
         half = n // 2
         loop_s = loop(chain, records[:half])

@@ -42,8 +42,7 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 
 import torch  # noqa: E402
 
-from medseg_core.dataset import RecordDataset, collate, sample_rng  # noqa: E402
-from medseg_core.layouts import load_record  # noqa: E402
+from medseg_core.dataset import RecordDataset, collate  # noqa: E402
 from medseg_core.transforms import build_transforms  # noqa: E402
 from pipelines.cluster import connect  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
@@ -159,10 +158,12 @@ def warm_cache(records) -> int:
 
 
 def single_process(records, transform, seed: int, epoch: int = 0) -> float:
+    """(a): the DataLoader workers' per-sample code (read, decode, transform) in a plain loop."""
+    ds = RecordDataset(records, transform, seed=seed)
+    ds.set_epoch(epoch)
     t = time.perf_counter()
-    for r in records:
-        s = load_record(r)
-        transform(s, sample_rng(seed, epoch, r.id))
+    for i in range(len(ds)):
+        ds[i]
     return len(records) / (time.perf_counter() - t)
 
 

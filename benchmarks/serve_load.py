@@ -179,7 +179,7 @@ def main() -> None:
                                         args.input_size)
     grey, _ = make_sample("benign", args.image_size, np.random.default_rng(0))
     payload = encode_png(grey)
-    image = decode_image(payload)
+    image = decode_image(payload, keep_grey=True)  # as the server decodes it
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from medseg_core.layouts import Record, load_record
+from medseg_core.transforms import to_channels
 
 Sample = dict[str, Any]
 
@@ -24,8 +25,10 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 class RecordDataset(torch.utils.data.Dataset):
     """Decodes a record and applies a joint transform; `set_epoch` changes the augmentation.
 
-    `loader` replaces `load_record` (e.g. a reader of packed archives); it must be picklable
-    for DataLoader workers.
+    Grey images are decoded as one plane and repeated to `channels` after the transform
+    (`keep_grey` in `medseg_core.io.decode_image`). `loader` replaces `load_record` (e.g. a
+    reader of packed archives; it may return a grey plane too); it must be picklable for
+    DataLoader workers.
     """
 
     def __init__(self, records: Sequence[Record], transform: Callable[..., Sample] | None = None,
@@ -51,10 +54,10 @@ class RecordDataset(torch.utils.data.Dataset):
             sample = self.loader(record)
         else:
             sample = load_record(record, storage_options=self.storage_options,
-                                 channels=self.channels)
+                                 channels=self.channels, keep_grey=True)
         if self.transform is not None:
             sample = self.transform(sample, sample_rng(self.seed, self.epoch, record.id))
-        return sample
+        return {**sample, "image": to_channels(sample["image"], self.channels)}
 
 
 def collate(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:

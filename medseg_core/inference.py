@@ -20,42 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from medseg_core.postprocess import keep_largest
-from medseg_core.transforms import normalize_batch, resize_image, resize_mask, to_size
+from medseg_core.transforms import normalize_batch, resize_image, resize_mask, to_channels, to_size
 
 if TYPE_CHECKING:
     from medseg_core.checkpoint import Bundle
 
-__all__ = ["Segmenter", "Classifier", "Chain", "to_channels", "mask_bbox"]
+__all__ = ["Segmenter", "Classifier", "Chain", "to_channels", "model_input", "mask_bbox"]
 
 MODES = ("resize", "tile")
-
-
-def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """uint8 HxW / HxWx{1,2,3,4} image -> uint8 HxWx``channels`` (1 or 3).
-
-    Alpha is dropped; RGB -> grey uses PIL's ITU-R 601-2 luma (as decoding with one channel
-    does); grey -> RGB repeats the plane.
-    """
-    image = np.asarray(image)
-    if image.dtype == np.bool_:
-        image = image.astype(np.uint8) * 255
-    if image.dtype != np.uint8:
-        raise TypeError(f"images must be uint8, got {image.dtype}")
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4) or min(image.shape[:2]) < 1:
-        raise ValueError(f"images must be HxW or HxWx{{1,2,3,4}}, got shape {image.shape}")
-    if image.shape[2] in (2, 4):  # grey + alpha, RGB + alpha
-        image = image[:, :, : image.shape[2] - 1]
-    have = image.shape[2]
-    if have == channels:
-        return np.ascontiguousarray(image)
-    if channels == 1:
-        grey = Image.fromarray(np.ascontiguousarray(image)).convert("L")
-        return np.asarray(grey)[:, :, None]
-    if channels == 3:
-        return np.repeat(image, 3, axis=2)
-    raise ValueError(f"cannot convert a {have}-channel image to {channels} channels")
 
 
 def mask_bbox(mask: np.ndarray) -> list[int] | None:
@@ -65,6 +37,15 @@ def mask_bbox(mask: np.ndarray) -> list[int] | None:
         return None
     cols = np.flatnonzero(mask.any(axis=0))
     return [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
+
+
+def model_input(image: np.ndarray, channels: int, size: int | Sequence[int]) -> np.ndarray:
+    """``resize_image(to_channels(image, channels), size)``, cheaper for a grey image wanted in
+    3 channels: its one plane is resized before it is repeated (the same pixels)."""
+    grey = np.ndim(image) == 2 or np.shape(image)[2] in (1, 2)  # grey, grey + alpha
+    if grey and channels == 3:
+        return to_channels(resize_image(to_channels(image, 1), size), 3)
+    return resize_image(to_channels(image, channels), size)
 
 
 def _check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -218,7 +199,8 @@ class Segmenter(_Runner):
     def _predict_resize(self, images: list[np.ndarray]) -> list[np.ndarray]:
         results: list[np.ndarray] = []
         for part in _chunks(len(images), self.batch_size):
-            batch = np.stack([resize_image(im, self.input_size) for im in images[part]])
+            batch = np.stack([model_input(im, self.in_channels, self.input_size)
+                              for im in images[part]])
             probs = self._probabilities(batch)
             if self.keep_largest:  # at the model's resolution: cheap, and the same component
                 probs = probs * keep_largest(probs > self.threshold)
@@ -266,13 +248,13 @@ class Segmenter(_Runner):
 
     def predict_proba(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Foreground probability maps (float32 HxW, each image's original size)."""
-        prepared = [to_channels(im, self.in_channels) for im in _check_images(images)]
-        if not prepared:
+        images = _check_images(images)
+        if not images:
             return []
         with torch.inference_mode():
             if self.mode == "tile":
-                return self._predict_tile(prepared)
-            return self._predict_resize(prepared)
+                return self._predict_tile([to_channels(im, self.in_channels) for im in images])
+            return self._predict_resize(images)
 
     def predict(self, images: Sequence[np.ndarray], threshold: float | None = None) -> list[np.ndarray]:
         """Binary masks (uint8 {0,1} HxW, original sizes): probability > threshold.
@@ -327,7 +309,7 @@ class Classifier(_Runner):
         out: list[np.ndarray] = []
         with torch.inference_mode():
             for part in _chunks(len(images), self.batch_size):
-                batch = np.stack([resize_image(to_channels(im, self.in_channels), self.input_size)
+                batch = np.stack([model_input(im, self.in_channels, self.input_size)
                                   for im in images[part]])
                 mask = np.stack([self._mask(m) for m in masks[part]])[:, None]
                 x = self._normalize(batch)

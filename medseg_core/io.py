@@ -150,11 +150,15 @@ def decode_image(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     name: str = "<bytes>",
     draft: tuple[int, int] | None = None,
+    keep_grey: bool = False,
 ) -> np.ndarray:
     """Decode image bytes of any mode into uint8 HxWxC (C = ``channels``, 1 or 3).
 
     ``draft`` (width, height) lets JPEG decoders downscale by a power of two while decoding,
     to no less than that size (fast thumbnails for hashing); other formats ignore it.
+    ``keep_grey``: a grey source stays one plane (HxWx1) even when ``channels`` is 3, for a
+    caller that resizes and augments first and repeats the plane last
+    (``transforms.to_channels``): the same pixels for a third of the work.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -162,7 +166,8 @@ def decode_image(
     _check_pixels(im, max_pixels, name)
     if draft is not None and im.format in ("JPEG", "MPO"):
         im.draft(im.mode, draft)
-    return _to_channels(_to_uint8(_decode(im, name)), channels)
+    pixels = _to_uint8(_decode(im, name))
+    return _to_channels(pixels, 1 if keep_grey and pixels.ndim == 2 else channels)
 
 
 def decode_mask(

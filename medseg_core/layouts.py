@@ -665,10 +665,13 @@ def decode_record(
     channels: int = 3,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     threshold: int = 127,
+    keep_grey: bool = False,
 ) -> dict:
-    """Decode already-read bytes of a record into ``{"id", "image", "mask", "label"}``."""
+    """Decode already-read bytes of a record into ``{"id", "image", "mask", "label"}``
+    (``keep_grey``: see ``io.decode_image``)."""
     rec = record if isinstance(record, Record) else Record.from_dict(record)
-    image = decode_image(image_bytes, channels, max_pixels=max_pixels, name=rec.image_uri)
+    image = decode_image(image_bytes, channels, max_pixels=max_pixels, name=rec.image_uri,
+                         keep_grey=keep_grey)
     h, w = image.shape[:2]
     mask = np.zeros((h, w), dtype=np.uint8)
     for uri, data in zip(rec.mask_uris, mask_bytes, strict=True):
@@ -688,13 +691,14 @@ def load_record(
     channels: int = 3,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     threshold: int = 127,
+    keep_grey: bool = False,
 ) -> dict:
     """Read and decode a record: image uint8 HxWxC, mask uint8 HxW {0,1} (max over mask files,
     zeros when there are none), label int. Raises ImageDecodeError or LayoutError naming the file.
+    ``keep_grey``: see ``io.decode_image``.
     """
     rec = record if isinstance(record, Record) else Record.from_dict(record)
     image_bytes = read_bytes(rec.image_uri, storage_options)
     mask_bytes = [read_bytes(u, storage_options) for u in rec.mask_uris]
-    return decode_record(
-        rec, image_bytes, mask_bytes, channels=channels, max_pixels=max_pixels, threshold=threshold
-    )
+    return decode_record(rec, image_bytes, mask_bytes, channels=channels, max_pixels=max_pixels,
+                         threshold=threshold, keep_grey=keep_grey)

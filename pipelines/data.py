@@ -98,7 +98,7 @@ from medseg_core.layouts import LayoutError, Listing, Record, decode_record, lis
 from medseg_core.splits import phash
 from medseg_core.splits import split_records as core_split_records
 from medseg_core.synthetic import generate_dataset
-from medseg_core.transforms import build_transforms
+from medseg_core.transforms import build_transforms, to_channels
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -736,6 +736,7 @@ def _finish(spec: DecodeSpec, samples: list[dict[str, Any]]) -> dict[str, np.nda
 def _apply(spec: DecodeSpec, transform, sample: dict[str, Any], epoch: int | None) -> dict:
     rng = sample_rng(spec.seed, int(epoch or 0), sample["id"]) if spec.augment else None
     out = transform(sample, rng)
+    out["image"] = to_channels(out["image"], spec.channels)  # a grey plane (keep_grey) repeated
     h, w = spec.image_size
     if out["image"].shape != (h, w, spec.channels) or out["mask"].shape != (h, w):
         raise RuntimeError(f"{sample['id']}: transforms gave image {out['image'].shape} and "
@@ -760,7 +761,8 @@ def decode_raw_batch(batch: Mapping[str, Sequence[Any]], spec: DecodeSpec,
                 if isinstance(b, BaseException):
                     raise FileNotFoundError(f"{u}: cannot read: {b}") from b
             sample = decode_record(rec, blobs[0], blobs[1:], channels=spec.channels,
-                                   max_pixels=spec.max_pixels, threshold=spec.threshold)
+                                   max_pixels=spec.max_pixels, threshold=spec.threshold,
+                                   keep_grey=True)
             samples.append(_apply(spec, transform, sample, epoch))
         except BAD_INPUT_ERRORS as e:
             path = _blamed_path(e, rec)
@@ -813,8 +815,10 @@ def _cached_row_group(shard: str, row_group: int, so: dict | None):
 
 
 def decode_packed_row(row: Mapping[str, Any], *, channels: int = 3,
-                      max_pixels: int | None = DEFAULT_MAX_PIXELS, threshold: int = 127) -> dict:
-    """One packed row -> {"id", "image", "mask", "label"} (same decoding as a raw record)."""
+                      max_pixels: int | None = DEFAULT_MAX_PIXELS, threshold: int = 127,
+                      keep_grey: bool = False) -> dict:
+    """One packed row -> {"id", "image", "mask", "label"} (same decoding as a raw record;
+    ``keep_grey``: see ``medseg_core.io.decode_image``)."""
     source = str(row["source"])
     enc = row["encoding"]
     if enc == "raw":
@@ -829,7 +833,7 @@ def decode_packed_row(row: Mapping[str, Any], *, channels: int = 3,
     masks = () if row["mask"] is None else (f"{source} (packed mask)",)
     rec = Record(str(row["id"]), source, masks, int(row["label"]))
     return decode_record(rec, row["image"], [row["mask"]] if masks else [], channels=channels,
-                         max_pixels=max_pixels, threshold=threshold)
+                         max_pixels=max_pixels, threshold=threshold, keep_grey=keep_grey)
 
 
 def decode_packed_batch(batch: Mapping[str, Sequence[Any]], spec: DecodeSpec,
@@ -853,7 +857,7 @@ def decode_packed_batch(batch: Mapping[str, Sequence[Any]], spec: DecodeSpec,
         for r in wanted:
             row = {c: cols[c][r].as_py() for c in PACKED_COLUMNS}
             try:
-                sample = decode_packed_row(row, channels=spec.channels,
+                sample = decode_packed_row(row, channels=spec.channels, keep_grey=True,
                                            max_pixels=spec.max_pixels, threshold=spec.threshold)
                 samples.append(_apply(spec, transform, sample, epoch))
             except BAD_INPUT_ERRORS as e:
@@ -1097,8 +1101,10 @@ def train_epoch_dataset(ds: Dataset, epoch: int, cfg: dict[str, Any] | None = No
                          epoch=int(epoch), ledger=pipe.ledger)
 
 
-def load_any_record(record: Record, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """In-process loading of a raw or packed record (decoded, not transformed)."""
+def load_any_record(record: Record, cfg: Mapping[str, Any], keep_grey: bool = False
+                    ) -> dict[str, Any]:
+    """In-process loading of a raw or packed record (decoded, not transformed; ``keep_grey``:
+    see ``medseg_core.io.decode_image``)."""
     data = cfg.get("data", cfg)
     so = storage_options(data)
     threshold = int(data.get("mask_threshold", 127))
@@ -1107,7 +1113,8 @@ def load_any_record(record: Record, cfg: Mapping[str, Any]) -> dict[str, Any]:
         table = _cached_row_group(shard, rg, so)
         values = {c: table.column(c)[row].as_py() for c in PACKED_COLUMNS}
         return decode_packed_row(values, channels=int(data.get("channels", 3)),
-                                 max_pixels=_max_pixels(data), threshold=threshold)
+                                 max_pixels=_max_pixels(data), threshold=threshold,
+                                 keep_grey=keep_grey)
     blobs = fetch_many([record.image_uri, *record.mask_uris], so)
     for u, b in blobs.items():
         if isinstance(b, BaseException):
@@ -1115,4 +1122,4 @@ def load_any_record(record: Record, cfg: Mapping[str, Any]) -> dict[str, Any]:
     return decode_record(record, blobs[record.image_uri],  # type: ignore[arg-type]
                          [blobs[m] for m in record.mask_uris],  # type: ignore[misc]
                          channels=int(data.get("channels", 3)), max_pixels=_max_pixels(data),
-                         threshold=threshold)
+                         threshold=threshold, keep_grey=keep_grey)

@@ -159,12 +159,12 @@ def load_sample(record: Record, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Image, ground-truth mask and label of a record, decoded as the Ray predictor does."""
     data = cfg["data"]
     if PACKED_MARK in record.image_uri:
-        return load_any_record(record, cfg)
+        return load_any_record(record, cfg, keep_grey=True)
     max_pixels = data.get("max_pixels", 40_000_000)
     return load_record(record, storage_options=storage_options(data),
                        channels=int(data.get("channels", 3)),
                        max_pixels=None if max_pixels is None else int(max_pixels),
-                       threshold=int(data.get("mask_threshold", 127)))
+                       threshold=int(data.get("mask_threshold", 127)), keep_grey=True)
 
 
 class LocalPredictor:

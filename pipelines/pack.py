@@ -50,7 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medseg_core.io import encode_mask_png, encode_png
 from medseg_core.layouts import Record, decode_record
-from medseg_core.transforms import Resize
+from medseg_core.transforms import Resize, to_channels
 from pipelines.data import (
     BAD_INPUT_ERRORS,
     MANIFEST_NAME,
@@ -90,7 +90,8 @@ def _encode_row(rec: Record, blobs: list[bytes], spec: dict[str, Any]) -> dict[s
     """Validate (full decode), hash and encode one record; raises on bad input."""
     max_pixels = spec["max_pixels"]
     channels = int(spec["channels"])
-    sample = decode_record(rec, blobs[0], blobs[1:], channels=channels, max_pixels=max_pixels)
+    sample = decode_record(rec, blobs[0], blobs[1:], channels=channels, max_pixels=max_pixels,
+                           keep_grey=True)
     h, w = sample["mask"].shape
     row: dict[str, Any] = {
         "id": rec.id, "label": int(rec.label), "source": rec.image_uri,
@@ -109,7 +110,7 @@ def _encode_row(rec: Record, blobs: list[bytes], spec: dict[str, Any]) -> dict[s
         row["shape"] = [int(h), int(w), channels]
         return row
     resized = Resize(spec["resize_to"])(sample)
-    image, mask = resized["image"], resized["mask"]
+    image, mask = to_channels(resized["image"], channels), resized["mask"]
     row["shape"] = [int(v) for v in image.shape]
     if spec["encoding"] == "png":
         row["image"] = encode_png(image, compress_level=int(spec["compress_level"]))

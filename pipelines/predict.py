@@ -235,6 +235,7 @@ class ChainPredictor:
                 channels=self.channels,
                 max_pixels=self.max_pixels,
                 threshold=self.mask_threshold,
+                keep_grey=True,  # the models repeat a grey plane after resizing it
             )
             return sample, None, time.perf_counter() - start
         except Exception as exc:  # any unreadable or undecodable file is a row, not a crash

@@ -117,10 +117,12 @@ class LocalContext:
         bs, ebs = int(cfg["train"]["batch_size"]), int(cfg["train"]["eval_batch_size"])
         workers = int(cfg["trainer"].get("loader_workers", 0))
         # raw or packed archives, read as the Ray pipeline reads them
-        loader = functools.partial(load_any_record, cfg=cfg)
+        loader = functools.partial(load_any_record, cfg=cfg, keep_grey=True)
+        channels = int(cfg["data"].get("channels", 3))
         self.train_set = RecordDataset(splits["train"], cpu_transforms(cfg, True),
-                                       seed=int(cfg["seed"]), loader=loader)
-        val = RecordDataset(splits["val"], cpu_transforms(cfg, False), loader=loader)
+                                       seed=int(cfg["seed"]), loader=loader, channels=channels)
+        val = RecordDataset(splits["val"], cpu_transforms(cfg, False), loader=loader,
+                            channels=channels)
         gen = torch.Generator().manual_seed(int(cfg["seed"]))
         self.train_loader = torch.utils.data.DataLoader(
             self.train_set, batch_size=bs, shuffle=True, drop_last=len(self.train_set) > bs,

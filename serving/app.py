@@ -439,7 +439,10 @@ class Ingress:
     def _decode(self, data: bytes) -> np.ndarray:
         sniff(data, self.accepted)
         try:
-            return decode_image(data, 3, max_pixels=self.limits.max_pixels, name="request body")
+            # a grey image stays one plane: a third of the bytes to the model replicas, which
+            # resize it before repeating it (inference.model_input)
+            return decode_image(data, 3, max_pixels=self.limits.max_pixels, name="request body",
+                                keep_grey=True)
         except ImageTooLargeError as exc:
             raise ApiError(413, "image_too_large", str(exc)) from None
         except ImageDecodeError as exc:

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from medseg_core.checkpoint import load_bundle, make_bundle_config, save_bundle
-from medseg_core.inference import Chain, Classifier, Segmenter, mask_bbox, to_channels
+from medseg_core.inference import (
+    Chain,
+    Classifier,
+    Segmenter,
+    mask_bbox,
+    model_input,
+    to_channels,
+)
 from medseg_core.models import build_model
 from medseg_core.transforms import normalize_batch, resize_image
 
@@ -186,6 +193,19 @@ def test_channel_conversion(root: Path, seg_uri: str) -> None:
     luma = np.asarray(Image.fromarray(colour).convert("L"))
     np.testing.assert_array_equal(seg1.predict_proba([colour])[0], seg1.predict_proba([luma])[0])
     assert to_channels(colour, 1).shape == (40, 52, 1)
+
+
+def test_model_input_resizes_a_grey_plane_before_repeating_it() -> None:
+    rng = np.random.default_rng(11)
+    grey = rng.integers(0, 256, (37, 61), dtype=np.uint8)
+    variants = [grey, grey[:, :, None], np.stack([grey, np.full_like(grey, 3)], axis=2),
+                rng.integers(0, 256, (37, 61, 3), dtype=np.uint8), grey > 99]
+    for image in variants:
+        for channels in (1, 3):
+            want = resize_image(to_channels(image, channels), (24, 32))
+            got = model_input(image, channels, (24, 32))
+            assert got.shape == (24, 32, channels)
+            np.testing.assert_array_equal(got, want)
 
 
 def test_input_validation(seg_uri: str) -> None:

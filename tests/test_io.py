@@ -172,6 +172,17 @@ def test_output_is_writable(source, channels):
     out[0, 0, 0] = 7  # transforms may work in place
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_keep_grey_leaves_a_grey_source_one_plane(channels):
+    grey = decode_image(save(Image.fromarray(GREY), "PNG"), channels, keep_grey=True)
+    assert grey.shape == (*GREY.shape, 1) and grey.flags.writeable
+    np.testing.assert_array_equal(grey[:, :, 0], GREY)
+    # a colour source is converted as asked either way
+    data = save(Image.fromarray(RGB), "PNG")
+    np.testing.assert_array_equal(decode_image(data, channels, keep_grey=True),
+                                  decode_image(data, channels))
+
+
 def test_bad_channels():
     with pytest.raises(ValueError):
         decode_image(save(Image.fromarray(GREY), "PNG"), 2)

@@ -17,6 +17,7 @@ from medseg_core.transforms import (
     augment_batch,
     build_transforms,
     normalize_batch,
+    to_channels,
     to_unit_float,
 )
 
@@ -146,6 +147,32 @@ def test_training_pipeline_keeps_alignment(seed: int) -> None:
     out = build_transforms(cfg, train=True)(sample_for(seed), np.random.default_rng(seed))
     assert out["image"].shape == (64, 80, 3) and out["mask"].shape == (64, 80)
     assert_aligned(out["image"][..., 0], out["mask"], 127)
+
+
+def test_three_channels_in_one_pil_call_equal_plane_by_plane() -> None:
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (83, 117, 3), dtype=np.uint8)
+    mask = blobs(83, 117, rng)
+    steps = [Resize((64, 40)), Resize((200, 150))]
+    forward = RandomAffine(30, 0.1, (0.8, 1.2)).sample_params(rng, 83, 117)
+    for step in (*steps, lambda s, rng=None: RandomAffine.apply(s, forward)):
+        whole = step({"image": image, "mask": mask})
+        planes = [step({"image": image[:, :, c:c + 1], "mask": mask})["image"] for c in range(3)]
+        np.testing.assert_array_equal(whole["image"], np.concatenate(planes, axis=2))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grey_plane_through_the_pipeline_equals_its_repeated_rgb(seed: int) -> None:
+    """keep_grey decoding: one plane augmented, then repeated, is the 3-channel result."""
+    s = sample_for(seed)
+    grey = s["image"][:, :, 1:2]
+    tf = build_transforms({"size": [64, 80], **AUG, "brightness": 0.2, "contrast": 0.3},
+                          train=True)
+    one = tf({**s, "image": grey}, np.random.default_rng(seed))
+    three = tf({**s, "image": np.repeat(grey, 3, axis=2)}, np.random.default_rng(seed))
+    assert one["image"].shape == (64, 80, 1)
+    np.testing.assert_array_equal(to_channels(one["image"], 3), three["image"])
+    np.testing.assert_array_equal(one["mask"], three["mask"])
 
 
 def test_same_seed_same_output_different_seed_different() -> None:
