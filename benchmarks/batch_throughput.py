@@ -139,8 +139,7 @@ def main() -> None:
         run(load_config(job_overrides(args, seg, cls, tmp / "warm", 4),
                         config_name="segment_batch"))
         chain = Chain.from_uris(seg, cls, device="cuda" if args.gpu else "cpu")
-        for rec in records[:2]:
-            chain.predict([decode_image(read_bytes(rec.image_uri), keep_grey=True)])
+        loop(chain, records[:2])
         # the loop's two halves before and after the job, so load drift hits both paths
         half = n // 2
         loop_s = loop(chain, records[:half])

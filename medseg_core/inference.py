@@ -43,9 +43,7 @@ def model_input(image: np.ndarray, channels: int, size: int | Sequence[int]) -> 
     """``resize_image(to_channels(image, channels), size)``, cheaper for a grey image wanted in
     3 channels: its one plane is resized before it is repeated (the same pixels)."""
     grey = np.ndim(image) == 2 or np.shape(image)[2] in (1, 2)  # grey, grey + alpha
-    if grey and channels == 3:
-        return to_channels(resize_image(to_channels(image, 1), size), 3)
-    return resize_image(to_channels(image, channels), size)
+    return to_channels(resize_image(to_channels(image, 1 if grey else channels), size), channels)
 
 
 def _check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -172,7 +172,7 @@ def segmentation_scores(seg_uri: str, records: list[Record], cfg: dict[str, Any]
     segmenters = {name: Segmenter(bundle, device=device, **over) for name, over in options.items()}
     meters = {name: SegmentationMeter() for name in options}
     for rec in records:
-        sample = load_any_record(rec, cfg)
+        sample = load_any_record(rec, cfg, keep_grey=True)
         for name, segmenter in segmenters.items():
             meters[name].update(segmenter.predict([sample["image"]])[0][None],
                                 sample["mask"][None])
