@@ -5,7 +5,8 @@
 - `metrics.json` evaluation metrics at save time,
 - `version`      a short text id, written last: a directory without it is not (yet) a bundle.
 
-The same bundle is used for training checkpoints, online serving and batch jobs.
+The same bundle is used for training checkpoints, online serving and batch jobs. A training
+checkpoint also holds `train_state.pt` (`save_train_state`): the optimizer state to resume with.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 VERSION_FILE = "version"
+TRAIN_STATE_FILE = "train_state.pt"
 BUNDLE_KEYS = (
     "model",
     "task",
@@ -257,3 +259,39 @@ def load_bundle(
         model.to(map_location)
     model.eval()
     return Bundle(model=model, config=config, metrics=metrics, version=version, uri=url)
+
+
+def save_train_state(
+    url: str, state: Mapping[str, Any], storage_options: dict[str, Any] | None = None
+) -> str:
+    """Write `state` (tensors, numbers, strings, lists, tuples and dicts of them, e.g. an
+    optimizer's `state_dict()` under a key) as `train_state.pt` of the directory `url`; returns
+    the file's URL. Write it before `save_bundle` so the bundle's `version` stays the last file."""
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    fs, path = fsspec.core.url_to_fs(url.rstrip("/"), **(storage_options or {}))
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(_join(path, TRAIN_STATE_FILE), buffer.getvalue())
+    return _join(url.rstrip("/"), TRAIN_STATE_FILE)
+
+
+def load_train_state(
+    url: str,
+    *,
+    map_location: str | torch.device = "cpu",
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """The `train_state.pt` of the directory `url` (loaded with `weights_only=True`), or None
+    when it has none (a bundle saved without it). Raises BundleError for an unreadable file."""
+    fs, path = fsspec.core.url_to_fs(url.rstrip("/"), **(storage_options or {}))
+    try:
+        blob = fs.cat_file(_join(path, TRAIN_STATE_FILE))
+    except FileNotFoundError:
+        return None
+    try:
+        state = torch.load(io.BytesIO(blob), map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise BundleError(f"cannot load {TRAIN_STATE_FILE} of {url}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise BundleError(f"{TRAIN_STATE_FILE} of {url} is not a mapping")
+    return state

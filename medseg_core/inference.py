@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from medseg_core.io import mask_2d
 from medseg_core.postprocess import keep_largest
 from medseg_core.transforms import normalize_batch, resize_image, resize_mask, to_channels, to_size
 
@@ -44,6 +45,22 @@ def model_input(image: np.ndarray, channels: int, size: int | Sequence[int]) -> 
     3 channels: its one plane is resized before it is repeated (the same pixels)."""
     grey = np.ndim(image) == 2 or np.shape(image)[2] in (1, 2)  # grey, grey + alpha
     return to_channels(resize_image(to_channels(image, 1 if grey else channels), size), channels)
+
+
+def check_threshold(value: Any) -> float | None:
+    """The ``threshold`` setting: None (the segmentation bundle's) or a probability strictly
+    between 0 and 1, as the serving endpoint accepts; anything else raises ValueError (jobs call it
+    at start-up)."""
+    if value is None:
+        return None
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = math.nan
+    if isinstance(value, bool) or not 0.0 < t < 1.0:  # NaN fails too
+        raise ValueError(f"threshold={value!r} is invalid: it must be a probability strictly "
+                         "between 0 and 1, or null for the segmentation bundle's threshold")
+    return t
 
 
 def _check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -284,11 +301,7 @@ class Classifier(_Runner):
         self.class_names: tuple[str, ...] | None = tuple(names) if names else None
 
     def _mask(self, mask: np.ndarray) -> np.ndarray:
-        mask = np.asarray(mask)
-        if mask.ndim == 3 and mask.shape[2] == 1:
-            mask = mask[:, :, 0]
-        if mask.ndim != 2:
-            raise ValueError(f"masks must be HxW, got shape {mask.shape}")
+        mask = mask_2d(mask, "masks")
         h, w = self.input_size
         if np.issubdtype(mask.dtype, np.floating):
             resized = Image.fromarray(np.clip(mask, 0, 1).astype(np.float32))

@@ -245,13 +245,19 @@ def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
     return buf.getvalue()
 
 
-def encode_mask_png(mask: np.ndarray) -> bytes:
-    """Encode a mask (HxW or HxWx1, nonzero = foreground) as a 0/255 8-bit grey PNG."""
+def mask_2d(mask: np.ndarray, name: str = "mask") -> np.ndarray:
+    """`mask` as an HxW array (an HxWx1 one loses its last axis); anything else is a ValueError."""
     m = np.asarray(mask)
     if m.ndim == 3 and m.shape[2] == 1:
         m = m[:, :, 0]
     if m.ndim != 2:
-        raise ValueError(f"mask must be HxW, got shape {m.shape}")
+        raise ValueError(f"{name} must be HxW, got shape {m.shape}")
+    return m
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """Encode a mask (HxW or HxWx1, nonzero = foreground) as a 0/255 8-bit grey PNG."""
+    m = mask_2d(mask)
     return encode_png((m != 0).astype(np.uint8) * 255)
 
 
@@ -261,11 +267,7 @@ def rle_encode(mask: np.ndarray, compressed: bool = False) -> dict:
     Column-major runs, starting with the number of zeros (0 when the first pixel is set).
     ``compressed=True`` gives COCO's compact string form of ``counts`` instead of a list.
     """
-    m = np.asarray(mask)
-    if m.ndim == 3 and m.shape[2] == 1:
-        m = m[:, :, 0]
-    if m.ndim != 2:
-        raise ValueError(f"mask must be HxW, got shape {m.shape}")
+    m = mask_2d(mask)
     h, w = m.shape
     flat = m.ravel(order="F") != 0
     if flat.size == 0:

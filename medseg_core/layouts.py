@@ -10,6 +10,12 @@ Record ids are the image path relative to the layout's image directory, without 
 (``benign/benign (1)`` for BUSI), so they are unique, stable and readable. Records are sorted
 by id. URIs keep the archive's protocol: an ``s3://`` listing yields ``s3://`` URIs, a plain
 path yields plain paths.
+
+Ids, and the paths and reasons of :class:`Skipped`, are always valid Unicode (they end up in
+Parquet and JSON): a byte of a local file name that is not UTF-8 (``b"caf\\xe9.png"``) appears
+as the escape ``\\xe9`` (see :func:`valid_text`), while ``image_uri`` / ``mask_uris`` keep
+the real path to read the file by. A valid name spelling that same escape gets the same id and
+is reported as a duplicate.
 """
 
 from __future__ import annotations
@@ -37,6 +43,22 @@ from medseg_core.io import (
 
 CLASS_NAMES = ("normal", "benign", "malignant")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(m: re.Match) -> str:
+    code = ord(m.group())
+    # U+DC80..U+DCFF is how os.fsdecode (surrogateescape) carries an undecodable byte
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def valid_text(text: str) -> str:
+    """``text`` with every lone surrogate written as a backslash escape, so that it encodes as
+    UTF-8: a file name byte that is not UTF-8 (``os.fsdecode(b"caf\\xe9")`` is
+    ``"caf\\udce9"``) becomes ``\\xe9``. Valid text comes back unchanged. Escaping is per
+    character, so a path's parts escape the same alone as in the whole path."""
+    return _SURROGATE.sub(_escape_surrogate, text) if _SURROGATE.search(text) else text
 
 
 class LayoutError(ValueError):
@@ -79,6 +101,10 @@ class Skipped:
 
     path: str
     reason: str
+
+    def __post_init__(self) -> None:
+        self.path = valid_text(self.path)
+        self.reason = valid_text(self.reason)
 
 
 @dataclass
@@ -130,7 +156,10 @@ class _Archive:
         return self.fs.unstrip_protocol(path) if self.keep_protocol else path
 
     def find(self, sub: str = "", recursive: bool = True) -> list[tuple[str, str]]:
-        """(path relative to ``sub``, full path) for every non-hidden file under ``sub``."""
+        """(path relative to ``sub``, full path) for every non-hidden file under ``sub``.
+
+        The relative path, which ids are made of, is `valid_text`; the full path is the real
+        one, to read the file by."""
         base = self.path(sub)
         try:
             found = self.fs.find(base, maxdepth=None if recursive else 1, withdirs=False)
@@ -141,7 +170,7 @@ class _Archive:
         for p in found:
             if not p.startswith(prefix):
                 continue
-            rel = p[len(prefix) :]
+            rel = valid_text(p[len(prefix) :])
             if not _is_hidden(rel):
                 out.append((rel, p))
         out.sort()
@@ -158,7 +187,7 @@ class _Archive:
             if outer is None:
                 result[sub] = self.find(sub)
             else:
-                pre = (sub[len(outer) :].lstrip("/") if outer else sub) + "/"
+                pre = valid_text(sub[len(outer) :].lstrip("/") if outer else sub) + "/"
                 result[sub] = [(r[len(pre) :], p) for r, p in result[outer] if r.startswith(pre)]
         return result
 
@@ -353,7 +382,7 @@ class FolderLayout(Layout):
         """Whether the file (relative to image_dir) lies inside the nested ``inner`` dir."""
         if inner is None or inner == self.image_dir:
             return False
-        pre = inner[len(self.image_dir) :].lstrip("/") if self.image_dir else inner
+        pre = valid_text(inner[len(self.image_dir) :].lstrip("/") if self.image_dir else inner)
         return rel_dir == pre or rel_dir.startswith(pre + "/")
 
     def scan(self, arc: _Archive) -> tuple[list[Record], _Problems]:
@@ -384,7 +413,7 @@ class FolderLayout(Layout):
             nested_images = not same_dir and (
                 self.mask_dir == "" or self.image_dir.startswith(self.mask_dir + "/")
             )
-            img_pre = self.image_dir[len(self.mask_dir) :].lstrip("/") + "/"
+            img_pre = valid_text(self.image_dir[len(self.mask_dir) :].lstrip("/")) + "/"
             for rel, full in listing[self.mask_dir]:
                 if not _is_image(rel) or (nested_images and rel.startswith(img_pre)):
                     continue
@@ -672,16 +701,32 @@ def decode_record(
     rec = record if isinstance(record, Record) else Record.from_dict(record)
     image = decode_image(image_bytes, channels, max_pixels=max_pixels, name=rec.image_uri,
                          keep_grey=keep_grey)
-    h, w = image.shape[:2]
+    mask = decode_masks(rec, mask_bytes, image.shape[:2], threshold=threshold,
+                        max_pixels=max_pixels)
+    return {"id": rec.id, "image": image, "mask": mask, "label": int(rec.label)}
+
+
+def decode_masks(
+    record: Record,
+    mask_bytes: Sequence[bytes],
+    shape: tuple[int, int],
+    *,
+    threshold: int = 127,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """The union of a record's decoded masks as uint8 HxW in {0, 1} (zeros when it has none);
+    a mask that is not `shape` (the image's H, W) raises LayoutError naming both files."""
+    h, w = shape
     mask = np.zeros((h, w), dtype=np.uint8)
-    for uri, data in zip(rec.mask_uris, mask_bytes, strict=True):
+    for uri, data in zip(record.mask_uris, mask_bytes, strict=True):
         m = decode_mask(data, threshold=threshold, max_pixels=max_pixels, name=uri)
         if m.shape != (h, w):
             raise LayoutError(
-                f"{uri}: mask is {m.shape[1]}x{m.shape[0]} but image {rec.image_uri} is {w}x{h}"
+                f"{uri}: mask is {m.shape[1]}x{m.shape[0]} but image {record.image_uri} "
+                f"is {w}x{h}"
             )
         np.maximum(mask, m, out=mask)
-    return {"id": rec.id, "image": image, "mask": mask, "label": int(rec.label)}
+    return mask
 
 
 def load_record(

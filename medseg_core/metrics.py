@@ -125,7 +125,10 @@ jaccard = iou
 def thresholded_jaccard(
     counts: Any, threshold: float = ISIC_JACCARD_THRESHOLD
 ) -> np.ndarray | float:
-    """ISIC 2018 score: the IoU, set to 0 where it is below `threshold` (0.65)."""
+    """ISIC 2018 score of each image: its IoU, set to 0 where below `threshold` (0.65).
+
+    The challenge's score is the mean of this over images (`SegmentationMeter.aggregate()`'s
+    `thresholded_jaccard_mean`); of summed counts it is just 0 or the global IoU."""
     j = np.asarray(iou(counts))
     out = np.where(j >= threshold, j, 0.0)
     return float(out) if out.ndim == 0 else out

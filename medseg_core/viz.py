@@ -12,6 +12,8 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from medseg_core.io import mask_2d
+
 __all__ = [
     "TP_COLOR",
     "FP_COLOR",
@@ -81,12 +83,7 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def _binary(mask: np.ndarray, name: str) -> np.ndarray:
-    m = np.asarray(mask)
-    if m.ndim == 3 and m.shape[2] == 1:
-        m = m[:, :, 0]
-    if m.ndim != 2:
-        raise ValueError(f"{name} must be HxW, got shape {m.shape}")
-    return m > 0
+    return mask_2d(mask, name) > 0
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = (255, 0, 0),

@@ -11,8 +11,9 @@ _ROOT = Path(__file__).resolve().parents[1]
 
 def connect(address: str | None = None, num_cpus: float | None = None,
             runtime_env: dict[str, Any] | None = None) -> None:
-    """Join the running cluster (`address`, RAY_ADDRESS, `ray submit`, `ray job submit`), or
-    start a local one with `num_cpus` logical CPUs and this source tree on the workers' path."""
+    """Join the running cluster (`address`, RAY_ADDRESS, `ray job submit`, or the one `ray start`
+    started on this machine, as under `ray submit`), or start a local one with `num_cpus`
+    logical CPUs and this source tree on the workers' path."""
     import ray
 
     if ray.is_initialized():
@@ -23,8 +24,15 @@ def connect(address: str | None = None, num_cpus: float | None = None,
         return
     if runtime_env is None and (_ROOT / "medseg_core").is_dir():
         runtime_env = {"env_vars": {"PYTHONPATH": str(_ROOT)}}
-    ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=False,
-             runtime_env=runtime_env)
+    try:
+        ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=False,
+                 runtime_env=runtime_env)
+    except ValueError as e:
+        # With no address Ray joins the cluster that `ray start` recorded on this machine (the
+        # head node under `ray submit`), and refuses resource arguments for it: join as it is.
+        if "existing cluster" not in str(e):
+            raise
+        ray.init(runtime_env=runtime_env)
 
 
 def cluster_resources() -> dict[str, float]:

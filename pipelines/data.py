@@ -53,8 +53,13 @@ Bad input (error accounting)
 Zero-byte, truncated, non-image or oversized (decompression bomb) files, a mask whose size
 differs from its image, or a file that vanished after listing: with ``data.strict: false`` (the
 default) the record is dropped, a warning naming the file is logged where it happened, and the
-problem goes to the run's report (`data.report`, JSON). Problems found on the driver (listing,
-hashing) are recorded directly; problems found in Ray tasks are sent to one small ledger actor
+problem goes to the run's report (`data.report`, JSON). Raw archives are checked once on the
+driver before the splits (every image and mask decoded, mask sizes compared; hashed for the
+splits at the same time; cached under ``output_dir/cache``) when the splits group
+near-duplicates (the default) or the caller asks (`load_records(cfg, check=True)`: the
+in-process trainer does), so a bad record is dropped before splitting, as packing drops it
+(evaluation of ``split=all`` does not check: a bad record becomes an error row there).
+Problems found on the driver (listing, checking) are recorded directly; problems found in Ray tasks are sent to one small ledger actor
 per report, and the task waits for the acknowledgement before its block is emitted, so once an
 epoch has been consumed the report holds every record it dropped (deduplicated by file and
 reason, so re-reading a bad file every epoch counts it once). `data_report(cfg)` returns the
@@ -93,8 +98,20 @@ import fsspec
 import numpy as np
 
 from medseg_core.dataset import sample_rng
-from medseg_core.io import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_bytes
-from medseg_core.layouts import LayoutError, Listing, Record, decode_record, list_records
+from medseg_core.io import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    decode_image,
+    image_size,
+)
+from medseg_core.layouts import (
+    LayoutError,
+    Listing,
+    Record,
+    decode_masks,
+    decode_record,
+    list_records,
+)
 from medseg_core.splits import phash
 from medseg_core.splits import split_records as core_split_records
 from medseg_core.synthetic import generate_dataset
@@ -253,13 +270,25 @@ def fetch_many(uris: Sequence[str], so: dict | None, env: EnvCredentials | None 
     return out
 
 
+def record_bytes(rec: Record, fetched: Mapping[str, bytes | BaseException]) -> list[bytes]:
+    """The image's and then each mask's bytes from `fetch_many`'s result; a read that failed
+    raises FileNotFoundError naming the file."""
+    blobs = []
+    for uri in (rec.image_uri, *rec.mask_uris):
+        b = fetched[uri]
+        if isinstance(b, BaseException):
+            raise FileNotFoundError(f"{uri}: cannot read: {b}") from b
+        blobs.append(b)
+    return blobs
+
+
 # ----------------------------------------------------------------------------------------------
 # Problems and the report
 
 
 @dataclass(frozen=True)
 class Problem:
-    """A dropped record (or file) and why: `stage` is listing, hash, pack or decode."""
+    """A dropped record (or file) and why: `stage` is listing, check, pack or decode."""
 
     stage: str
     path: str
@@ -270,6 +299,12 @@ class Problem:
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.stage, self.path, self.reason)
+
+    @classmethod
+    def of(cls, stage: str, e: BaseException, rec: Record, split: str | None = None) -> Problem:
+        """The problem of a record that raised `e`, blaming the file the error names."""
+        path = _blamed_path(e, rec)
+        return cls(stage, path, _reason(e, path), rec.id, split)
 
 
 class BadRecordError(ValueError):
@@ -345,7 +380,7 @@ class ProblemLedger:
         return rep
 
 
-# Driver-side problems (listing, hashing) waiting for the run's ledger; by report path.
+# Driver-side problems (listing, checking) waiting for the run's ledger; by report path.
 _DRIVER_PROBLEMS: dict[str | None, dict[tuple[str, str, str], Problem]] = {}
 _LOCK = threading.Lock()
 
@@ -487,16 +522,19 @@ def image_phash(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIX
 def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
                    max_pixels: int | None = DEFAULT_MAX_PIXELS, threads: int = 8,
                    cache_dir: str | None = None) -> tuple[list[int | None], list[Problem]]:
-    """Hash every record's image in a thread pool (Pillow decodes without the GIL).
+    """Check every record (its image and masks decode, each mask is the image's size) and hash
+    its image, in a thread pool (Pillow decodes without the GIL).
 
-    Unreadable images give None and a Problem (or raise naming the file when `strict`).
-    Hashes are cached by id under `cache_dir`; failures are not (a repaired file is retried).
+    A bad record gives None and a Problem naming the bad file (or raises when `strict`), so it
+    is dropped before the splits, as packing drops it. Hashes are cached by id under
+    `cache_dir`; failures are not (a repaired file is retried).
     """
     cache: dict[str, Any] = {}
     url = None
     if cache_dir:
-        key = hashlib.sha256("\n".join(r.image_uri for r in records).encode()).hexdigest()[:16]
-        url = f"{cache_dir.rstrip('/')}/phash-v2-{key}.json"
+        names = "\n".join(u for r in records for u in (r.image_uri, *r.mask_uris))
+        key = hashlib.sha256(names.encode(errors="surrogateescape")).hexdigest()[:16]
+        url = f"{cache_dir.rstrip('/')}/phash-v3-{key}.json"
         fs, path = fsspec.core.url_to_fs(url)
         if fs.exists(path):
             with fs.open(path, "r") as f:
@@ -505,12 +543,18 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
 
     def one(rec: Record) -> tuple[str, Any]:
         try:
-            data = read_bytes(rec.image_uri, so)
-            return rec.id, str(image_phash(data, rec.image_uri, max_pixels))
+            image, *masks = record_bytes(
+                rec, fetch_many([rec.image_uri, *rec.mask_uris], so, threads=1))
+            digest = image_phash(image, rec.image_uri, max_pixels)
+            if masks:
+                w, h = image_size(image, rec.image_uri)
+                decode_masks(rec, masks, (h, w), max_pixels=max_pixels)
+            return rec.id, str(digest)
         except BAD_INPUT_ERRORS as e:
             if strict:
                 raise
-            return rec.id, {"path": rec.image_uri, "reason": _reason(e, rec.image_uri)}
+            p = Problem.of("check", e, rec)
+            return rec.id, {"path": p.path, "reason": p.reason}
 
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
@@ -529,7 +573,7 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
             if strict:
                 raise BadRecordError(f"{v['path']}: {v['reason']} (data.strict=true)")
             hashes.append(None)
-            problems.append(Problem("hash", v["path"], v["reason"], rec.id))
+            problems.append(Problem("check", v["path"], v["reason"], rec.id))
         else:
             hashes.append(int(v))
     return hashes, problems
@@ -551,11 +595,15 @@ def split_records(records: list[Record], hashes: list[int] | None,
         seed=int(split_cfg.get("seed", 0)), max_distance=int(split_cfg.get("dedup_distance", 6)))
 
 
-def load_records(cfg: dict[str, Any]) -> tuple[list[Record], list[int] | None]:
-    """The archive's usable records (and split hashes when dedup is on); problems recorded.
+def load_records(cfg: dict[str, Any], check: bool | None = None
+                 ) -> tuple[list[Record], list[int] | None]:
+    """The archive's usable records (and split hashes when dedup is on and they are checked);
+    problems recorded.
 
-    Raw archives are listed with their layout and hashed (cached under output_dir/cache);
-    packed archives give records and hashes from their manifest and Parquet shards.
+    Raw archives are listed with their layout, then checked and hashed (`checked_hashes`,
+    cached under output_dir/cache) when `check`, which defaults to what the splits need:
+    dedup on. Unchecked, bad records are found where they are read. Packed archives give
+    records and hashes from their manifest and Parquet shards (packing checked them).
     """
     data_cfg = cfg["data"]
     strict = bool(data_cfg.get("strict", True))
@@ -569,7 +617,7 @@ def load_records(cfg: dict[str, Any]) -> tuple[list[Record], list[int] | None]:
     problems = [Problem("listing", s.path, s.reason) for s in listing.skipped]
     records = listing.records
     hashes: list[int] | None = None
-    if dedup:
+    if dedup if check is None else check:
         cache = f"{cfg['output_dir'].rstrip('/')}/cache" if cfg.get("output_dir") else None
         maybe, bad = checked_hashes(
             records, so, strict=strict, cache_dir=cache,
@@ -577,14 +625,15 @@ def load_records(cfg: dict[str, Any]) -> tuple[list[Record], list[int] | None]:
         problems += bad
         keep = [i for i, h in enumerate(maybe) if h is not None]
         records = [records[i] for i in keep]
-        hashes = [int(maybe[i]) for i in keep]  # type: ignore[arg-type]
+        hashes = [int(maybe[i]) for i in keep] if dedup else None  # type: ignore[arg-type]
     record_problems(cfg, problems)
     return records, hashes
 
 
-def load_splits(cfg: dict[str, Any]) -> dict[str, list[Record]]:
-    """List + hash + split, driven by the composed Hydra config (`cfg["data"]`)."""
-    records, hashes = load_records(cfg)
+def load_splits(cfg: dict[str, Any], check: bool = False) -> dict[str, list[Record]]:
+    """List + check + split, driven by the composed Hydra config (`cfg["data"]`); `check`
+    checks the records even when the splits do not need it (dedup off)."""
+    records, hashes = load_records(cfg, True if check else None)
     return split_records(records, hashes, cfg["data"]["split"])
 
 
@@ -756,17 +805,13 @@ def decode_raw_batch(batch: Mapping[str, Sequence[Any]], spec: DecodeSpec,
     samples, problems = [], []
     for rec in recs:
         try:
-            blobs = [data[u] for u in (rec.image_uri, *rec.mask_uris)]
-            for u, b in zip((rec.image_uri, *rec.mask_uris), blobs):
-                if isinstance(b, BaseException):
-                    raise FileNotFoundError(f"{u}: cannot read: {b}") from b
+            blobs = record_bytes(rec, data)
             sample = decode_record(rec, blobs[0], blobs[1:], channels=spec.channels,
                                    max_pixels=spec.max_pixels, threshold=spec.threshold,
                                    keep_grey=True)
             samples.append(_apply(spec, transform, sample, epoch))
         except BAD_INPUT_ERRORS as e:
-            path = _blamed_path(e, rec)
-            problems.append(Problem("decode", path, _reason(e, path), rec.id, spec.split))
+            problems.append(Problem.of("decode", e, rec, spec.split))
     _settle(problems, spec.strict, spec.ledger)
     return _finish(spec, samples)
 

@@ -53,7 +53,7 @@ from medseg_core.evaluation import (
     summarize,
     table_records,
 )
-from medseg_core.inference import Chain, Classifier, Segmenter
+from medseg_core.inference import Chain, Classifier, Segmenter, check_threshold
 from medseg_core.io import decode_mask
 from medseg_core.layouts import Record, load_record
 from medseg_core.report import case_montage, write_report
@@ -85,14 +85,14 @@ _INT_COLUMNS = {"true_label", "label", "tp", "fp", "fn", "tn", "bbox_x0", "bbox_
 
 
 def select_records(cfg: dict[str, Any]) -> list[Record]:
-    """The records of ``evaluate.split`` (the training split, or every usable record), cut to
+    """The records of ``evaluate.split`` (the training split, or every listed record), cut to
     ``evaluate.limit``."""
     ev = cfg["evaluate"]
     split = str(ev.get("split", "test"))
     if split not in SPLITS:
         raise ValueError(f"evaluate.split must be one of {SPLITS}, got {split!r}")
-    if split == "all":
-        records = list(load_records(cfg)[0])
+    if split == "all":  # no split, so no check: a bad record becomes an error row
+        records = list(load_records(cfg, check=False)[0])
     else:
         splits = load_splits(cfg)
         if split not in splits:
@@ -487,6 +487,7 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run the evaluation of the composed config; returns the summary (with ``run.outputs``)."""
     started = time.time()
     ev, data = cfg["evaluate"], cfg["data"]
+    check_threshold(ev.get("threshold"))
     records = select_records(cfg)
     backend = choose_backend(str(ev.get("backend", "local")), len(records),
                              int(ev.get("auto_ray_min_images", 2000)))

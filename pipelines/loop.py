@@ -11,6 +11,7 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg_core.checkpoint import BundleError, load_bundle, save_bundle
+from medseg_core.checkpoint import (
+    BundleError,
+    load_bundle,
+    load_train_state,
+    save_bundle,
+    save_train_state,
+)
 from medseg_core.engine import (
     StepConfig,
     build_optimizer,
@@ -31,7 +38,7 @@ from medseg_core.engine import (
     validate_segmenter,
 )
 from medseg_core.losses import build_loss
-from medseg_core.metrics import ClassificationMeter, metrics_from_counts
+from medseg_core.metrics import ClassificationMeter, metrics_from_counts, thresholded_jaccard
 from medseg_core.models import build_model
 from pipelines.runlog import next_epoch
 
@@ -110,16 +117,20 @@ def load_mask_segmenter(spec: StageSpec, device: torch.device) -> nn.Module:
 
 def epoch_metrics(spec: StageSpec, ctx: WorkerContext, model: nn.Module,
                   step: StepConfig) -> dict[str, float]:
-    """Validation metrics from confusion counts summed over all workers (not a mean of means)."""
+    """Validation metrics from sums over all workers (one all-reduce), so they equal the metrics
+    of the whole validation set: Dice, IoU, ... from the summed confusion counts, and the ISIC
+    2018 thresholded Jaccard as the mean over images of each image's score."""
     if spec.task == "segmentation":
         meter, loss_sum = validate_segmenter(model, ctx.val_batches(), step, build_loss(spec.loss))
-        counts = meter.counts.sum(axis=0) if len(meter.counts) else np.zeros(4)
-        n = float(len(meter.counts))
-        total = ctx.all_sum(np.array([*counts, loss_sum, n], dtype=np.float64))
+        per_image = meter.counts
+        counts = per_image.sum(axis=0)
+        tj_sum = float(np.sum(thresholded_jaccard(per_image))) if len(per_image) else 0.0
+        n = float(len(per_image))
+        total = ctx.all_sum(np.array([*counts, loss_sum, n, tj_sum], dtype=np.float64))
         agg = metrics_from_counts(total[:4].astype(np.int64))
         out = {f"val_{k}": float(agg[k]) for k in
                ("dice", "iou", "sensitivity", "specificity", "precision")}
-        out["val_thresholded_jaccard"] = float(agg["thresholded_jaccard"])
+        out["val_thresholded_jaccard"] = float(total[6] / max(total[5], 1.0))
         out["val_loss"] = float(total[4] / max(total[5], 1.0))
         out["val_images"] = float(total[5])
         return out
@@ -135,9 +146,34 @@ def score_key(spec: StageSpec) -> str:
     return "val_dice" if spec.task == "segmentation" else "val_accuracy"
 
 
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one worker's random draws (augmentation, dropout) in one epoch: a resumed
+    run draws what an uninterrupted one would have, not epoch 0's numbers again."""
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % 2**63
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, resume: str) -> bool:
+    """Load the optimizer state (AdamW moments, step counts) saved beside the bundle at
+    `resume`; False, with a warning, for a checkpoint without one (the optimizer starts afresh).
+
+    Call it after building the LR scheduler: the scheduler keeps the configured base LRs and
+    sets each step's LR from its position, which `fit_stage` recomputes from the epoch."""
+    state = load_train_state(resume)
+    saved = (state or {}).get("optimizer_name")
+    if state is None or saved != type(optimizer).__name__:
+        why = ("it has no optimizer state (saved by an older version)" if state is None
+               else f"its optimizer state is for {saved}, not {type(optimizer).__name__}")
+        warnings.warn(f"resuming from {resume}: {why}; the optimizer starts afresh",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    optimizer.load_state_dict(state["optimizer"])
+    return True
+
+
 def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
-    """Train one stage for `spec.epochs`, resuming from the context's latest bundle."""
-    generator = seed_everything(spec.seed + ctx.rank, ctx.device)
+    """Train one stage for `spec.epochs`, resuming from the context's latest bundle (weights,
+    optimizer state, schedule position, early-stopping state and history)."""
+    seed_everything(spec.seed + ctx.rank, ctx.device)
     model = build_model(spec.model)
     start_epoch, best, stale, history = 0, -math.inf, 0, []
     resume = ctx.resume_dir()
@@ -158,8 +194,12 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
     optimizer = build_optimizer(model, spec.optimizer)
     steps = max(1, ctx.steps_per_epoch())
     scheduler = build_scheduler(optimizer, spec.scheduler, total_steps=steps * spec.epochs)
-    for _ in range(start_epoch * steps):
-        scheduler.step()  # fast-forward the per-step schedule on resume
+    if resume and start_epoch < spec.epochs:
+        restore_optimizer(optimizer, resume)
+    with warnings.catch_warnings():  # stepping without optimizer steps is the point here
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        for _ in range(start_epoch * steps):
+            scheduler.step()  # fast-forward the per-step schedule on resume
     loss_fn = build_loss(spec.loss)
     cfg = spec.bundle_config
     step = StepConfig(
@@ -173,6 +213,7 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
     val_step = step if spec.validate_masks == "predicted" else replace(step, mask_model=None)
     for epoch in range(start_epoch, spec.epochs):
         _maybe_fail(spec, epoch)
+        generator = seed_everything(epoch_seed(spec.seed, ctx.rank, epoch), ctx.device)
         tr = train_epoch(model, ctx.train_batches(epoch), optimizer, loss_fn, step,
                          scheduler=scheduler, task=spec.task, generator=generator)
         tot = ctx.all_sum(np.array([tr["loss"] * tr["samples"], tr["samples"], tr["seconds"],
@@ -202,6 +243,9 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
             bundle_dir = None
             if ctx.rank == 0:
                 bundle_dir = str(Path(tmp) / "bundle")
+                # the LR schedule needs no state: it is recomputed from the epoch on resume
+                save_train_state(bundle_dir, {"optimizer_name": type(optimizer).__name__,
+                                              "optimizer": optimizer.state_dict()})
                 inner = getattr(model, "module", model)
                 save_bundle(bundle_dir, inner, {"model": spec.model, **cfg},
                             metrics={**metrics, "train_state": train_state},

@@ -18,13 +18,16 @@ encoding and shape (the stored image's [h, w, c]). Encodings:
 
 - ``file`` (default): the original image bytes, untouched; the mask file's bytes (a merged PNG
   when a record has several mask files). Decodes to exactly the raw archive's pixels.
+  Merged and resized masks are thresholded at ``data.mask_threshold`` while packing (recorded
+  in the manifest) and stored as 0/255.
 - ``png``: image and mask resized to ``pack.resize_to`` (the same Resize as training) and stored
   as PNG: a fraction of the decode work per epoch.
 - ``raw``: the resized uint8 arrays as raw bytes (zstd-compressed column): no decode at all.
 
 Every record is decoded once while packing (validation and phash); bad files are left out,
 named in a warning and in the manifest (or fail the pack with ``data.strict=true``). The manifest
-is written last, so a pack that did not finish is never mistaken for a complete one. Shards
+is deleted first and written last, so a pack that did not finish (a first one, or one
+rewriting an older pack) is never mistaken for a complete one. Shards
 are packed in parallel by Ray Data (one task per shard, progress bar on) or, with
 ``pack.backend=local``, in this process.
 
@@ -58,16 +61,15 @@ from pipelines.data import (
     BadRecordError,
     EnvCredentials,
     Problem,
-    _blamed_path,
     _check_no_credentials,
     _fs,
     _is_local,
     _max_pixels,
-    _reason,
     _task_credentials,
     fetch_many,
     image_phash,
     list_archive,
+    record_bytes,
     record_problems,
     storage_options,
 )
@@ -91,7 +93,7 @@ def _encode_row(rec: Record, blobs: list[bytes], spec: dict[str, Any]) -> dict[s
     max_pixels = spec["max_pixels"]
     channels = int(spec["channels"])
     sample = decode_record(rec, blobs[0], blobs[1:], channels=channels, max_pixels=max_pixels,
-                           keep_grey=True)
+                           threshold=spec["mask_threshold"], keep_grey=True)
     h, w = sample["mask"].shape
     row: dict[str, Any] = {
         "id": rec.id, "label": int(rec.label), "source": rec.image_uri,
@@ -152,17 +154,12 @@ def pack_shard(index: int, records: list[Record], spec: dict[str, Any]) -> dict[
             rows = []
             for rec in chunk:
                 try:
-                    data = [blobs[u] for u in (rec.image_uri, *rec.mask_uris)]
-                    for u, b in zip((rec.image_uri, *rec.mask_uris), data):
-                        if isinstance(b, BaseException):
-                            raise FileNotFoundError(f"{u}: cannot read: {b}") from b
-                    rows.append(_encode_row(rec, data, spec))  # type: ignore[arg-type]
+                    rows.append(_encode_row(rec, record_bytes(rec, blobs), spec))
                 except BAD_INPUT_ERRORS as e:
-                    path = _blamed_path(e, rec)
+                    p = Problem.of("pack", e, rec)
                     if spec["strict"]:
-                        raise BadRecordError(f"{path}: {_reason(e, path)} (data.strict=true)") \
-                            from e
-                    skipped.append({"stage": "pack", "path": path, "reason": _reason(e, path),
+                        raise BadRecordError(f"{p.path}: {p.reason} (data.strict=true)") from e
+                    skipped.append({"stage": "pack", "path": p.path, "reason": p.reason,
                                     "id": rec.id})
             if rows:
                 table = pa.Table.from_pylist(rows, schema=schema)
@@ -215,12 +212,16 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         "row_group_rows": int(pack.get("row_group_rows", 32)),
         "compress_level": int(pack.get("compress_level", 1)),
         "channels": int(data.get("channels", 3)), "max_pixels": _max_pixels(data),
-        "strict": strict, "storage_options": so,
+        "mask_threshold": int(data.get("mask_threshold", 127)), "strict": strict, "storage_options": so,
         "credentials": (_task_credentials(data, str(data["url"])) or _task_credentials(data, out)
                         or EnvCredentials()),
         "out_storage_options": _out_options(cfg, out),
         "io_threads": int((data.get("read") or {}).get("io_threads", 8)),
     }
+    # An old manifest would describe shards that this run is about to overwrite
+    fs, path = _fs(f"{out}/{MANIFEST_NAME}", spec["out_storage_options"], spec["credentials"])
+    if fs.exists(path):
+        fs.rm(path)
     shard_size = max(1, int(pack.get("shard_size", 512)))
     shards = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
     t0 = time.time()
@@ -244,7 +245,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
                    "options": dict(data.get("options") or {}), "name": data.get("name")},
         "class_names": list(listing.class_names or data.get("class_names") or []),
         "encoding": encoding, "resize_to": spec["resize_to"], "channels": spec["channels"],
-        "shard_size": shard_size, "row_group_rows": spec["row_group_rows"],
+        "mask_threshold": spec["mask_threshold"], "shard_size": shard_size, "row_group_rows": spec["row_group_rows"],
         "records": sum(s["rows"] for s in summaries),
         "shards": [{"path": s["path"], "rows": s["rows"], "row_groups": s["row_groups"]}
                    for s in summaries if s["rows"]],

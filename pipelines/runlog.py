@@ -13,12 +13,14 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
-from medseg_core.checkpoint import METRICS_FILE
+from medseg_core.checkpoint import METRICS_FILE, TRAIN_STATE_FILE, VERSION_FILE
 from medseg_core.viz import plot_curves, save_png
 
 CURVE_KEYS = ("train_loss", "val_loss", "val_dice", "val_iou", "val_accuracy", "val_macro_f1")
@@ -34,15 +36,86 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
-def copy_dir(src: str, dst: str) -> None:
-    """Replace the bundle at `dst` by the local directory `src` (version file last)."""
-    fs, path = fsspec.core.url_to_fs(dst)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+STAGED, ASIDE = ".new", ".old"  # siblings of a bundle directory while `copy_dir` replaces it
+
+
+def _has_version(fs: Any, path: str) -> bool:
+    return fs.exists(f"{path}/{VERSION_FILE}")
+
+
+def _put(fs: Any, src: str, path: str, names: list[str]) -> None:
     fs.makedirs(path, exist_ok=True)
-    names = sorted(os.listdir(src), key=lambda n: n == "version")
     for name in names:
         fs.put_file(os.path.join(src, name), f"{path}/{name}")
+
+
+def _remove_others(fs: Any, path: str, keep: list[str]) -> None:
+    """Delete the files of `path` not named in `keep` (left from an earlier bundle)."""
+    for entry in fs.ls(path, detail=False) if fs.exists(path) else []:
+        if entry.rstrip("/").rsplit("/", 1)[-1] not in keep:
+            fs.rm(entry, recursive=True)
+
+
+def copy_dir(src: str, dst: str, exclude: tuple[str, ...] = ()) -> None:
+    """Replace the bundle at `dst` by the local directory `src` (less the names in `exclude`),
+    so that a kill at any moment leaves a complete bundle at `dst` or beside it, where
+    `recover_dir` finds it.
+
+    Locally the new bundle is written to `<dst>.new`, the old one renamed to `<dst>.old`, the
+    new one renamed into place and the old one deleted (a directory cannot be os.replace'd
+    onto a non-empty one). Object stores have no rename: the new bundle is uploaded to
+    `<dst>.new` (version last), then over `dst` with its `version` removed first and written
+    last, then `<dst>.new` deleted. Remaining window there: while `dst` is rewritten it has no
+    `version`, so a reader that does not go through `recover_dir` (serving `best/`, say) finds
+    no bundle for that moment (never a `version` over a mix of two bundles).
+    """
+    recover_dir(dst)  # an earlier kill may have left the only complete copy beside it
+    fs, path = fsspec.core.url_to_fs(dst)
+    path = path.rstrip("/")
+    names = sorted((n for n in os.listdir(src) if n not in exclude),
+                   key=lambda n: n == VERSION_FILE)
+    staged = path + STAGED
+    if fs.exists(staged):
+        fs.rm(staged, recursive=True)
+    _put(fs, src, staged, names)
+    if isinstance(fs, LocalFileSystem):
+        aside = path + ASIDE
+        if os.path.exists(path):
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(path, aside)
+        os.rename(staged, path)
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    if _has_version(fs, path):
+        fs.rm(f"{path}/{VERSION_FILE}")
+    _remove_others(fs, path, names)
+    _put(fs, src, path, names)
+    fs.rm(staged, recursive=True)
+
+
+def recover_dir(dst: str) -> bool:
+    """Put back the bundle that a kill inside `copy_dir` left only beside `dst` (the new one in
+    `<dst>.new`, else the old one in `<dst>.old`); True when `dst` then holds a bundle."""
+    fs, path = fsspec.core.url_to_fs(dst)
+    path = path.rstrip("/")
+    if _has_version(fs, path):
+        return True
+    found = next((p for p in (path + STAGED, path + ASIDE) if _has_version(fs, p)), None)
+    if found is None:
+        return False
+    if isinstance(fs, LocalFileSystem):
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(found, path)
+        for other in (path + STAGED, path + ASIDE):
+            shutil.rmtree(other, ignore_errors=True)
+        return True
+    names = sorted((e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(found, detail=False)),
+                   key=lambda n: n == VERSION_FILE)
+    _remove_others(fs, path, names)
+    for name in names:
+        fs.copy(f"{found}/{name}", f"{path}/{name}")
+    fs.rm(found, recursive=True)
+    return True
 
 
 def next_epoch(train_state: dict[str, Any]) -> int:
@@ -72,13 +145,17 @@ class RunLog:
         return join(self.stage_dir, "best")
 
     def resume_dir(self) -> str | None:
-        return self.latest if exists(join(self.latest, "version")) else None
+        """The latest bundle to resume from (None: start afresh), after putting back the
+        `latest/` and `best/` bundles a kill inside `record` may have left beside their place."""
+        recover_dir(self.best)
+        return self.latest if recover_dir(self.latest) else None
 
     def resume_epoch(self) -> int:
         """The epoch a rerun of this stage starts at (0 without a latest bundle)."""
-        if self.resume_dir() is None:
+        latest = self.resume_dir()
+        if latest is None:
             return 0
-        fs, path = fsspec.core.url_to_fs(join(self.latest, METRICS_FILE))
+        fs, path = fsspec.core.url_to_fs(join(latest, METRICS_FILE))
         return next_epoch(json.loads(fs.cat_file(path)).get("train_state", {}))
 
     def record(self, metrics: dict[str, float], bundle_dir: str | None,
@@ -86,7 +163,8 @@ class RunLog:
         if bundle_dir is not None:
             copy_dir(bundle_dir, self.latest)
             if metrics.get("is_best"):
-                copy_dir(bundle_dir, self.best)
+                # the optimizer state is for resuming, which reads latest/ only
+                copy_dir(bundle_dir, self.best, exclude=(TRAIN_STATE_FILE,))
         self._write_csv(history)
         self._write_tb(metrics)
         series = {k: [h.get(k, float("nan")) for h in history] for k in CURVE_KEYS

@@ -35,6 +35,9 @@ How a run makes every image appear exactly once (idempotent, resumable):
 A file that cannot be read or decoded becomes a row with its error (class "error", no mask).
 Output names never come from input names directly: `safe_id` is a readable ASCII slug plus a
 hash of the id, so ``../../x``, absolute paths or odd characters cannot leave the output prefix.
+A local file name that is not UTF-8 gets an id with ``\\xNN`` escapes (`medseg_core.layouts`);
+``source`` and ``error`` are stored the same way, and a row that still cannot be stored becomes
+an error row rather than failing its batch. ``threshold`` must lie in (0, 1) (or be null).
 Credentials come only from the environment (AWS_*); the driver hands them to the actors in
 memory. Run one job per output prefix at a time (e.g. ``flock`` in cron).
 """
@@ -73,8 +76,10 @@ import pyarrow.parquet as pq
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from medseg_core.layouts import Listing, Record, list_records
+from medseg_core.inference import check_threshold
+from medseg_core.layouts import Listing, Record, list_records, valid_text
 from medseg_core.metrics import metrics_from_counts
+from medseg_core.results import error_row
 from pipelines import CONF_DIR
 from pipelines.cluster import connect
 from pipelines.data import storage_options as _storage_options
@@ -103,6 +108,7 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("error", pa.string()),
     pa.field("seconds", pa.float64()),
 ])
+RESULT_SCHEMA = pa.schema(RESULT_FIELDS)
 INDEX_COLUMNS = ("id", "mask_path", "error", "processed_at")
 SUMMARY_COLUMNS = (*INDEX_COLUMNS, "segmenter_version", "classifier_version", "tp", "fp", "fn",
                    "tn", "dice", "iou", "hd95")
@@ -259,13 +265,48 @@ def _table_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+def _unstorable(row: Mapping[str, Any], exc: BaseException) -> dict[str, Any]:
+    """The error row standing in for a result row Arrow cannot store."""
+    rid = valid_text(str(row.get("id")))
+    text = valid_text(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+    r = error_row(rid, valid_text(str(row.get("source") or "")),
+                  f"result row of {rid!r} cannot be stored: {type(exc).__name__}: {text}")
+    r["mask_png"] = None
+    return r
+
+
+def storable_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` ready for Parquet: ``source`` and ``error`` (real paths, which need not be valid
+    Unicode) as `valid_text`; any row that still fails to convert becomes an error row (no mask)
+    instead of failing the whole batch, and every rerun of it."""
+    for r in rows:
+        for key in ("source", "error"):
+            if isinstance(r.get(key), str):
+                r[key] = valid_text(r[key])
+    try:
+        rows_to_table(rows, RESULT_SCHEMA)
+        return rows
+    except (UnicodeError, pa.ArrowException, TypeError, ValueError):
+        pass
+    out = []
+    for r in rows:
+        try:
+            rows_to_table([r], RESULT_SCHEMA)
+            out.append(r)
+        except (UnicodeError, pa.ArrowException, TypeError, ValueError) as exc:
+            out.append(_unstorable(r, exc))
+    return out
+
+
 def commit_rows(out: Output, rows: list[dict[str, Any]], run_id: str,
                 write: Any = None) -> pa.Table:
     """Write the masks of ``rows`` (with ``mask_png``), then their Parquet parts (one per
     predicted class, the commit); returns the summary rows (id, predicted_class, error, seconds).
-    ``write`` maps a function over items (a thread pool's map), default sequential."""
+    Rows go through `storable_rows` first. ``write`` maps a function over items (a thread
+    pool's map), default sequential."""
     mapper = write or (lambda fn, items: [fn(i) for i in items])
     now = datetime.now(timezone.utc)
+    rows = storable_rows(rows)
     for r in rows:
         cls = class_dir(r.get("label_name"), r.get("error"))
         r[PARTITION] = cls
@@ -560,6 +601,7 @@ def list_input(cfg: Mapping[str, Any], so: dict | None) -> Listing:
 def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Run the job on a plain config dict (as composed from pipelines/conf/segment_batch.yaml);
     returns the manifest."""
+    threshold = check_threshold(cfg.get("threshold"))
     started = time.time()
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     input_url, output_url = str(cfg["input"]), str(cfg["output"]).rstrip("/")
@@ -577,7 +619,7 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     if cfg.get("overwrite"):
         print(f"[segment_batch] overwrite=true: deleting {RESULTS_DIR}/ and {MASKS_DIR}/ under "
-              f"{output_url}", flush=True)
+              f"{valid_text(output_url)}", flush=True)
         out.delete_tree(RESULTS_DIR)
         out.delete_tree(MASKS_DIR)
     elif cfg.get("retry_errors"):
@@ -589,13 +631,14 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     pending = [r for r in listing.records if r.id not in done]
     limit = cfg.get("limit")
     todo = pending if limit is None else pending[: max(0, int(limit))]
-    print(f"[segment_batch] {len(listing.records)} images in {input_url} ({len(listing.skipped)} "
-          f"files skipped by the layout), {len(listing.records) - len(pending)} already done, "
+    print(f"[segment_batch] {len(listing.records)} images in {valid_text(input_url)} "
+          f"({len(listing.skipped)} files skipped by the layout), "
+          f"{len(listing.records) - len(pending)} already done, "
           f"{len(todo)} to process", flush=True)
 
     progress = Progress()
     if todo:
-        _process(cfg, batch, todo, seg_uri, cls_uri, so, out, run_id, progress)
+        _process(cfg, batch, todo, seg_uri, cls_uri, so, out, run_id, progress, threshold)
     processed, run_errors, seconds = progress.counts, progress.errors, progress.seconds
 
     state, repaired_end = repair(out, State(out, SUMMARY_COLUMNS))
@@ -618,12 +661,12 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "started_at": _utc(started),
         "finished_at": _utc(finished),
         "seconds": round(finished - started, 3),
-        "input": {"url": input_url, "layout": cfg["layout"],
+        "input": {"url": valid_text(input_url), "layout": cfg["layout"],
                   "layout_options": dict(cfg.get("layout_options") or {}),
                   "images": len(listing.records), "skipped_files": len(listing.skipped),
                   "skipped": [{"path": s.path, "reason": s.reason}
                               for s in listing.skipped[:LIST_CAP]]},
-        "output": output_url,
+        "output": valid_text(output_url),
         "bundles": {"segmenter": seg_info, "classifier": cls_info},
         "class_names": class_names,
         "run": {
@@ -664,7 +707,7 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
           f"holds {totals['images']} results {totals['counts_by_class']}"
           + (f", Dice {seg['dice']:.4f} IoU {seg['iou']:.4f} over {seg['images']} images with "
              "ground truth" if seg.get("images") else "")
-          + f"; manifest {output_url}/{MANIFEST}", flush=True)
+          + f"; manifest {valid_text(output_url)}/{MANIFEST}", flush=True)
     return manifest
 
 
@@ -706,7 +749,7 @@ class Progress:
 
 def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record], seg_uri: str,
              cls_uri: str | None, so: dict | None, out: Output, run_id: str,
-             progress: Progress) -> None:
+             progress: Progress, threshold: float | None) -> None:
     """Predict and commit ``todo`` on the actor pool, streaming into ``progress``."""
     connect(cfg.get("ray_address"), cfg.get("ray_num_cpus"), cfg.get("ray_runtime_env") or None)
     num_gpus = float(batch.get("num_gpus") or 0)
@@ -722,7 +765,7 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
         concurrency=_pool_size(batch, len(todo)),
         num_gpus=num_gpus,
         num_cpus=float(batch.get("num_cpus") or 1),
-        threshold=cfg.get("threshold"),
+        threshold=threshold,
         predictor=CommittingPredictor,
         predictor_kwargs={
             "device": device,

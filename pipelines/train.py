@@ -33,8 +33,15 @@ from medseg_core.metrics import SegmentationMeter
 from medseg_core.transforms import build_transforms
 from pipelines import CONF_DIR
 from pipelines.config import resolve
-from pipelines.data import load_any_record, load_splits
-from pipelines.loop import StageSpec, fit_stage
+from pipelines.data import (
+    BAD_INPUT_ERRORS,
+    Problem,
+    data_report,
+    load_any_record,
+    load_splits,
+    record_problems,
+)
+from pipelines.loop import StageSpec, epoch_seed, fit_stage
 from pipelines.runlog import RunLog, join
 
 STAGES = ("segmenter", "classifier")
@@ -123,16 +130,18 @@ class LocalContext:
                                        seed=int(cfg["seed"]), loader=loader, channels=channels)
         val = RecordDataset(splits["val"], cpu_transforms(cfg, False), loader=loader,
                             channels=channels)
-        gen = torch.Generator().manual_seed(int(cfg["seed"]))
+        self.seed, self.shuffle = int(cfg["seed"]), torch.Generator()
         self.train_loader = torch.utils.data.DataLoader(
             self.train_set, batch_size=bs, shuffle=True, drop_last=len(self.train_set) > bs,
-            collate_fn=collate, num_workers=workers, generator=gen)
+            collate_fn=collate, num_workers=workers, generator=self.shuffle)
         self.val_loader = torch.utils.data.DataLoader(val, batch_size=ebs, collate_fn=collate,
                                                       num_workers=workers)
         self.log = log
 
     def train_batches(self, epoch: int):
         self.train_set.set_epoch(epoch)
+        # each epoch's order from its number, so a resumed run does not replay epoch 0's
+        self.shuffle.manual_seed(epoch_seed(self.seed, 0, epoch))
         return self.train_loader
 
     def val_batches(self):
@@ -171,11 +180,20 @@ def segmentation_scores(seg_uri: str, records: list[Record], cfg: dict[str, Any]
     bundle = load_bundle(seg_uri)
     segmenters = {name: Segmenter(bundle, device=device, **over) for name, over in options.items()}
     meters = {name: SegmentationMeter() for name in options}
+    strict = bool(cfg["data"].get("strict", False))
+    problems = []
     for rec in records:
-        sample = load_any_record(rec, cfg, keep_grey=True)
+        try:
+            sample = load_any_record(rec, cfg, keep_grey=True)
+        except BAD_INPUT_ERRORS as e:  # unchecked archive (dedup off), or changed since listing
+            if strict:
+                raise
+            problems.append(Problem.of("decode", e, rec))
+            continue
         for name, segmenter in segmenters.items():
             meters[name].update(segmenter.predict([sample["image"]])[0][None],
                                 sample["mask"][None])
+    record_problems(cfg, problems)
     return {name: meter.aggregate() for name, meter in meters.items()}
 
 
@@ -266,9 +284,10 @@ def summarize(cfg: dict[str, Any], bundles: dict[str, str],
 
 
 def run(cfg: dict[str, Any]) -> dict[str, str]:
-    splits = load_splits(cfg)
-    print("split sizes: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()), flush=True)
     backend = cfg["trainer"].get("backend", "local")
+    # the in-process trainer's DataLoader cannot drop a bad record: check them all first
+    splits = load_splits(cfg, check=backend == "local")
+    print("split sizes: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()), flush=True)
     if backend == "local":
         bundles = run_local(cfg, splits)
     elif backend == "ray":
@@ -280,6 +299,7 @@ def run(cfg: dict[str, Any]) -> dict[str, str]:
     if "segmenter" in bundles:
         choose_postprocess(bundles["segmenter"], splits["val"], cfg)
     summarize(cfg, bundles, splits)
+    data_report(cfg)  # the complete bad-input report on disk, and a warning naming the files
     return bundles
 
 

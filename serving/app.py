@@ -19,6 +19,7 @@ Three deployments, composed through deployment handles:
 import asyncio
 import base64
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,6 +32,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -292,6 +294,52 @@ async def gather_model_infos(calls: Mapping[str, Callable[[], Awaitable[Any]]],
     return {name: info for name, info, _ in results}
 
 
+class ModelReadiness:
+    """Readiness of the model deployments, asked with `gather_model_infos` only until all of
+    them have answered once; afterwards the infos are kept, so /healthz does not queue behind
+    prediction batches under load and report 503 for loaded models. `reset()` (a deployment
+    became unavailable) makes the next `infos()` ask again."""
+
+    def __init__(self, calls: Mapping[str, Callable[[], Awaitable[Any]]],
+                 timeout_s: float) -> None:
+        self._calls = dict(calls)
+        self._timeout_s = timeout_s
+        self._infos: dict[str, Any] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._infos is not None
+
+    async def infos(self, refresh: bool = False) -> dict[str, Any]:
+        """The models' infos: cached once all answered, asked again while not ready or when
+        `refresh` is set (503 `ApiError` when one does not answer)."""
+        if self._infos is None or refresh:
+            self._infos = await gather_model_infos(self._calls, self._timeout_s)
+        return self._infos
+
+    def reset(self) -> None:
+        self._infos = None
+
+
+def model_call_error(what: str, exc: BaseException) -> ApiError:
+    """The HTTP error for a failed call to the model deployment `what`."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        retry = str(max(1, math.ceil(exc.retry_after_s or 1)))
+        return ApiError(503, "overloaded", f"{what} is at capacity; retry later",
+                        {"Retry-After": retry})
+    if isinstance(exc, DeploymentUnavailableError):
+        return ApiError(503, "not_ready", f"{what} is unavailable")
+    if isinstance(exc, RayActorError):  # ActorDiedError, ActorUnavailableError
+        # the replica died or is unreachable mid-request; Serve replaces it, so a retry can
+        # succeed on another (or the new) replica
+        return ApiError(503, "unavailable", f"{what} replica failed during the request; "
+                        "retry later", {"Retry-After": "1"})
+    logger.error("%s failed: %s", what, type(exc).__name__)
+    return ApiError(500, "internal_error", f"{what} failed")
+
+
 # ------------------------------------------------------------------------------------ ingress
 
 DESCRIPTION = """Lesion segmentation and classification of one image per request.
@@ -301,7 +349,8 @@ DESCRIPTION = """Lesion segmentation and classification of one image per request
 back at the image's original resolution as a base64 PNG (`mask_format=png`) or COCO RLE
 (`mask_format=rle`). Errors are JSON `{"error": {"code", "message"}}`: 400 not a readable
 image, 401 missing/wrong bearer token (when the server has one), 413 too many bytes or pixels,
-415 empty body or unsupported content type, 422 bad query values, 503 models not ready.
+415 empty body or unsupported content type, 422 bad query values, 503 models not ready,
+overloaded or a model replica failed mid-request (with `Retry-After`).
 """
 
 app = FastAPI(title="medseg", version="1", description=DESCRIPTION)
@@ -327,7 +376,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Body larger than the byte limit, or image larger than the pixel limit.",
         415: "Empty body, or a Content-Type other than the accepted image types and multipart.",
         422: "Bad query values (mask_format not png/rle, threshold not in (0, 1)).",
-        503: "Model deployments not ready or overloaded.",
+        503: "Model deployments not ready or overloaded, or a model replica failed "
+             "mid-request (`Retry-After` says when to retry).",
     }.items()
 }
 
@@ -397,6 +447,10 @@ class Ingress:
                 raise RuntimeError(f"auth.required is set but ${env} is empty or unset")
         logger.info("Ingress: bearer-token auth %s", f"on (token from ${env})" if self._token
                     else "off")
+        self.readiness = ModelReadiness(
+            {"segmenter": lambda: self.segmenter.info.remote(),
+             "classifier": lambda: self.classifier.info.remote()},
+            self.settings.health_timeout_s)
 
     # ---- helpers
     def authorize(self, request: Request) -> None:
@@ -426,7 +480,8 @@ class Ingress:
             raise ApiError(415, "empty_body", "request body is empty; send the image bytes")
         if kind != MULTIPART:
             return body
-        upload = parse_multipart(body, header or "")
+        # off the event loop: even at C speed a 20 MB body is scanned a few times
+        upload = await asyncio.to_thread(parse_multipart, body, header or "")
         part = upload.content_type
         if part and part not in self.accepted and part not in GENERIC_PART_TYPES:
             raise ApiError(415, "unsupported_media_type",
@@ -451,22 +506,10 @@ class Ingress:
     async def _call(self, what: str, response: Awaitable[Any]) -> Any:
         try:
             return await response
-        except BackPressureError:
-            raise ApiError(503, "overloaded", f"{what} is at capacity; retry later",
-                           {"Retry-After": "1"}) from None
-        except DeploymentUnavailableError:
-            raise ApiError(503, "not_ready", f"{what} is unavailable") from None
-        except ApiError:
-            raise
         except Exception as exc:
-            logger.error("%s failed: %s", what, type(exc).__name__)
-            raise ApiError(500, "internal_error", f"{what} failed") from None
-
-    async def _infos(self) -> dict[str, Any]:
-        return await gather_model_infos(
-            {"segmenter": lambda: self.segmenter.info.remote(),
-             "classifier": lambda: self.classifier.info.remote()},
-            self.settings.health_timeout_s)
+            if isinstance(exc, DeploymentUnavailableError):
+                self.readiness.reset()
+            raise model_call_error(what, exc) from None
 
     # ---- routes
     @app.post(
@@ -524,7 +567,7 @@ class Ingress:
     @app.get("/healthz", summary="Ready when both model bundles are loaded",
              response_model=HealthResponse, responses={503: _ERRORS[503]})
     async def healthz(self) -> dict[str, Any]:
-        infos = await self._infos()
+        infos = await self.readiness.infos()
         return {"status": "ok",
                 "model_versions": {k: v.get("version") for k, v in infos.items()}}
 
@@ -532,7 +575,8 @@ class Ingress:
              response_model=ModelsResponse, responses={401: _ERRORS[401], 503: _ERRORS[503]},
              dependencies=[Depends(require_token)])
     async def models(self) -> dict[str, Any]:
-        return await self._infos()
+        # asked afresh (batching is live-updatable), unlike /healthz
+        return await self.readiness.infos(refresh=True)
 
 
 def build_app(args: dict[str, Any]) -> Application:

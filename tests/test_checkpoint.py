@@ -10,11 +10,14 @@ from torch import nn
 
 from medseg_core.checkpoint import (
     BUNDLE_KEYS,
+    TRAIN_STATE_FILE,
     Bundle,
     BundleError,
     load_bundle,
+    load_train_state,
     make_bundle_config,
     save_bundle,
+    save_train_state,
 )
 from medseg_core.models import build_model
 
@@ -207,3 +210,40 @@ def test_bundle_files_are_plain_text(tmp_path):
     assert config["mean"] == [0.5, 0.5, 0.5] and config["inference"]["mode"] == "resize"
     assert json.loads(fs.cat_file(f"{path}/metrics.json"))["hd95"] == float("inf")
     assert fs.cat_file(f"{path}/version").decode().strip() == "abc"
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_optimizer_state_round_trip_beside_a_bundle(tmp_path, where):
+    url = str(tmp_path / "b") if where == "local" else f"memory://ckpt/{uuid.uuid4().hex}"
+    model = _trained_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.train()(torch.randn(2, 3, 32, 32)).square().mean().backward()
+        optimizer.step()
+    save_train_state(url, {"optimizer": optimizer.state_dict(), "note": "e1"})
+    save_bundle(url, model, _config(), version="e1")
+    assert load_bundle(url).version == "e1"  # the extra file does not disturb the bundle
+
+    state = load_train_state(url)
+    assert state["note"] == "e1"
+    other = _trained_model()
+    restored = torch.optim.AdamW(other.parameters(), lr=0.5)
+    restored.load_state_dict(state["optimizer"])
+    assert restored.param_groups[0]["lr"] == 0.01
+    for p, q in zip(model.parameters(), other.parameters()):
+        a, b = optimizer.state[p], restored.state[q]
+        assert float(b["step"]) == 2.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a[key], b[key]), key
+        assert b["exp_avg_sq"].abs().sum() > 0
+
+
+def test_optimizer_state_absent_or_unsafe(tmp_path):
+    url = save_bundle(str(tmp_path / "b"), _trained_model(), _config())
+    assert load_train_state(url) is None  # a bundle saved without one
+    buffer = io.BytesIO()
+    torch.save({"payload": _NotATensor()}, buffer)  # arbitrary pickled object
+    (tmp_path / "b" / TRAIN_STATE_FILE).write_bytes(buffer.getvalue())
+    with pytest.raises(BundleError, match=TRAIN_STATE_FILE):
+        load_train_state(url)

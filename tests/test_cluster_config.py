@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,3 +43,58 @@ def test_gpu_workers_autoscale_from_zero_and_install_the_project():
     assert cfg["head_node_type"] == "head"
     assert any("pip install" in c and "-e ." in c for c in cfg["setup_commands"])
     assert "." in cfg["file_mounts"].values()
+
+
+def _kill_cluster(tmp: str) -> None:
+    """Stop the processes of the cluster whose temp dir is `tmp` (`ray stop` would stop every
+    Ray process on the machine, this session's shared test cluster included)."""
+    import signal
+    import time
+
+    def pids() -> list[int]:
+        found = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and tmp.encode() in (d / "cmdline").read_bytes():
+                    found.append(int(d.name))
+            except OSError:
+                pass
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + 10
+        while pids() and time.time() < deadline:
+            time.sleep(0.2)
+
+
+def test_entry_points_join_a_cluster_started_with_ray_start(tmp_path_factory):
+    """`ray submit cluster.yaml pipelines/train.py` runs the script on the head node, where
+    `ray start --head` ran and RAY_ADDRESS is unset: the pipelines must join that cluster, not
+    fail because they ask a new local one for CPUs."""
+    tmp = tempfile.mkdtemp(prefix="msr", dir="/tmp")  # short: Ray's socket paths live in it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tmp
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    try:
+        subprocess.run([ray_cli, "start", "--head", "--num-cpus=1", "--port=0",
+                        "--include-dashboard=false", "--disable-usage-stats"],
+                       env=env, check=True, capture_output=True, timeout=180)
+        address = (Path(tmp) / "ray" / "ray_current_cluster").read_text().strip()
+        probe = ("from pipelines.train_ray import init_ray\n"
+                 "init_ray({'num_workers': 2, 'cpus_per_worker': 1})\n"
+                 "import ray\n"
+                 "print('JOINED', ray.get_runtime_context().gcs_address, "
+                 "ray.cluster_resources()['CPU'])\n")
+        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        # the recorded cluster (1 CPU), not a new local one sized for the trainer (3 CPUs)
+        assert f"JOINED {address} 1.0" in out.stdout
+    finally:
+        _kill_cluster(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -22,6 +24,7 @@ from medseg_core.layouts import (
     Skipped,
     list_records,
     load_record,
+    valid_text,
 )
 
 RNG = np.random.default_rng(1)
@@ -493,6 +496,86 @@ def test_images_layout(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "one.bmp")
     with pytest.raises(LayoutError, match="duplicate id 'one'"):
         list_records(str(tmp_path), "images")
+
+
+# ----------------------------------------------------------------------------------------------
+# file names that are not UTF-8
+
+
+def test_valid_text_escapes_only_lone_surrogates():
+    assert valid_text("ünïcode 名前 (1)") == "ünïcode 名前 (1)"
+    assert valid_text(os.fsdecode(b"caf\xe9/x\xff")) == "caf\\xe9/x\\xff"
+    assert valid_text("a\ud800b") == "a\\ud800b"  # not from a file name byte: \u escape
+
+
+def raw_png(root: Path, name: bytes, **kw) -> tuple[str, np.ndarray]:
+    """A PNG at the raw (bytes) name under ``root``: (its real path as os.fsdecode gives it,
+    its pixels); skips where the filesystem refuses names that are not UTF-8."""
+    path = os.path.join(os.fsencode(root), name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        open(path, "wb").close()
+    except OSError:
+        pytest.skip("this filesystem refuses file names that are not UTF-8")
+    arr = png(Path(os.fsdecode(path)), **kw)
+    return os.fsdecode(path), arr
+
+
+def test_names_that_are_not_utf8_give_valid_ids_and_read_the_real_file(tmp_path):
+    caf, caf_pixels = raw_png(tmp_path / "flat", b"caf\xe9.png")
+    deep, _ = raw_png(tmp_path / "flat", b"d\xe9p/na\xefve.png")
+    raw_png(tmp_path / "flat", b"ok.png")
+    listing = list_records(str(tmp_path / "flat"), "images")
+    assert [r.id for r in listing.records] == ["caf\\xe9", "d\\xe9p/na\\xefve", "ok"]
+    assert [r.image_uri for r in listing.records[:2]] == [caf, deep]  # the real paths
+    for rec in listing.records:
+        rec.id.encode("utf-8")  # storable in Parquet / JSON
+    np.testing.assert_array_equal(load_record(listing.records[0])["image"][..., 0], caf_pixels)
+
+    m = rand_mask()
+    raw_png(tmp_path / "busi", b"benign/caf\xe9.png")
+    raw_png(tmp_path / "busi", b"benign/caf\xe9_mask.png", mask=m)
+    [busi] = list_records(str(tmp_path / "busi"), "busi").records
+    assert (busi.id, busi.label) == ("benign/caf\\xe9", 1)
+    np.testing.assert_array_equal(load_record(busi)["mask"], m.astype(np.uint8))
+
+    raw_png(tmp_path / "folder", b"imgs/x\xff.png")
+    raw_png(tmp_path / "folder", b"lbl/x\xff_seg.png", mask=m)
+    [folder] = list_records(str(tmp_path / "folder"), "folder", image_dir="imgs",
+                            mask_dir="lbl", mask_suffix="_seg").records
+    assert folder.id == "x\\xff"
+    np.testing.assert_array_equal(load_record(folder)["mask"], m.astype(np.uint8))
+
+    raw_png(tmp_path / "isic", b"in/ISIC_\xe9.png")
+    raw_png(tmp_path / "isic", b"gt/ISIC_\xe9_segmentation.png", mask=m)
+    [isic] = list_records(str(tmp_path / "isic"), "isic2018", image_dir="in",
+                          mask_dir="gt").records
+    assert isic.id == "ISIC_\\xe9"
+
+    raw_png(tmp_path / "dsb", b"\xe9t/images/\xe9t.png")
+    raw_png(tmp_path / "dsb", b"\xe9t/masks/m0.png", mask=m)
+    [dsb] = list_records(str(tmp_path / "dsb"), "dsb2018").records
+    assert dsb.id == "\\xe9t"
+    np.testing.assert_array_equal(load_record(dsb)["mask"], m.astype(np.uint8))
+
+
+def test_escaped_id_colliding_with_a_valid_name_is_a_duplicate(tmp_path):
+    latin1, _ = raw_png(tmp_path, b"caf\xe9.png")
+    png(tmp_path / "caf\\xe9.png")  # a valid name spelling the escape: the same id
+    with pytest.raises(LayoutError, match=re.escape("duplicate id 'caf\\xe9'")):
+        list_records(str(tmp_path), "images")
+    listing = list_records(str(tmp_path), "images", strict=False)
+    assert [(r.id, r.image_uri) for r in listing.records] == [
+        ("caf\\xe9", str(tmp_path / "caf\\xe9.png"))]
+    [dup] = listing.skipped
+    assert dup.path == valid_text(latin1) and "duplicate id" in dup.reason
+    json.dumps([dup.path, dup.reason], ensure_ascii=False).encode("utf-8")  # no surrogates
+
+    busi = tmp_path / "busi"
+    raw_png(busi, b"benign/gh\xf6st_mask.png", mask=rand_mask())
+    [orphan] = list_records(str(busi), "busi", strict=False).skipped
+    assert orphan.path == str(busi / "benign" / "gh\\xf6st_mask.png")
+    assert "mask without image (expected 'benign/gh\\xf6st.png')" in orphan.reason
 
 
 # ----------------------------------------------------------------------------------------------

@@ -108,6 +108,14 @@ def test_pack_leaves_out_bad_files_and_names_them(synthetic_archive, tmp_path):
         splits = load_splits(cfg)
     assert sum(len(v) for v in splits.values()) == 13
     assert data_report(cfg, warn=False)["by_stage"] == {"pack": 2}
+    # the raw archive drops the same two records before splitting (the bad mask included), so
+    # both give the same splits
+    raw_cfg = make_cfg(tmp_path / "raw", str(arc))
+    with pytest.warns(UserWarning, match=r"normal \(1\)_mask\.png"):
+        raw = load_splits(raw_cfg)
+    assert {k: [r.id for r in v] for k, v in raw.items()} == \
+        {k: [r.id for r in v] for k, v in splits.items()}
+    assert data_report(raw_cfg, warn=False)["by_stage"] == {"check": 2}
     with pytest.raises(ValueError, match=r"benign \(2\)\.png"):
         pack(tmp_path, str(arc), tmp_path / "strict", "data.strict=true", backend="local")
     assert not (tmp_path / "strict" / "manifest.json").exists()
@@ -175,3 +183,37 @@ def test_in_process_trainer_reads_packed_archives(synthetic_archive, tmp_path):
     assert int(float(row["train_samples"])) == len(splits["train"]) // 4 * 4
     assert int(float(row["val_images"])) == len(splits["val"])
     assert 0.0 <= float(row["val_dice"]) <= 1.0
+
+
+def test_packing_thresholds_masks_as_reading_does_and_replaces_the_manifest_last(
+        synthetic_archive, tmp_path):
+    from medseg_core.io import encode_png
+    from medseg_core.transforms import Resize
+
+    arc = tmp_path / "arc"
+    shutil.copytree(synthetic_archive, arc)
+    rid = "malignant/malignant (1)"
+    raw_cfg = make_cfg(tmp_path, str(arc), "data.mask_threshold=0")
+    raw = {r.id: r for r in list_archive(raw_cfg["data"]).records}
+    mask = load_any_record(raw[rid], raw_cfg)["mask"]
+    assert mask.any()
+    # the same mask stored as 0/1 values: foreground only with data.mask_threshold=0
+    (arc / "malignant" / "malignant (1)_mask.png").write_bytes(encode_png(mask))
+    out = tmp_path / "packed"
+    out.mkdir()
+    # a pack that fails over an older one leaves no manifest describing half-rewritten shards
+    (out / "manifest.json").write_text('{"stale": true}')
+    (arc / "benign" / "benign (2).png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"benign \(2\)\.png"):
+        pack(tmp_path, str(arc), out, "data.strict=true", backend="local")
+    assert not (out / "manifest.json").exists()
+    shutil.copy(Path(synthetic_archive) / "benign" / "benign (2).png", arc / "benign")
+    m = pack(tmp_path, str(arc), out, "data.mask_threshold=0", "+pack.resize_to=[32,32]",
+             "+pack.encoding=png", backend="local")
+    assert m["mask_threshold"] == 0
+    assert json.loads((out / "manifest.json").read_text())["records"] == 15
+    cfg = packed_cfg(tmp_path, out, "data.mask_threshold=0")
+    packed = {r.id: r for split in load_splits(cfg).values() for r in split}
+    got = load_any_record(packed[rid], cfg)["mask"]
+    want = Resize([32, 32])(load_any_record(raw[rid], raw_cfg))["mask"]
+    assert got.any() and np.array_equal(got, want)

@@ -131,6 +131,49 @@ def test_commit_never_writes_outside_the_output(tmp_path):
     assert {r["id"] for r in read_results(str(out_dir / "results"))} == {r["id"] for r in rows}
 
 
+def test_commit_stores_text_that_is_not_valid_unicode(tmp_path):
+    from pipelines.segment_batch import Output, commit_rows
+
+    out_dir = tmp_path / "out"
+    base = {"label": 0, "true_label": -1, "seconds": 0.5, "mask_png": b"png"}
+    rows = [
+        # a real path that is not UTF-8 in source and error: stored as \\x escapes
+        {**base, "id": "caf\\xe9", "source": "/in/caf\udce9.png", "label_name": "benign",
+         "error": None},
+        {**base, "id": "bad", "source": "/in/b\udcffd.png", "label_name": None,
+         "error": "ImageDecodeError: /in/b\udcffd.png: cannot identify image", "mask_png": None},
+        # any other text Arrow cannot store: an error row instead of a failed batch
+        {**base, "id": "odd\udce9", "source": "/in/odd\udce9.png", "label_name": "x\udce9",
+         "error": None},
+    ]
+    summary = commit_rows(Output(str(out_dir)), rows, "run")
+    assert summary.column("id").to_pylist() == ["caf\\xe9", "bad", "odd\\xe9"]
+    by_id = {r["id"]: r for r in read_results(str(out_dir / "results"))}
+    assert by_id["caf\\xe9"]["source"] == "/in/caf\\xe9.png"
+    assert by_id["caf\\xe9"]["error"] is None and by_id["caf\\xe9"]["predicted_class"] == "benign"
+    assert by_id["bad"]["error"] == "ImageDecodeError: /in/b\\xffd.png: cannot identify image"
+    odd = by_id["odd\\xe9"]
+    assert odd["predicted_class"] == "error" and odd["mask_path"] is None
+    assert odd["source"] == "/in/odd\\xe9.png" and odd["label_name"] is None
+    assert odd["error"].startswith("result row of 'odd\\\\xe9' cannot be stored: UnicodeEncodeError")
+    assert local_files(out_dir, "masks") == {by_id["caf\\xe9"]["mask_path"]}  # no mask for odd
+
+
+def test_threshold_outside_0_1_is_refused_at_start_up(tmp_path):
+    from medseg_core.inference import check_threshold
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    for bad in ("1.5", "0", "1", "-0.2", "nan", "abc", "true"):
+        with pytest.raises(ValueError, match=r"threshold=.* between 0 and 1"):
+            run_job([f"input={tmp_path / 'in'}", "bundles.segmenter=/nonexistent/seg",
+                     f"output={tmp_path / 'out'}", f"threshold={bad}"])
+    assert not (tmp_path / "out").exists()  # refused before anything was read or written
+    assert check_threshold(None) is None and check_threshold(0.3) == 0.3
+    with pytest.raises(ValueError, match="threshold=True"):
+        check_threshold(True)
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole job on a real S3-compatible server
 
@@ -366,6 +409,58 @@ def test_malicious_names_stay_inside_the_output(ray_cluster, bundles, tmp_path, 
     written = [p for p in tmp_path.rglob("*") if p.is_file() and folder not in p.parents]
     assert written and all(out in p.parents for p in written)
     assert not (tmp_path / "evil").exists() and not list(tmp_path.glob("*evil*"))
+
+
+@pytest.mark.ray
+def test_file_names_not_utf8_complete_with_a_row_each(ray_cluster, bundles, tmp_path):
+    rng = np.random.default_rng(8)
+    folder = tmp_path / "in"
+    raw = os.fsencode(folder)
+    os.makedirs(os.path.join(raw, b"d\xe9p"))
+    files = {b"caf\xe9.png": encode_png(sample_image(rng)), b"ok.png": encode_png(sample_image(rng)),
+             b"d\xe9p/x.png": encode_png(sample_image(rng)), b"broken \xff.png": b"not a png"}
+    for name, data in files.items():
+        try:
+            with open(os.path.join(raw, name), "wb") as f:
+                f.write(data)
+        except OSError:
+            pytest.skip("this filesystem refuses file names that are not UTF-8")
+    records = list_records(str(folder), "images").records
+    ids = {"caf\\xe9", "ok", "d\\xe9p/x", "broken \\xff"}
+    assert {r.id for r in records} == ids
+    ref = reference(bundles[0], bundles[1], records)
+    assert set(ref) == ids - {"broken \\xff"}
+
+    out = tmp_path / "out"
+    overrides = [f"input={folder}", "layout=images", f"bundles.segmenter={bundles[0]}",
+                 f"bundles.classifier={bundles[1]}", f"output={out}", "batch.batch_size=8",
+                 "batch.concurrency=1"]
+    manifest = run_job(overrides)
+    rows = check_exactly_once(out, ids)
+    by_id = {r["id"]: r for r in rows}
+    for rid, expected in ref.items():
+        assert_matches(by_id[rid], expected)
+        assert by_id[rid]["source"] == f"{folder}/{rid}.png"  # the real path, escaped
+        mask = decode_png_mask((out / by_id[rid]["mask_path"]).read_bytes())
+        np.testing.assert_array_equal(mask, expected["mask"])
+    broken = by_id["broken \\xff"]
+    assert broken["predicted_class"] == "error" and broken["mask_path"] is None
+    assert f"{folder}/broken \\xff.png" in broken["error"]
+    assert manifest["input"]["images"] == 4 and manifest["input"]["skipped_files"] == 0
+    assert manifest["run"]["processed"] == 4 and manifest["run"]["errors"] == 1
+    assert manifest["run"]["complete"] and manifest["run"]["remaining"] == 0
+    totals = manifest["totals"]
+    assert totals["images"] == 4 and totals["errors"] == 1 and totals["masks"] == 3
+    assert [e["id"] for e in totals["error_list"]] == ["broken \\xff"]
+    assert totals["counts_by_class"] == {
+        **dict.fromkeys(CLASS_NAMES, 0), **Counter(o["label_name"] for o in ref.values()),
+        "error": 1}
+    text = (out / "manifest.json").read_bytes().decode("utf-8")
+    assert json.loads(text) == manifest and "\\ud" not in text  # no lone surrogates
+
+    again = run_job(overrides)  # the same ids next night: nothing to redo
+    assert again["run"]["processed"] == 0 and again["run"]["already_done"] == 4
+    assert again["run"]["complete"]
 
 
 def test_output_inside_input_is_refused(bundles, tmp_path):

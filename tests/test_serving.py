@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import struct
 import zlib
@@ -210,6 +211,8 @@ def test_config_validates_against_serve_schema():
         assert {"min_replicas", "max_replicas", "target_ongoing_requests",
                 "upscale_delay_s", "downscale_delay_s"} <= set(auto)
         assert "num_gpus" in d.ray_actor_options.model_dump(exclude_unset=True)
+        # a bounded queue at every caller: Serve answers 503 instead of piling up requests
+        assert d.max_queued_requests >= 1
         if d.name != Ingress.name:
             batching = BatchingConfig.model_validate(d.user_config)
             assert d.max_ongoing_requests >= batching.max_batch_size
@@ -235,6 +238,132 @@ def test_multipart_parser_roundtrips_binary():
     with pytest.raises(ApiError) as err:
         parse_multipart(body, "multipart/form-data")
     assert err.value.status == 400
+
+
+def _multipart(parts: list[tuple[str, bytes]], boundary: str = "b0undary") -> bytes:
+    """A multipart/form-data body of (Content-Disposition parameters, content) parts."""
+    out = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; {params}\r\n\r\n".encode()
+                   + content + b"\r\n" for params, content in parts)
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def test_multipart_parser_edge_cases():
+    from serving.inputs import ApiError, parse_multipart
+
+    ct = "multipart/form-data; boundary=b0undary"
+    # the first part with a filename, unless a part is named file/image
+    body = _multipart([('name="a"; filename="1.png"', b"one"), ('name="image"', b"two")])
+    assert parse_multipart(body, ct).data == b"two"
+    body = _multipart([('name="a"', b"x"), ('name="b"; filename="2.png"', b"two")])
+    up = parse_multipart(body, ct)
+    assert (up.data, up.filename, up.content_type) == (b"two", "2.png", "")
+    # preamble and epilogue ignored, quoted boundary, RFC 5987 filename, empty file part
+    body = b"preamble\r\n" + _multipart(
+        [("name=\"file\"; filename*=UTF-8''na%C3%AFve.png", b"")], "a b") + b"epilogue"
+    up = parse_multipart(body, 'multipart/form-data; boundary="a b"')
+    assert (up.data, up.filename) == (b"", "na\u00efve.png")
+    for name, data, header in [
+        ("no file part", _multipart([('name="note"', b"hi")]), ct),
+        ("wrong boundary", _multipart([('name="file"', b"x")]), ct.replace("b0", "c0")),
+        ("no closing boundary", _multipart([('name="file"', b"x")])[:-14], ct),
+        ("empty boundary", _multipart([('name="file"', b"x")]), "multipart/form-data; boundary="),
+        ("boundary ending in a space", _multipart([('name="file"', b"x")], "ab "),
+         'multipart/form-data; boundary="ab "'),
+        ("header line without colon",
+         b"--b0undary\r\nnot a header\r\n\r\nx\r\n--b0undary--\r\n", ct),
+        ("empty body", b"", ct),
+    ]:
+        with pytest.raises(ApiError) as err:
+            parse_multipart(data, header)
+        assert (err.value.status, err.value.code) == (400, "bad_request"), name
+
+
+def test_multipart_parser_hostile_20mb_bodies():
+    """Bodies at the default 20 MB limit that took the stdlib email parser 6-115 s: all
+    rejected or parsed by bytes scans (timed by hand: tens of ms)."""
+    from serving.inputs import ApiError, parse_multipart
+
+    size = 20_000_000
+    ct = "multipart/form-data; boundary=b0undary"
+    with pytest.raises(ApiError) as err:
+        parse_multipart(b"\n" * size, ct)
+    assert err.value.status == 400 and "malformed" in err.value.message
+    empty_part = b'--b0undary\r\nContent-Disposition: form-data; name="x"\r\n\r\n\r\n'
+    tiny = empty_part * (size // len(empty_part) - 1) + _multipart([('name="file"', b"\x89PNG")])
+    assert size * 0.99 < len(tiny) <= size
+    with pytest.raises(ApiError) as err:
+        parse_multipart(tiny, ct)
+    assert err.value.status == 400 and "parts" in err.value.message
+    # a legitimate 20 MB file made of line breaks comes back byte for byte
+    payload = b"\x89PNG\r\n\x1a\n" + b"\n" * (size - 1000)
+    up = parse_multipart(_multipart([('name="file"; filename="a.png"', payload)]), ct)
+    assert up.data == payload and up.filename == "a.png"
+
+
+def test_model_replica_death_is_a_json_503():
+    """A replica dying mid-request (what the model handle raises then) is answered by the
+    app's own error handler as 503 JSON with Retry-After, not as a 500."""
+    import asyncio
+
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError
+    from starlette.requests import Request
+
+    from serving.app import _api_error, model_call_error
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/predict",
+                       "headers": [], "query_string": b""})
+    for exc in (ActorDiedError(), ActorUnavailableError("unreachable", None), RayActorError(),
+                BackPressureError(num_queued_requests=16, max_queued_requests=16)):
+        response = asyncio.run(_api_error(request, model_call_error("Segmenter", exc)))
+        assert response.status_code == 503, exc
+        assert response.headers["retry-after"] == "1"
+        assert response.headers["content-type"] == "application/json"
+        error = json.loads(response.body)["error"]
+        assert error["code"] in ("unavailable", "overloaded") and "Segmenter" in error["message"]
+    err = model_call_error("Classifier", ValueError("bug"))
+    assert (err.status, err.code) == (500, "internal_error")
+
+
+def test_readiness_is_cached_after_both_models_answer():
+    import asyncio
+
+    from serving.app import ModelReadiness
+    from serving.inputs import ApiError
+
+    calls = {"a": 0, "b": 0}
+    mode = {"b": "hang"}
+
+    def model(name: str):
+        async def info():
+            calls[name] += 1
+            if name == "b" and mode["b"] == "hang":   # busy or still loading
+                await asyncio.sleep(10)
+            return {"version": name}
+        return info
+
+    readiness = ModelReadiness({"a": model("a"), "b": model("b")}, 0.1)
+
+    async def scenario() -> None:
+        for _ in range(2):  # not ready: asked (again) every time, 503 each time
+            with pytest.raises(ApiError) as err:
+                await readiness.infos()
+            assert err.value.status == 503 and "b (no answer" in err.value.message
+        assert not readiness.ready and calls == {"a": 2, "b": 2}
+        mode["b"] = "ok"
+        assert await readiness.infos() == {"a": {"version": "a"}, "b": {"version": "b"}}
+        mode["b"] = "hang"                            # a burst: info() would queue now
+        for _ in range(3):
+            assert (await readiness.infos())["b"] == {"version": "b"}
+        assert readiness.ready and calls == {"a": 3, "b": 3}
+        with pytest.raises(ApiError):                 # /v1/models asks afresh ...
+            await readiness.infos(refresh=True)
+        assert readiness.ready                        # ... without losing readiness
+        readiness.reset()                             # a deployment became unavailable
+        with pytest.raises(ApiError):
+            await readiness.infos()
+
+    asyncio.run(scenario())
 
 
 def test_health_gathering_reports_missing_models():
@@ -358,6 +487,36 @@ def test_multipart_and_chunked_uploads(server, samples, chain):
     r = post(server, (data[i:i + 1000] for i in range(0, len(data), 1000)))
     assert r.status_code == 200, r.text
     check_equal(r.json(), ref, image)
+
+
+def test_multipart_hostile_bodies_rejected(server, samples):
+    """Bodies that kept the old (stdlib email) parser busy get a 400 and the replica keeps
+    serving; many tiny parts and a body of line breaks, each just under the byte limit."""
+    ct = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+    tiny = _multipart([('name="x"', b"")] * (MAX_BODY // 60) + [('name="file"', b"\x89PNG")])
+    for name, body, fragment in [("tiny parts", tiny, "parts"),
+                                 ("line breaks", b"\n" * (MAX_BODY - 1), "malformed")]:
+        assert len(body) < MAX_BODY
+        r = requests.post(f"{server}/v1/predict", data=body, headers={**AUTH, **ct}, timeout=60)
+        assert r.status_code == 400, f"{name}: {r.text}"
+        assert r.json()["error"]["code"] == "bad_request" and fragment in r.text, name
+    data = png_bytes(samples[3]["image"][:, :, 0])
+    r = requests.post(f"{server}/v1/predict", headers=AUTH, timeout=60,
+                      files={"file": ("scan.png", data, "image/png")})
+    assert r.status_code == 200, r.text
+
+
+def test_deployed_queue_limits_match_config(server):
+    """max_queued_requests reaches the running deployments from config.yaml."""
+    from ray.serve.context import _get_global_client
+
+    from serving.launch import load_config
+
+    app = load_config()["applications"][0]
+    details = _get_global_client().get_serve_details()["applications"][app["name"]]
+    for entry in app["deployments"]:
+        deployed = details["deployments"][entry["name"]]["deployment_config"]
+        assert deployed["max_queued_requests"] == entry["max_queued_requests"]
 
 
 def _huge_png_header(width: int, height: int) -> bytes:

@@ -85,8 +85,11 @@ def test_ray_ddp_training_learns_and_merges_metrics_exactly(tmp_path, ray_cluste
     meter, _ = validate_segmenter(latest.model, loader, step)
     whole = meter.aggregate()
     assert float(rows[-1]["val_images"]) == len(splits["val"])
-    assert float(rows[-1]["val_dice"]) == pytest.approx(whole["dice"], abs=1e-9)
-    assert float(rows[-1]["val_iou"]) == pytest.approx(whole["iou"], abs=1e-9)
+    for key in ("dice", "iou", "sensitivity", "specificity", "precision"):
+        assert float(rows[-1][f"val_{key}"]) == pytest.approx(whole[key], abs=1e-9), key
+    # the ISIC 2018 score: the mean over images of each image's thresholded Jaccard
+    assert float(rows[-1]["val_thresholded_jaccard"]) == pytest.approx(
+        whole["thresholded_jaccard_mean"], abs=1e-9)
 
     cls_rows = read_csv(tmp_path / "runs" / "ddp" / "classifier" / "metrics.csv")
     assert float(cls_rows[-1]["val_images"]) == len(splits["val"])
@@ -97,25 +100,281 @@ def test_ray_ddp_training_learns_and_merges_metrics_exactly(tmp_path, ray_cluste
     assert out[0]["label_name"] in cfg["data"]["class_names"]
 
 
+def executed_epochs(stage_dir: Path) -> list[int]:
+    """Every epoch some process trained and recorded for this stage, repeats kept: each
+    process's RunLog writes its own TensorBoard event file, which a resume does not rewrite."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    epochs = []
+    for path in sorted((stage_dir / "tb").glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            epochs.extend(event.step for v in event.summary.value if v.tag.endswith("/train_loss"))
+    return sorted(epochs)
+
+
+class _BrightIsLesion(torch.nn.Module):
+    """Predicts the lesion where the first channel is bright."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1] * 10.0
+
+
+def _shifted_discs(n: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose bright disc is the true one shifted by 0, 1, 2, ... pixels (per-image IoU
+    from 1 down to 0), plus one with no lesion and no prediction and one with no lesion but a
+    prediction."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images, masks = [], []
+    for i in range(n):
+        truth = (yy - 8) ** 2 + (xx - 6) ** 2 <= 16
+        pred = (yy - 8) ** 2 + (xx - 6 - i % 7) ** 2 <= 16
+        if i == n - 2:
+            truth, pred = truth & False, pred & False
+        elif i == n - 1:
+            truth = truth & False
+        images.append((pred.to(torch.uint8) * 255)[..., None].expand(size, size, 3))
+        masks.append(truth.to(torch.uint8))
+    return torch.stack(images), torch.stack(masks)
+
+
+def test_validation_metrics_merged_across_workers_equal_those_of_the_whole_set(tmp_path):
+    from medseg_core.engine import StepConfig, validate_segmenter
+    from medseg_core.losses import build_loss
+    from medseg_core.metrics import thresholded_jaccard
+    from pipelines.loop import epoch_metrics
+
+    spec = _loop_spec(tmp_path)
+    step = StepConfig(mean=tuple(spec.bundle_config["mean"]), std=tuple(spec.bundle_config["std"]))
+    model = _BrightIsLesion()
+    images, masks = _shifted_discs(13)
+
+    def batches(idx):  # eval batches of 3, as each worker's val shard is read
+        return [{"image": images[idx[i:i + 3]], "mask": masks[idx[i:i + 3]]}
+                for i in range(0, len(idx), 3)]
+
+    class Worker:
+        rank, device = 0, torch.device("cpu")
+
+        def __init__(self, idx, world_size, others):
+            self.val, self.world_size, self.others = batches(idx), world_size, others
+            self.sent = None
+
+        def val_batches(self):
+            return self.val
+
+        def all_sum(self, values):
+            self.sent = values.copy()
+            return values + sum(self.others)
+
+    # the rows split as Ray's val_<rank> datasets are (splits["val"][r::world]): 7 and 6 images
+    parts = [torch.arange(13)[r::2] for r in range(2)]
+    second = Worker(parts[1], 2, [])
+    alone = epoch_metrics(spec, second, model, step)
+    merged = epoch_metrics(spec, Worker(parts[0], 2, [second.sent]), model, step)
+
+    meter, loss_sum = validate_segmenter(model, batches(torch.arange(13)), step,
+                                         build_loss(spec.loss))
+    whole = meter.aggregate()
+    per_image = np.asarray(thresholded_jaccard(meter.counts))
+    # the set exercises what could go wrong: per-image scores on both sides of 0.65, a global
+    # IoU whose thresholding is not the per-image mean, workers whose means differ
+    assert (per_image == 0).any() and ((per_image > 0) & (per_image < 1)).any()
+    assert whole["thresholded_jaccard_mean"] != pytest.approx(whole["thresholded_jaccard"])
+    assert alone["val_thresholded_jaccard"] != pytest.approx(whole["thresholded_jaccard_mean"])
+    assert merged["val_images"] == 13
+    for key in ("dice", "iou", "sensitivity", "specificity", "precision"):
+        assert merged[f"val_{key}"] == pytest.approx(whole[key], abs=1e-12), key
+    assert merged["val_thresholded_jaccard"] == pytest.approx(
+        whole["thresholded_jaccard_mean"], abs=1e-12)
+    assert merged["val_thresholded_jaccard"] == pytest.approx(per_image.mean(), abs=1e-12)
+    assert merged["val_loss"] == pytest.approx(loss_sum / 13, rel=1e-6)
+    # one process, one worker: the same numbers
+    single = epoch_metrics(spec, Worker(torch.arange(13), 1, []), model, step)
+    assert single["val_thresholded_jaccard"] == pytest.approx(merged["val_thresholded_jaccard"])
+
+
 @pytest.mark.ray
 def test_worker_failure_is_survived_and_rerun_resumes(tmp_path, ray_cluster):
     from pipelines.train import run
 
+    # fails at the start of epoch 2, after epochs 0 and 1 were checkpointed: a restart from
+    # scratch would train them again
     args = ["trainer=ray", "trainer.num_workers=2", "trainer.cpus_per_worker=0.5",
             "train.epochs=3", "stages=[segmenter]", "run_name=faulty",
-            "trainer.max_failures=1", "trainer.fail_at_epoch.segmenter=1"]
+            "trainer.max_failures=1", "trainer.fail_at_epoch.segmenter=2"]
     run(config(tmp_path, *args))
     run_dir = tmp_path / "runs" / "faulty"
+    stage_dir = run_dir / "segmenter"
     assert (run_dir / ".fail-segmenter").exists(), "the injected failure did not happen"
-    rows = read_csv(run_dir / "segmenter" / "metrics.csv")
+    rows = read_csv(stage_dir / "metrics.csv")
     assert [int(float(r["epoch"])) for r in rows] == [0, 1, 2]  # continuous, none repeated
+    executed = executed_epochs(stage_dir)
+    assert set(executed) == {0, 1, 2}
+    assert len(executed) - len(set(executed)) <= 1, executed  # at most one epoch repeated
     ray_dir = run_dir / "ray" / "faulty-segmenter"
     assert len(list(ray_dir.glob("checkpoint_*"))) >= 1
 
-    # same run name, one more epoch: resumes at epoch 3 instead of starting over
+    # same run name, one more epoch: resumes at epoch 3 and trains only that one
     run(config(tmp_path, *args[:-2], "train.epochs=4"))
-    rows = read_csv(run_dir / "segmenter" / "metrics.csv")
+    rows = read_csv(stage_dir / "metrics.csv")
     assert [int(float(r["epoch"])) for r in rows] == [0, 1, 2, 3]
+    assert executed_epochs(stage_dir) == sorted([*executed, 3])
+
+
+# ----------------------------------------------------------------- resume (in-process loop)
+class _LoopContext:
+    """A one-worker WorkerContext over fixed in-memory batches whose bundles go to a real
+    RunLog, as pipelines.train.LocalContext does."""
+
+    rank, world_size, device = 0, 1, torch.device("cpu")
+
+    def __init__(self, log, train: list[dict], val: list[dict]):
+        self.log, self.train, self.val = log, train, val
+
+    def train_batches(self, epoch: int):
+        return self.train
+
+    def val_batches(self):
+        return self.val
+
+    def steps_per_epoch(self) -> int:
+        return len(self.train)
+
+    def wrap_model(self, model):
+        return model
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        return values
+
+    def resume_dir(self):
+        return self.log.resume_dir()
+
+    def report(self, metrics, bundle_dir, history) -> None:
+        self.log.record(metrics, bundle_dir, history)
+
+
+def _disc_batches(n_batches: int, seed: int, size: int = 32, batch: int = 4) -> list[dict]:
+    """Bright discs (the lesion) of random place and radius on noise."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    out = []
+    for _ in range(n_batches):
+        cy, cx = torch.randint(8, size - 8, (2, batch, 1, 1), generator=g)
+        r = torch.randint(3, 8, (batch, 1, 1), generator=g)
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r**2).to(torch.uint8)
+        noise = torch.randint(0, 100, (batch, size, size, 3), generator=g)
+        image = (noise + 120 * mask[..., None]).clamp(0, 255).to(torch.uint8)
+        out.append({"image": image, "mask": mask, "label": torch.zeros(batch, dtype=torch.int64)})
+    return out
+
+
+def _fit(tmp_path, run_name: str, spec, calls: list[dict]) -> Path:
+    """One `fit_stage` of `spec` (as a fresh process would run it); returns its stage dir."""
+    from pipelines.loop import fit_stage
+    from pipelines.runlog import RunLog
+
+    log = RunLog(str(tmp_path / "runs" / run_name), spec.stage)
+    try:
+        fit_stage(spec, _LoopContext(log, _disc_batches(3, seed=1), _disc_batches(2, seed=2)))
+    finally:
+        log.close()
+        calls.append({"end": True})
+    return Path(log.stage_dir)
+
+
+@pytest.fixture
+def loop_spy(monkeypatch):
+    """Records, at every epoch's start, the optimizer's state and LR and the augmentation
+    generator's state (one list per `_fit`, split at its {"end": True})."""
+    import pipelines.loop as loop
+
+    calls: list[dict] = []
+    real = loop.train_epoch
+
+    def spy(model, batches, optimizer, loss_fn, step, **kw):
+        first = optimizer.state.get(next(iter(model.parameters())), {})
+        calls.append({"lr": optimizer.param_groups[0]["lr"],
+                      "step": float(first["step"]) if "step" in first else 0.0,
+                      "exp_avg": first["exp_avg"].clone() if "exp_avg" in first else None,
+                      "rng": kw["generator"].get_state().clone()})
+        return real(model, batches, optimizer, loss_fn, step, **kw)
+
+    monkeypatch.setattr(loop, "train_epoch", spy)
+    return calls
+
+
+def _sessions(calls: list[dict]) -> list[list[dict]]:
+    out, cur = [], []
+    for c in calls:
+        if c.get("end"):
+            out.append(cur)
+            cur = []
+        else:
+            cur.append(c)
+    return out
+
+
+def _loop_spec(tmp_path, **over):
+    from dataclasses import replace
+
+    from pipelines.train import stage_spec
+
+    cfg = config(tmp_path, "train.epochs=3", "train.scheduler.warmup_fraction=0.3")
+    spec = stage_spec(cfg, "segmenter")
+    # augmentation on the device draws from the loop's generator, so the weights depend on it
+    return replace(spec, gpu_augment=dict(cfg["data"]["augment"]), bf16=False, **over)
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path, loop_spy):
+    from medseg_core.checkpoint import TRAIN_STATE_FILE, load_bundle, load_train_state
+
+    spec = _loop_spec(tmp_path)
+    whole = _fit(tmp_path, "whole", spec, loop_spy)
+    # the same run killed at the start of epoch 2 (after epoch 1's checkpoint), then rerun
+    faulty = _loop_spec(tmp_path, fail_at_epoch=2, fail_marker=str(tmp_path / ".fail"))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _fit(tmp_path, "resumed", faulty, loop_spy)
+    saved = load_train_state(str(tmp_path / "runs" / "resumed" / "segmenter" / "latest"))
+    resumed = _fit(tmp_path, "resumed", faulty, loop_spy)
+    s_whole, s_first, s_rerun = _sessions(loop_spy)
+    steps = 3  # batches per epoch
+
+    assert len(s_whole) == 3 and len(s_first) == 2
+    assert len(s_rerun) == 1, "the rerun trained more than the epoch it lacked"
+    assert [int(float(r["epoch"])) for r in read_csv(resumed / "metrics.csv")] == [0, 1, 2]
+    # the optimizer goes on from the checkpoint: its step count and moments, not zeros
+    first = s_rerun[0]
+    assert first["step"] == 2 * steps == s_whole[2]["step"]
+    assert torch.equal(first["exp_avg"], saved["optimizer"]["state"][0]["exp_avg"])
+    # the LR schedule and the augmentation random numbers are where they were
+    assert first["lr"] == pytest.approx(s_whole[2]["lr"], rel=1e-12)
+    assert first["lr"] != pytest.approx(s_whole[0]["lr"])
+    assert torch.equal(first["rng"], s_whole[2]["rng"])
+    assert not torch.equal(first["rng"], s_first[0]["rng"])
+    # hence the same weights as the uninterrupted run
+    a = load_bundle(str(resumed / "latest")).model.state_dict()
+    b = load_bundle(str(whole / "latest")).model.state_dict()
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # the optimizer state is kept for resuming (latest/), not in the served bundle (best/)
+    assert (resumed / "latest" / TRAIN_STATE_FILE).exists()
+    assert not (resumed / "best" / TRAIN_STATE_FILE).exists()
+
+
+def test_checkpoint_without_optimizer_state_resumes_with_a_fresh_optimizer(tmp_path, loop_spy):
+    from medseg_core.checkpoint import TRAIN_STATE_FILE
+
+    spec = _loop_spec(tmp_path, fail_at_epoch=2, fail_marker=str(tmp_path / ".fail"))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _fit(tmp_path, "old", spec, loop_spy)
+    latest = tmp_path / "runs" / "old" / "segmenter" / "latest"
+    (latest / TRAIN_STATE_FILE).unlink()  # as a checkpoint of an older version
+    with pytest.warns(RuntimeWarning, match="optimizer starts afresh"):
+        stage_dir = _fit(tmp_path, "old", spec, loop_spy)
+    rerun = _sessions(loop_spy)[1]
+    assert len(rerun) == 1 and rerun[0]["step"] == 0.0 and rerun[0]["exp_avg"] is None
+    assert [int(float(r["epoch"])) for r in read_csv(stage_dir / "metrics.csv")] == [0, 1, 2]
+    assert (stage_dir / "latest" / TRAIN_STATE_FILE).exists()
 
 
 class _SpyClassifier(torch.nn.Module):
@@ -182,3 +441,161 @@ def test_classifier_masks_settings_are_checked(tmp_path):
                  "train.classifier_masks.validate=predicted")
     with pytest.raises(BundleError, match="train the segmenter stage first"):
         run(cfg)
+
+
+# ----------------------------------------------------------------- atomic bundle updates
+class _Killed(BaseException):
+    """Stands in for the process being killed between two filesystem operations."""
+
+
+def _epoch_bundle(root: Path, epoch: int) -> str:
+    from medseg_core.checkpoint import make_bundle_config, save_bundle, save_train_state
+    from medseg_core.models import build_model
+
+    model_cfg = {"name": "unet_bn", "widths": [4, 8], "in_channels": 3}
+    cfg = make_bundle_config(model_cfg, task="segmentation", input_size=(16, 16),
+                             mean=(0.5,) * 3, std=(0.25,) * 3)
+    path = str(root / f"e{epoch}")
+    save_train_state(path, {"optimizer": {"state": {}, "param_groups": []}})
+    return save_bundle(path, build_model(model_cfg), cfg,
+                       metrics={"train_state": {"epoch": epoch}}, version=f"e{epoch}")
+
+
+def _operations(fs) -> list[tuple[object, str]]:
+    """The filesystem operations `copy_dir` may be killed between, for `fs`."""
+    import os
+    import shutil
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    ops = [(fs, "put_file"), (fs, "rm")]
+    return ops + [(os, "rename"), (shutil, "rmtree")] if isinstance(fs, LocalFileSystem) else ops
+
+
+def _copy_killed_at(monkeypatch, src: str, dst: str, kill_at: int | None, exclude=()) -> int:
+    """`copy_dir(src, dst)`, killed before its `kill_at`-th operation (None: not killed);
+    returns how many operations ran."""
+    import fsspec
+
+    from pipelines.runlog import copy_dir
+
+    fs, _ = fsspec.core.url_to_fs(dst)
+    done = [0]
+    with monkeypatch.context() as m:
+        for owner, name in _operations(fs):
+            real = getattr(owner, name)
+
+            def op(*args, _real=real, **kwargs):
+                if done[0] + 1 == kill_at:
+                    raise _Killed
+                done[0] += 1
+                return _real(*args, **kwargs)
+
+            m.setattr(owner, name, op)
+        try:
+            copy_dir(src, dst, exclude=exclude)
+        except _Killed:
+            pass
+    return done[0]
+
+
+@pytest.mark.parametrize("where", ["local", "memory", pytest.param("s3", marks=pytest.mark.s3)])
+@pytest.mark.parametrize("target", ["latest", "best"])
+def test_a_kill_while_replacing_a_bundle_leaves_one_to_resume_from(tmp_path, monkeypatch, request,
+                                                                   where, target):
+    import uuid
+
+    from medseg_core.checkpoint import TRAIN_STATE_FILE, load_bundle
+    from pipelines.runlog import RunLog, exists, join
+
+    old, new = _epoch_bundle(tmp_path, 2), _epoch_bundle(tmp_path, 3)
+    exclude = (TRAIN_STATE_FILE,) if target == "best" else ()
+    runs = {"local": str(tmp_path / "runs"), "memory": f"memory://runs-{uuid.uuid4().hex}",
+            "s3": f"s3://medseg-runlog/runs-{uuid.uuid4().hex}"}[where]
+    if where == "s3":
+        server = request.getfixturevalue("s3")
+        server.create_bucket("medseg-runlog")
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+
+    def fresh(name: str) -> RunLog:
+        log = RunLog(join(runs, name), "segmenter")
+        _copy_killed_at(monkeypatch, old, getattr(log, target), None, exclude)
+        return log
+
+    total = _copy_killed_at(monkeypatch, new, getattr(fresh("count"), target), None, exclude)
+    assert total >= 4
+    seen = []
+    for kill_at in range(1, total + 1):
+        log = fresh(f"kill{kill_at}")
+        _copy_killed_at(monkeypatch, new, getattr(log, target), kill_at, exclude)
+        # as a rerun starts: latest/ (and best/) must hold the old or the new bundle
+        latest = log.resume_dir()
+        if target == "latest":
+            assert latest == log.latest, f"no bundle to resume from after a kill at {kill_at}"
+            assert log.resume_epoch() in (3, 4)
+        assert exists(join(getattr(log, target), "version")), kill_at
+        version = load_bundle(getattr(log, target)).version
+        assert exists(join(getattr(log, target), TRAIN_STATE_FILE)) == (target == "latest")
+        seen.append(version)
+        # and the next update goes through
+        _copy_killed_at(monkeypatch, new, getattr(log, target), None, exclude)
+        assert load_bundle(getattr(log, target)).version == "e3"
+        assert _dirs_with_files(log.stage_dir) == {target}
+    # old until the new bundle is complete, then new: never back to the old one
+    assert seen == sorted(seen) and seen[0] == "e2", seen
+
+
+def _dirs_with_files(url: str) -> set[str]:
+    """The directories of `url` holding files (SeaweedFS lists emptied ones too)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    return {f[len(path.rstrip("/")) + 1:].split("/", 1)[0] for f in fs.find(path)}
+
+
+def test_local_trainer_shuffles_each_epoch_by_its_number(tmp_path):
+    """A resumed in-process run sees the epoch's own order, not epoch 0's again."""
+    from pipelines.data import load_splits
+    from pipelines.runlog import RunLog
+    from pipelines.train import LocalContext
+
+    cfg = config(tmp_path, "trainer=local")
+    splits = load_splits(cfg)
+
+    def order(ctx, epoch: int) -> list[list[int]]:
+        ctx.train_batches(epoch)
+        return [list(b) for b in ctx.train_loader.batch_sampler]
+
+    log = RunLog(str(tmp_path / "runs" / "shuffle"), "segmenter")
+    fresh, going = LocalContext(cfg, splits, log), LocalContext(cfg, splits, log)
+    seen = [order(going, e) for e in range(3)]
+    assert order(fresh, 2) == seen[2]         # as a run resumed at epoch 2 sees it
+    assert seen[0] != seen[1] != seen[2]      # and still a new order every epoch
+    log.close()
+
+
+def test_local_training_drops_a_record_with_a_bad_mask(tmp_path, synthetic_archive):
+    """trainer=local reads records in a DataLoader, which cannot drop one: they are checked
+    before the split, even with near-duplicate grouping off, and the report names the file."""
+    import json
+    import shutil
+
+    from pipelines.data import load_splits
+
+    arc = tmp_path / "arc"
+    shutil.copytree(synthetic_archive, arc)
+    (arc / "benign" / "benign (2)_mask.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cfg = config(tmp_path, "trainer=local", f"data.url={arc}", "data.split.dedup_distance=-1",
+                 "stages=[segmenter]", "train.epochs=1", "run_name=badmask")
+    with pytest.warns(UserWarning, match=r"benign \(2\)_mask\.png"):
+        splits = load_splits(cfg, check=True)
+    assert "benign/benign (2)" not in {r.id for v in splits.values() for r in v}
+    assert sum(len(v) for v in splits.values()) == 14
+    from pipelines.train import run
+
+    with pytest.warns(UserWarning, match=r"benign \(2\)_mask\.png"):
+        run(cfg)
+    report = json.loads(Path(cfg["data"]["report"]).read_text())
+    assert report["dropped"] == 1 and report["entries"][0]["path"].endswith("benign (2)_mask.png")

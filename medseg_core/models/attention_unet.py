@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import DoubleConv, activation_class, crop_to, make_norm, pad_to_multiple, per_level
+from .blocks import make_norm
+from .unet import UNet
 
 
 class AttentionGate(nn.Module):
@@ -43,11 +44,10 @@ class AttentionGate(nn.Module):
         return self.out(x * self.coefficients(x, g))
 
 
-class AttentionUNet(nn.Module):
-    """U-Net (double 3x3 convs, max-pool, transposed-conv up) with attention-gated skips.
+class AttentionUNet(UNet):
+    """`UNet` (double 3x3 convs, max-pool, transposed-conv up) with attention-gated skips.
 
-    Args mirror `UNet`; `norm` defaults to "batch" as in the paper. Any H, W is accepted
-    (padded to a multiple of 2**(levels-1) and cropped back).
+    Args as `UNet`; `norm` defaults to "batch" as in the paper.
     """
 
     def __init__(
@@ -60,47 +60,12 @@ class AttentionUNet(nn.Module):
         activation: str = "relu",
         pad_mode: str = "reflect",
     ) -> None:
-        super().__init__()
+        super().__init__(in_channels, out_channels, widths, norm, dropout, activation, pad_mode)
         widths = tuple(int(w) for w in widths)
-        if len(widths) < 2:
-            raise ValueError("AttentionUNet needs at least two levels (widths)")
-        drops = per_level(dropout, len(widths))
-        act = activation_class(activation)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.pad_mode = pad_mode
-        self.stride = 2 ** (len(widths) - 1)
-        # Norm layers need more than one value per channel in training: keep the bottleneck >= 2x2.
-        self.min_size = self.stride * (1 if norm is None else 2)
+        self.gates = nn.ModuleList(
+            AttentionGate(widths[level], widths[level + 1], max(widths[level] // 2, 1), norm)
+            for level in range(len(widths) - 2, -1, -1)
+        )
 
-        self.encoder = nn.ModuleList()
-        prev = in_channels
-        for width, drop in zip(widths, drops):
-            self.encoder.append(DoubleConv(prev, width, norm, drop, act))
-            prev = width
-        self.pool = nn.MaxPool2d(2)
-
-        self.gates = nn.ModuleList()
-        self.ups = nn.ModuleList()
-        self.decoder = nn.ModuleList()
-        for level in range(len(widths) - 2, -1, -1):
-            w, coarse = widths[level], widths[level + 1]
-            self.gates.append(AttentionGate(w, coarse, max(w // 2, 1), norm))
-            self.ups.append(nn.ConvTranspose2d(coarse, w, 2, stride=2))
-            self.decoder.append(DoubleConv(2 * w, w, norm, drops[level], act))
-        self.head = nn.Conv2d(widths[0], out_channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_channels, H, W) float -> logits (B, out_channels, H, W), any H, W."""
-        x, size = pad_to_multiple(x, self.stride, self.pad_mode, self.min_size)
-        skips = []
-        for i, block in enumerate(self.encoder):
-            if i > 0:
-                x = self.pool(x)
-            x = block(x)
-            skips.append(x)
-        x = skips.pop()
-        for gate, up, block in zip(self.gates, self.ups, self.decoder):
-            skip = gate(skips.pop(), x)
-            x = block(torch.cat([up(x), skip], dim=1))
-        return crop_to(self.head(x), size)
+    def gate_skip(self, step: int, skip: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        return self.gates[step](skip, coarse)

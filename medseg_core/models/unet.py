@@ -43,7 +43,7 @@ class UNet(nn.Module):
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if len(widths) < 2:
-            raise ValueError("UNet needs at least two levels (widths)")
+            raise ValueError(f"{type(self).__name__} needs at least two levels (widths)")
         drops = per_level(dropout, len(widths))
         act = activation_class(activation)
         self.in_channels = in_channels
@@ -79,7 +79,12 @@ class UNet(nn.Module):
             x = block(x)
             skips.append(x)
         x = skips.pop()
-        for up, block in zip(self.ups, self.decoder):
-            x = up(x)
-            x = block(torch.cat([x, skips.pop()], dim=1))
+        for i, (up, block) in enumerate(zip(self.ups, self.decoder)):
+            skip = self.gate_skip(i, skips.pop(), x)
+            x = block(torch.cat([up(x), skip], dim=1))
         return crop_to(self.head(x), size)
+
+    def gate_skip(self, step: int, skip: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """The skip features that decoder step `step` concatenates, given the coarser features
+        `coarse` before upsampling: unchanged here, attention-gated in `AttentionUNet`."""
+        return skip
