@@ -610,7 +610,7 @@ def load_records(cfg: dict[str, Any], check: bool | None = None
     dedup = int(data_cfg["split"].get("dedup_distance", 6)) >= 0
     so = storage_options(data_cfg)
     if is_packed(data_cfg):
-        records, hashes, problems = list_packed(str(data_cfg["url"]), so)
+        records, hashes, problems = list_packed(str(data_cfg["url"]), so, strict)
         record_problems(cfg, problems)
         return records, (hashes if dedup else None)
     listing = list_archive(data_cfg)
@@ -687,21 +687,35 @@ def parse_packed_uri(uri: str) -> tuple[str, int, int]:
     return shard, int(rg), int(row)
 
 
-def list_packed(url: str, so: dict | None = None) -> tuple[list[Record], list[int], list[Problem]]:
-    """Records, split hashes and pack-time problems of a packed archive, without decoding.
+def list_packed(url: str, so: dict | None = None, strict: bool = False
+                ) -> tuple[list[Record], list[int], list[Problem]]:
+    """Records, split hashes and problems of a packed archive, without decoding: those packing
+    reported, and one per record of a shard that cannot be read (truncated, overwritten), which
+    is left out (`strict`: raises naming the shard instead).
 
     Reads the manifest and only the id, label and phash columns of each shard.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     manifest = read_manifest(url, so)
     records: list[Record] = []
     hashes: list[int] = []
+    lost: list[Problem] = []
     for shard in manifest["shards"]:
         shard_uri = f"{url.rstrip('/')}/{shard['path']}"
         fs, path = _fs(shard_uri, so)
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["id", "label", "phash"])
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f, columns=["id", "label", "phash"])
+        except (*BAD_INPUT_ERRORS, pa.ArrowInvalid) as e:
+            if strict:
+                raise BadRecordError(f"{shard_uri}: unreadable packed shard: {e} "
+                                     "(data.strict=true)") from e
+            reason = f"unreadable packed shard: {_reason(e, path)}"
+            lost += [Problem("listing", f"{shard_uri} (row group {rg}, row {r})", reason)
+                     for rg, n in enumerate(shard["row_groups"]) for r in range(n)]
+            continue
         ids = table.column("id").to_pylist()
         labels = table.column("label").to_pylist()
         ph = table.column("phash").to_pylist()
@@ -713,7 +727,7 @@ def list_packed(url: str, so: dict | None = None) -> tuple[list[Record], list[in
                 row += 1
     problems = [Problem("pack", s["path"], s["reason"], s.get("id"))
                 for s in manifest.get("skipped", [])]
-    return records, hashes, problems
+    return records, hashes, problems + lost
 
 
 # ----------------------------------------------------------------------------------------------
@@ -826,13 +840,17 @@ def _blamed_path(e: BaseException, rec: Record) -> str:
 
 def _read_row_group(shard: str, row_group: int, columns: list[str], so: dict | None,
                     env: EnvCredentials | None):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, path = _fs(shard, so, env)
-    if _is_local(fs):
-        return pq.ParquetFile(path).read_row_group(row_group, columns=columns)
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).read_row_group(row_group, columns=columns)
+    try:
+        if _is_local(fs):
+            return pq.ParquetFile(path).read_row_group(row_group, columns=columns)
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).read_row_group(row_group, columns=columns)
+    except pa.ArrowInvalid as e:  # rewritten or truncated since listing: bad input, named
+        raise LayoutError(f"{shard}: row group {row_group} unreadable: {e}") from e
 
 
 PACKED_COLUMNS = ["id", "image", "mask", "label", "source", "encoding", "shape"]
@@ -868,6 +886,10 @@ def decode_packed_row(row: Mapping[str, Any], *, channels: int = 3,
     enc = row["encoding"]
     if enc == "raw":
         h, w, c = (int(v) for v in row["shape"])
+        for key, size in (("image", h * w * c), ("mask", h * w)):
+            if row[key] is not None and len(row[key]) != size:
+                raise LayoutError(f"{source}: packed raw {key} has {len(row[key])} bytes, "
+                                  f"not {size} for shape {[h, w, c]}")
         image = np.frombuffer(row["image"], np.uint8).reshape(h, w, c)
         if c != channels:
             raise LayoutError(f"{source}: packed raw image has {c} channels, not {channels}")
@@ -895,8 +917,10 @@ def decode_packed_batch(batch: Mapping[str, Sequence[Any]], spec: DecodeSpec,
         try:
             table = _read_row_group(shard, rg, PACKED_COLUMNS, spec.storage_options,
                                     spec.credentials)
-        except BAD_INPUT_ERRORS as e:
-            problems.append(Problem("decode", shard, f"row group {rg}: {e}", None, spec.split))
+        except BAD_INPUT_ERRORS as e:  # every wanted row of the group is lost: one problem each
+            reason = _reason(e, shard)
+            problems += [Problem("decode", f"{shard} (row group {rg}, row {r})", reason, None,
+                                 spec.split) for r in wanted]
             continue
         cols = {c: table.column(c) for c in PACKED_COLUMNS}
         for r in wanted:

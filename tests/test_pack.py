@@ -217,3 +217,50 @@ def test_packing_thresholds_masks_as_reading_does_and_replaces_the_manifest_last
     got = load_any_record(packed[rid], cfg)["mask"]
     want = Resize([32, 32])(load_any_record(raw[rid], raw_cfg))["mask"]
     assert got.any() and np.array_equal(got, want)
+
+
+@pytest.mark.ray
+def test_an_unreadable_shard_is_reported_record_by_record(ray_cluster, synthetic_archive,
+                                                           tmp_path):
+    from medseg_core.layouts import LayoutError
+
+    out = tmp_path / "packed"
+    pack(tmp_path, synthetic_archive, out, backend="local")  # shards of 6 rows: [4, 2] groups
+    shard = out / "shard-00001.parquet"
+    whole = shard.read_bytes()
+    cut = whole[: len(whole) // 2]  # an interrupted copy
+    # found while listing: its 6 records are left out, each reported; strict stops, naming it
+    shard.write_bytes(cut)
+    cfg = packed_cfg(tmp_path / "a", out)
+    with pytest.warns(UserWarning, match="shard-00001"):
+        splits = load_splits(cfg)
+    assert sum(len(v) for v in splits.values()) == 9
+    rep = data_report(cfg, warn=False)
+    assert rep["dropped"] == 6 and rep["by_stage"] == {"listing": 6}
+    with pytest.raises(ValueError, match=r"shard-00001.*strict"):
+        load_splits(packed_cfg(tmp_path / "b", out, "data.strict=true"))
+    # truncated after listing: the Ray read tasks drop and report each of its rows, and an
+    # in-process read names the shard
+    shard.write_bytes(whole)
+    cfg = packed_cfg(tmp_path / "c", out, "data.split.ratios=[1.0,0.0,0.0]")
+    records = load_splits(cfg)["train"]
+    shard.write_bytes(cut)
+    ds = build_datasets(cfg, {"train": records})["train"]
+    assert sum(len(b["label"]) for b in ds.iter_batches(batch_size=8)) == 9
+    rep = data_report(cfg, warn=False)
+    assert rep["dropped"] == 6 and rep["by_stage"] == {"decode": 6}
+    lost = next(r for r in records if "shard-00001" in r.image_uri)
+    with pytest.raises(LayoutError, match=r"shard-00001\.parquet: row group \d unreadable"):
+        load_any_record(lost, cfg)
+
+
+def test_a_raw_row_of_the_wrong_size_is_bad_input_named_by_its_source():
+    from medseg_core.layouts import LayoutError
+    from pipelines.data import decode_packed_row
+
+    row = {"id": "a", "label": 0, "source": "/arc/a.png", "encoding": "raw", "shape": [4, 4, 3],
+           "image": bytes(4 * 4 * 3), "mask": bytes(16)}
+    assert decode_packed_row(row)["image"].shape == (4, 4, 3)
+    for key, size in (("image", 47), ("mask", 15)):
+        with pytest.raises(LayoutError, match=f"/arc/a.png: packed raw {key} has {size} bytes"):
+            decode_packed_row({**row, key: bytes(size)})
