@@ -25,6 +25,7 @@ from pipelines.data import (
     build_dataset,
     build_datasets,
     data_report,
+    list_archive,
     load_splits,
     storage_options,
     train_epoch_dataset,
@@ -422,3 +423,35 @@ def test_reads_show_ray_data_progress_in_the_terminal(synthetic_archive, tmp_pat
     # with a terminal Ray Data draws bars; without one (here) it logs the same progress
     assert "ReadMedsegRecords: 0/" in proc.stderr, proc.stderr[-3000:]
     assert "Total Progress:" in proc.stderr and "execution finished" in proc.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_anonymous_read_of_a_public_bucket(ray_cluster, s3, synthetic_archive, tmp_path,
+                                           monkeypatch):
+    bucket = "medseg-public"
+    s3.upload_dir(synthetic_archive, f"s3://{bucket}/synthetic")
+    s3.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": "*",
+                       "Action": ["s3:GetObject", "s3:ListBucket"],
+                       "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    url = f"s3://{bucket}/synthetic"
+    endpoint = (f"data.endpoint_url={s3.endpoint}", "data.region=us-east-1")
+    # no credentials anywhere: the archive cannot be listed as a signed user...
+    with pytest.raises(Exception, match="(?i)credentials|denied|forbidden"):
+        list_archive(make_cfg(tmp_path / "signed", url, *endpoint)["data"])
+    # ...but `data.anonymous=true` reads it unsigned, with the same records and pixels
+    cfg = make_cfg(tmp_path, url, *endpoint, "data.anonymous=true")
+    local = make_cfg(tmp_path / "local", synthetic_archive)
+    remote_splits, local_splits = load_splits(cfg), load_splits(local)
+    assert {k: [r.id for r in v] for k, v in remote_splits.items()} == \
+        {k: [r.id for r in v] for k, v in local_splits.items()}
+    remote, here = build_datasets(cfg, remote_splits), build_datasets(local, local_splits)
+    assert digests(remote["val"]) == digests(here["val"])
+    assert data_report(cfg, warn=False)["dropped"] == 0
