@@ -429,6 +429,8 @@ def test_reads_show_ray_data_progress_in_the_terminal(synthetic_archive, tmp_pat
 @pytest.mark.s3
 def test_anonymous_read_of_a_public_bucket(ray_cluster, s3, synthetic_archive, tmp_path,
                                            monkeypatch):
+    import s3fs
+
     bucket = "medseg-public"
     s3.upload_dir(synthetic_archive, f"s3://{bucket}/synthetic")
     s3.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps({
@@ -443,7 +445,9 @@ def test_anonymous_read_of_a_public_bucket(ray_cluster, s3, synthetic_archive, t
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     url = f"s3://{bucket}/synthetic"
     endpoint = (f"data.endpoint_url={s3.endpoint}", "data.region=us-east-1")
-    # no credentials anywhere: the archive cannot be listed as a signed user...
+    # no credentials anywhere (and no filesystem an earlier test cached with some): the archive
+    # cannot be listed as a signed user...
+    s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(Exception, match="(?i)credentials|denied|forbidden"):
         list_archive(make_cfg(tmp_path / "signed", url, *endpoint)["data"])
     # ...but `data.anonymous=true` reads it unsigned, with the same records and pixels
