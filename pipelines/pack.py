@@ -219,9 +219,9 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         "io_threads": int((data.get("read") or {}).get("io_threads", 8)),
     }
     # An old manifest would describe shards that this run is about to overwrite
-    fs, path = _fs(f"{out}/{MANIFEST_NAME}", spec["out_storage_options"], spec["credentials"])
-    if fs.exists(path):
-        fs.rm(path)
+    mfs, mpath = _fs(f"{out}/{MANIFEST_NAME}", spec["out_storage_options"], spec["credentials"])
+    if mfs.exists(mpath):
+        mfs.rm(mpath)
     shard_size = max(1, int(pack.get("shard_size", 512)))
     shards = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
     t0 = time.time()
@@ -253,8 +253,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
                     for p in sorted(problems, key=lambda p: p.path)],
         "seconds": round(time.time() - t0, 3),
     }
-    fs, path = _fs(f"{out}/{MANIFEST_NAME}", spec["out_storage_options"])
-    with fs.open(path, "w") as f:
+    with mfs.open(mpath, "w") as f:
         json.dump(manifest, f, indent=1)
     if problems:
         record_problems(cfg, problems)

@@ -448,8 +448,11 @@ def test_anonymous_read_of_a_public_bucket(ray_cluster, s3, synthetic_archive, t
     # no credentials anywhere (and no filesystem an earlier test cached with some): the archive
     # cannot be listed as a signed user...
     s3fs.S3FileSystem.clear_instance_cache()
-    with pytest.raises(Exception, match="(?i)credentials|denied|forbidden"):
-        list_archive(make_cfg(tmp_path / "signed", url, *endpoint)["data"])
+    try:
+        with pytest.raises(Exception, match="(?i)credentials|denied|forbidden"):
+            list_archive(make_cfg(tmp_path / "signed", url, *endpoint)["data"])
+    finally:  # nor leave one without credentials to later tests
+        s3fs.S3FileSystem.clear_instance_cache()
     # ...but `data.anonymous=true` reads it unsigned, with the same records and pixels
     cfg = make_cfg(tmp_path, url, *endpoint, "data.anonymous=true")
     local = make_cfg(tmp_path / "local", synthetic_archive)
