@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipelines.config import load_config
+from pipelines.train import LocalContext
 
 TINY = [
     # instance-norm improved U-Net: learns these lesions within a few dozen steps
@@ -222,11 +223,11 @@ def test_worker_failure_is_survived_and_rerun_resumes(tmp_path, ray_cluster):
 
 
 # ----------------------------------------------------------------- resume (in-process loop)
-class _LoopContext:
-    """A one-worker WorkerContext over fixed in-memory batches whose bundles go to a real
-    RunLog, as pipelines.train.LocalContext does."""
+class _LoopContext(LocalContext):
+    """`pipelines.train.LocalContext` over fixed in-memory batches instead of DataLoaders;
+    its bundles go to a real RunLog."""
 
-    rank, world_size, device = 0, 1, torch.device("cpu")
+    device = torch.device("cpu")
 
     def __init__(self, log, train: list[dict], val: list[dict]):
         self.log, self.train, self.val = log, train, val
@@ -239,18 +240,6 @@ class _LoopContext:
 
     def steps_per_epoch(self) -> int:
         return len(self.train)
-
-    def wrap_model(self, model):
-        return model
-
-    def all_sum(self, values: np.ndarray) -> np.ndarray:
-        return values
-
-    def resume_dir(self):
-        return self.log.resume_dir()
-
-    def report(self, metrics, bundle_dir, history) -> None:
-        self.log.record(metrics, bundle_dir, history)
 
 
 def _disc_batches(n_batches: int, seed: int, size: int = 32, batch: int = 4) -> list[dict]:
