@@ -351,9 +351,12 @@ def test_read_from_s3_like_a_user(ray_cluster, s3, synthetic_archive, tmp_path, 
 def _plasma_mib() -> float:
     import re
 
+    import ray
     from ray._private.internal_api import memory_summary
 
-    m = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+    # this session's cluster by address: "auto" fails when another Ray runs on the machine
+    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    m = re.search(r"Plasma memory usage (\d+) MiB", summary)
     return float(m.group(1)) if m else 0.0
 
 
