@@ -34,7 +34,6 @@ DECODE_FORMATS = tuple(
     f for f in ("PNG", "JPEG", "BMP", "DIB", "TIFF", "GIF", "WEBP", "PPM") if f in Image.OPEN
 )
 
-_LUMA = np.array([299, 587, 114], dtype=np.uint32)
 
 
 class ImageDecodeError(ValueError):
@@ -129,6 +128,12 @@ def _to_uint8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+def rgb_to_grey(rgb: np.ndarray) -> np.ndarray:
+    """uint8 HxWx3 -> HxW grey by PIL's ITU-R 601-2 luma, the one RGB-to-grey of the project
+    (decoding with one channel and ``transforms.to_channels`` must give the same pixels)."""
+    return np.array(Image.fromarray(np.ascontiguousarray(rgb), "RGB").convert("L"))
+
+
 def _to_channels(a: np.ndarray, channels: int) -> np.ndarray:
     """HxW or HxWx3 uint8 -> a fresh, writable HxWxC array."""
     if a.ndim == 2:
@@ -136,8 +141,7 @@ def _to_channels(a: np.ndarray, channels: int) -> np.ndarray:
     if channels == 1:
         if a.shape[2] == 1:
             return np.array(a, copy=True)
-        luma = (a.astype(np.uint32) @ _LUMA + 500) // 1000
-        return luma.astype(np.uint8)[:, :, None]
+        return rgb_to_grey(a)[:, :, None]
     if a.shape[2] == 1:
         return np.repeat(a, 3, axis=2)
     return np.array(a, copy=True)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from medseg_core.io import rgb_to_grey
+
 Sample = dict[str, Any]
 
 __all__ = [
@@ -124,8 +126,7 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     if have == channels:
         return np.ascontiguousarray(image)
     if channels == 1:
-        grey = Image.fromarray(np.ascontiguousarray(image)).convert("L")
-        return np.asarray(grey)[:, :, None]
+        return rgb_to_grey(image)[:, :, None]
     if channels == 3:
         return np.repeat(image, 3, axis=2)
     raise ValueError(f"cannot convert a {have}-channel image to {channels} channels")

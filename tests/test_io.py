@@ -70,6 +70,17 @@ def test_rgb_lossless_formats(fmt):
     np.testing.assert_array_equal(decode_image(data, 1)[:, :, 0], luma(RGB))
 
 
+def test_decoding_to_grey_equals_converting_the_decoded_rgb():
+    """Decoding with one channel (the batch and serving readers) and `transforms.to_channels`
+    (the training transforms) must give the same grey, to the last unit, on every colour."""
+    from medseg_core.transforms import to_channels
+
+    rgb = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    grey = decode_image(save(Image.fromarray(rgb), "PNG"), 1)
+    np.testing.assert_array_equal(grey, to_channels(rgb, 1))
+    np.testing.assert_array_equal(grey[:, :, 0], luma(rgb))
+
+
 def test_rgba_drops_alpha_keeping_stored_colour():
     alpha = RNG.integers(0, 256, (9, 13), dtype=np.uint8)
     alpha[0, 0] = 0  # fully transparent pixel keeps its colour (no compositing)
