@@ -580,9 +580,12 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
 
 
 def _reason(e: BaseException, name: str) -> str:
-    """The error message without a repeated file name prefix."""
+    """The error message without a repeated file name prefix, on one printable line (a
+    parser's message may echo the file's bytes)."""
     msg = str(e) or type(e).__name__
-    return msg[len(name) + 2:] if msg.startswith(f"{name}: ") else msg
+    msg = msg[len(name) + 2:] if msg.startswith(f"{name}: ") else msg
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode()
+                   for c in " ".join(msg.split()))
 
 
 def split_records(records: list[Record], hashes: list[int] | None,
@@ -708,10 +711,12 @@ def list_packed(url: str, so: dict | None = None, strict: bool = False
         try:
             with fs.open(path, "rb") as f:
                 table = pq.read_table(f, columns=["id", "label", "phash"])
-        except (*BAD_INPUT_ERRORS, pa.ArrowInvalid) as e:
+        except (*BAD_INPUT_ERRORS, pa.ArrowInvalid, OSError) as e:
+            if not (isinstance(e, BAD_INPUT_ERRORS) or corrupt_parquet(e)):
+                raise  # the storage failed (network, permissions), not the shard's bytes
             if strict:
-                raise BadRecordError(f"{shard_uri}: unreadable packed shard: {e} "
-                                     "(data.strict=true)") from e
+                raise BadRecordError(f"{shard_uri}: unreadable packed shard: "
+                                     f"{_reason(e, path)} (data.strict=true)") from e
             reason = f"unreadable packed shard: {_reason(e, path)}"
             lost += [Problem("listing", f"{shard_uri} (row group {rg}, row {r})", reason)
                      for rg, n in enumerate(shard["row_groups"]) for r in range(n)]
@@ -849,8 +854,20 @@ def _read_row_group(shard: str, row_group: int, columns: list[str], so: dict | N
             return pq.ParquetFile(path).read_row_group(row_group, columns=columns)
         with fs.open(path, "rb") as f:
             return pq.ParquetFile(f).read_row_group(row_group, columns=columns)
-    except pa.ArrowInvalid as e:  # rewritten or truncated since listing: bad input, named
-        raise LayoutError(f"{shard}: row group {row_group} unreadable: {e}") from e
+    except (pa.ArrowInvalid, OSError) as e:
+        if not corrupt_parquet(e):
+            raise
+        # rewritten, truncated or corrupted since listing: bad input, named
+        raise LayoutError(f"{shard}: row group {row_group} unreadable: {_reason(e, shard)}") from e
+
+
+def corrupt_parquet(e: BaseException) -> bool:
+    """Whether pyarrow rejected a Parquet file's bytes: `ArrowInvalid`, or a bare `OSError`
+    without errno ("Couldn't deserialize thrift" of a corrupt footer). Failures of the storage
+    itself keep their own type or errno (the OS, fsspec, s3fs) and are not bad input."""
+    import pyarrow as pa
+
+    return isinstance(e, pa.ArrowInvalid) or (type(e) is OSError and e.errno is None)
 
 
 PACKED_COLUMNS = ["id", "image", "mask", "label", "source", "encoding", "shape"]

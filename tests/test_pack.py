@@ -219,16 +219,24 @@ def test_packing_thresholds_masks_as_reading_does_and_replaces_the_manifest_last
     assert got.any() and np.array_equal(got, want)
 
 
+def corrupt_footer(whole: bytes) -> bytes:
+    """The shard with its footer's metadata overwritten (pyarrow raises a bare OSError)."""
+    start = len(whole) - 8 - int.from_bytes(whole[-8:-4], "little")
+    return whole[:start] + b"\xff" * 8 + whole[start + 8:]
+
+
 @pytest.mark.ray
+@pytest.mark.parametrize("damage", ["truncated", "corrupt-footer"])
 def test_an_unreadable_shard_is_reported_record_by_record(ray_cluster, synthetic_archive,
-                                                           tmp_path):
+                                                           tmp_path, damage):
     from medseg_core.layouts import LayoutError
 
     out = tmp_path / "packed"
     pack(tmp_path, synthetic_archive, out, backend="local")  # shards of 6 rows: [4, 2] groups
     shard = out / "shard-00001.parquet"
     whole = shard.read_bytes()
-    cut = whole[: len(whole) // 2]  # an interrupted copy
+    # an interrupted copy, or bit rot in the footer
+    cut = whole[: len(whole) // 2] if damage == "truncated" else corrupt_footer(whole)
     # found while listing: its 6 records are left out, each reported; strict stops, naming it
     shard.write_bytes(cut)
     cfg = packed_cfg(tmp_path / "a", out)
@@ -252,6 +260,27 @@ def test_an_unreadable_shard_is_reported_record_by_record(ray_cluster, synthetic
     lost = next(r for r in records if "shard-00001" in r.image_uri)
     with pytest.raises(LayoutError, match=r"shard-00001\.parquet: row group \d unreadable"):
         load_any_record(lost, cfg)
+
+
+def test_only_pyarrows_verdict_on_the_bytes_counts_as_a_corrupt_shard():
+    """A corrupt shard is bad input (dropped and reported); a failing store is not, and raises:
+    s3fs and the OS give their errors a type or an errno, pyarrow's parse errors have neither."""
+    import errno
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.data import corrupt_parquet
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({"id": ["a", "b"]}), buf)
+    with pytest.raises(OSError) as parse_error:
+        pq.read_table(pa.BufferReader(corrupt_footer(buf.getvalue().to_pybytes())))
+    assert corrupt_parquet(parse_error.value)
+    assert corrupt_parquet(pa.ArrowInvalid("Parquet magic bytes not found"))
+    assert not corrupt_parquet(OSError(errno.EIO, "s3: service unavailable"))
+    assert not corrupt_parquet(PermissionError("Access Denied"))
+    assert not corrupt_parquet(ConnectionResetError(errno.ECONNRESET, "reset by peer"))
 
 
 def test_a_raw_row_of_the_wrong_size_is_bad_input_named_by_its_source():
