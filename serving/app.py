@@ -320,6 +320,15 @@ class ModelReadiness:
     def reset(self) -> None:
         self._infos = None
 
+    def observe(self, versions: Mapping[str, str]) -> None:
+        """Keep the cached infos' bundle versions at those a prediction just used, so /healthz
+        follows a model deployment redeployed with another bundle (Serve leaves the Ingress
+        running) without asking the busy models."""
+        for name, version in versions.items():
+            info = (self._infos or {}).get(name)
+            if info is not None and info.get("version") != version:
+                self._infos[name] = {**info, "version": version}
+
 
 def model_call_error(what: str, exc: BaseException) -> ApiError:
     """The HTTP error for a failed call to the model deployment `what`."""
@@ -540,6 +549,8 @@ class Ingress:
         t3 = time.perf_counter()
         cls = await self._call("Classifier", self.classifier.classify.remote(image, seg["mask"]))
         t4 = time.perf_counter()
+        versions = {"segmenter": seg["version"], "classifier": cls["version"]}
+        self.readiness.observe(versions)
         fmt = mask_format or MaskFormat(self.settings.default_mask_format)
         result = summarize_prediction(seg["mask"], np.asarray(cls["probabilities"]), cls["names"])
         mask = await asyncio.to_thread(encode_mask, result["mask"], fmt)
@@ -553,7 +564,7 @@ class Ingress:
             "bbox": result["bbox"],
             "image_size": [int(image.shape[0]), int(image.shape[1])],
             "threshold": threshold,
-            "model_versions": {"segmenter": seg["version"], "classifier": cls["version"]},
+            "model_versions": versions,
             "timings": {"read_ms": _ms(t0, t1), "decode_ms": _ms(t1, t2),
                         "segment_ms": _ms(t2, t3), "classify_ms": _ms(t3, t4),
                         "segment_replica_ms": seg["replica_ms"],

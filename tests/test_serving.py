@@ -356,6 +356,9 @@ def test_readiness_is_cached_after_both_models_answer():
         for _ in range(3):
             assert (await readiness.infos())["b"] == {"version": "b"}
         assert readiness.ready and calls == {"a": 3, "b": 3}
+        readiness.observe({"b": "b2"})                # a prediction served a swapped bundle
+        assert await readiness.infos() == {"a": {"version": "a"}, "b": {"version": "b2"}}
+        assert calls == {"a": 3, "b": 3}              # ... known without asking the models
         with pytest.raises(ApiError):                 # /v1/models asks afresh ...
             await readiness.infos(refresh=True)
         assert readiness.ready                        # ... without losing readiness
