@@ -205,6 +205,22 @@ def _read(fs: Any, path: str, name: str, url: str) -> bytes:
         raise BundleError(f"cannot read {name} of model bundle {url}: {exc}") from exc
 
 
+def read_bundle_meta(url: str, storage_options: dict[str, Any] | None = None
+                     ) -> tuple[str, dict[str, Any]]:
+    """(version, config) of the bundle at `url` from its two small text files, without
+    loading the weights. Raises BundleError naming the URL when either is missing."""
+    url = url.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    version = _read(fs, path, VERSION_FILE, url).decode("utf-8", errors="replace").strip()
+    try:
+        config = yaml.safe_load(_read(fs, path, CONFIG_FILE, url)) or {}
+    except yaml.YAMLError as exc:
+        raise BundleError(f"{CONFIG_FILE} of model bundle {url} is not valid YAML: {exc}") from exc
+    if not isinstance(config, dict):
+        raise BundleError(f"{CONFIG_FILE} of model bundle {url} is not a mapping")
+    return version, config
+
+
 def load_bundle(
     url: str,
     *,

@@ -221,6 +221,15 @@ def _distances_to(points: np.ndarray, feature: np.ndarray, sy: float, sx: float)
     return out
 
 
+def _drop_channel(m: np.ndarray) -> np.ndarray:
+    """(1x...)HxW or HxWx1 -> HxW, unlike `squeeze`, which makes a 1xW image 1-D."""
+    while m.ndim > 2 and m.shape[0] == 1:
+        m = m[0]
+    if m.ndim == 3 and m.shape[2] == 1:
+        m = m[:, :, 0]
+    return m
+
+
 def hausdorff95(
     pred: np.ndarray | torch.Tensor,
     target: np.ndarray | torch.Tensor,
@@ -233,8 +242,8 @@ def hausdorff95(
     and their 95th percentile returned, in units of `spacing` (one value, or (row, col)).
     Both masks empty -> 0.0; exactly one empty -> inf.
     """
-    p = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred).squeeze()
-    t = np.asarray(target.detach().cpu() if isinstance(target, torch.Tensor) else target).squeeze()
+    p, t = (_drop_channel(np.asarray(m.detach().cpu() if isinstance(m, torch.Tensor) else m))
+            for m in (pred, target))
     if p.shape != t.shape or p.ndim != 2:
         raise ValueError(
             f"hausdorff95 needs two 2D masks of equal shape, got {p.shape} and {t.shape}"

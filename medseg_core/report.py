@@ -474,7 +474,9 @@ def render_html(summary: Mapping[str, Any], figures: Mapping[str, np.ndarray | b
     num = _Numbers(summary)
     created = (summary.get("run") or {}).get("created") or time.strftime("%Y-%m-%d %H:%M UTC",
                                                                           time.gmtime())
-    embedded = json.dumps(summary, allow_nan=False).replace("</", "<\\/")
+    # every "<" escaped (still JSON): "</script>" and "<!--" in an image id end or swallow the
+    # script element otherwise
+    embedded = json.dumps(summary, allow_nan=False).replace("<", "\\u003c")
     body = "".join([
         _header(summary, num, title),
         _cards(summary, num),

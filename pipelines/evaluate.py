@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from medseg_core.checkpoint import load_bundle
+from medseg_core.checkpoint import load_bundle, read_bundle_meta
 from medseg_core.evaluation import (
     FLIPS,
     BootstrapConfig,
@@ -483,16 +483,31 @@ def _out_so(cfg: Mapping[str, Any], url: str) -> dict | None:
 # The job
 
 
+def checked_class_names(cfg: Mapping[str, Any]) -> list[str]:
+    """`data.class_names`, which index the true labels; the classifier bundle's predictions
+    are indexed by its own names, so the two lists must be the same, in the same order."""
+    names = [str(c) for c in (cfg["data"].get("class_names") or [])]
+    uri = cfg["evaluate"].get("classifier")
+    if uri:
+        _, config = read_bundle_meta(uri, _bundle_so(cfg, uri))
+        own = [str(c) for c in (config.get("class_names") or [])]
+        if own and names and own != names:
+            raise ValueError(f"classifier bundle {uri} predicts classes {own}, but "
+                             f"data.class_names is {names}: set data.class_names to the "
+                             "bundle's (same order) so that labels and predictions agree")
+    return names
+
+
 def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run the evaluation of the composed config; returns the summary (with ``run.outputs``)."""
     started = time.time()
     ev, data = cfg["evaluate"], cfg["data"]
     check_threshold(ev.get("threshold"))
+    class_names = checked_class_names(cfg)
     records = select_records(cfg)
     backend = choose_backend(str(ev.get("backend", "local")), len(records),
                              int(ev.get("auto_ray_min_images", 2000)))
     flips = tta_flips(ev)
-    class_names = [str(c) for c in (data.get("class_names") or [])]
     print(f"[evaluate] {len(records)} images of split {ev['split']!r} of {data['url']} "
           f"({backend}{', TTA ' + '/'.join(flips) if flips else ''})", flush=True)
 

@@ -73,9 +73,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from medseg_core.checkpoint import read_bundle_meta
 from medseg_core.inference import check_threshold
 from medseg_core.layouts import Listing, Record, list_records, valid_text
 from medseg_core.metrics import metrics_from_counts
@@ -511,12 +511,7 @@ def bundle_info(uri: str | None, so: dict | None) -> dict[str, Any] | None:
     """URI, version and class names of a bundle, from its small text files."""
     if uri is None:
         return None
-    fs, path = fsspec.core.url_to_fs(uri.rstrip("/"), **(so or {}))
-    try:
-        version = fs.cat_file(f"{path}/version").decode("utf-8", "replace").strip()
-        config = yaml.safe_load(fs.cat_file(f"{path}/config.yaml")) or {}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"model bundle {uri} has no version/config.yaml") from None
+    version, config = read_bundle_meta(uri, so)
     return {"uri": uri, "version": version, "class_names": list(config.get("class_names") or [])}
 
 

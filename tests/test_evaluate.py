@@ -180,6 +180,18 @@ def test_job_outputs_summary_and_error_rows(local_run) -> None:
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
+def test_class_names_must_match_the_classifier_bundle(workspace) -> None:
+    """The bundle's probabilities follow its own class order and the labels data.class_names':
+    a different order would score every prediction against the wrong class."""
+    from pipelines.evaluate import evaluate
+
+    root, archive = workspace
+    cfg = eval_config(root, archive, "data.class_names=[benign,malignant,normal]",
+                      "evaluate.split=all", f"evaluate.out={root / 'eval-names'}")
+    with pytest.raises(ValueError, match=r"predicts classes \['normal', 'benign', 'malignant'\]"):
+        evaluate(cfg)
+
+
 def test_split_is_the_training_split(workspace) -> None:
     """split=test evaluates exactly the held-out split of pipelines.data.load_splits."""
     from pipelines.data import load_splits

@@ -188,6 +188,15 @@ def test_hausdorff95_empty_and_random_against_brute_force():
     )
 
 
+def test_hausdorff95_of_images_one_pixel_high_or_wide():
+    a, b = np.zeros((1, 30), np.uint8), np.zeros((1, 30), np.uint8)
+    a[0, 2:6], b[0, 12:15] = 1, 1
+    assert hausdorff95(a, b) == pytest.approx(_brute_hd95(a, b))
+    assert hausdorff95(a.T, b.T) == pytest.approx(_brute_hd95(a.T, b.T))
+    assert hausdorff95(a.T[:, :, None], b.T[None]) == pytest.approx(_brute_hd95(a.T, b.T))
+    assert hausdorff95(a[None], b[None, None]) == pytest.approx(_brute_hd95(a, b))
+
+
 def test_hausdorff95_large_masks_fast_enough():
     yy, xx = np.mgrid[:512, :512]
     disk = ((yy - 256) ** 2 + (xx - 256) ** 2 < 150**2).astype(np.uint8)

@@ -147,7 +147,9 @@ def test_report_edge_cases_render(tmp_path: Path) -> None:
                "lesion_area_fraction": float(pred.mean()), "bbox": None}
         rows.append(prediction_row(f"img{i}", f"mem://img{i}.png", out, truth=truth,
                                    true_label=-1, hausdorff=False))
-    rows.append(error_row("broken<1>", "mem://broken.png", "ImageDecodeError: truncated <&>"))
+    # an id that would end the embedded JSON's script element, or swallow the page's script
+    rows.append(error_row("broken<1><!--<script></script>", "mem://broken.png",
+                          "ImageDecodeError: truncated <&>"))
     summary = summarize(rows, ["lesion"], bootstrap_config=BootstrapConfig(samples=200))
     summary["run"] = {"dataset": "hand-made", "split": "all", "backend": "none", "tta": None}
     image = (rng.random((40, 60, 3)) * 255).astype(np.uint8)
@@ -160,6 +162,6 @@ def test_report_edge_cases_render(tmp_path: Path) -> None:
     check_numbers(check, json.loads(Path(written["summary"]).read_text()),
                   {(r["id"], c): r[c] for r in table_records(rows, ["lesion"]) for c in r})
     page = report.read_text()
-    assert "broken&lt;1&gt;" in page and "edge &lt;cases&gt;" in page  # escaped, not markup
+    assert "broken&lt;1&gt;&lt;!--" in page and "edge &lt;cases&gt;" in page  # escaped, not markup
     assert summary["classification"] is None
     assert all(not math.isnan(i["value"]) for i in check["numbers"] if i["value"] is not None)
