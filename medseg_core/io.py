@@ -285,9 +285,16 @@ def rle_encode(mask: np.ndarray, compressed: bool = False) -> dict:
     return {"size": [int(h), int(w)], "counts": _counts_to_string(counts) if compressed else counts}
 
 
-def rle_decode(rle: Mapping) -> np.ndarray:
-    """Inverse of :func:`rle_encode` (list or compressed-string counts) -> uint8 HxW {0, 1}."""
+def rle_decode(rle: Mapping, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Inverse of :func:`rle_encode` (list or compressed-string counts) -> uint8 HxW {0, 1}.
+    A few bytes of RLE can describe any size, so ``size`` is checked against ``max_pixels``
+    (`ImageTooLargeError`) before anything is allocated."""
     h, w = (int(v) for v in rle["size"])
+    if h < 0 or w < 0:
+        raise ValueError(f"RLE size must not be negative, got {h}x{w}")
+    if max_pixels is not None and h * w > max_pixels:
+        raise ImageTooLargeError(f"RLE mask of {h}x{w} = {h * w} pixels exceeds the limit of "
+                                 f"{max_pixels}")
     counts = rle["counts"]
     if isinstance(counts, bytes | str):
         counts = _counts_from_string(counts)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import os
 import posixpath
 import re
 from collections import defaultdict
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from medseg_core.io import (
     DEFAULT_MAX_PIXELS,
@@ -137,6 +139,24 @@ def _norm_dir(d: str | None) -> str:
     return "" if d in ("", ".") else d
 
 
+def _walk_local(base: str, recursive: bool) -> list[str]:
+    """Every file under a local folder, following symlinked folders (fsspec's `find` does
+    not, and an archive assembled from symlinked class folders listed as empty), each real
+    folder once (a link back to an ancestor is not followed again)."""
+    seen: set[tuple[int, int]] = set()
+    out: list[str] = []
+    for folder, subfolders, files in os.walk(base, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        out += [posixpath.join(folder, f) for f in files]
+        if not recursive:
+            subfolders.clear()
+    return out
+
+
 class _Archive:
     """An fsspec filesystem rooted at the archive URL; builds URIs back with the protocol."""
 
@@ -161,10 +181,13 @@ class _Archive:
         The relative path, which ids are made of, is `valid_text`; the full path is the real
         one, to read the file by."""
         base = self.path(sub)
-        try:
-            found = self.fs.find(base, maxdepth=None if recursive else 1, withdirs=False)
-        except (FileNotFoundError, NotADirectoryError):
-            found = []
+        if isinstance(self.fs, LocalFileSystem):
+            found = _walk_local(base, recursive)
+        else:
+            try:
+                found = self.fs.find(base, maxdepth=None if recursive else 1, withdirs=False)
+            except (FileNotFoundError, NotADirectoryError):
+                found = []
         prefix = base.rstrip("/") + "/"
         out = []
         for p in found:
@@ -522,7 +545,12 @@ class FolderLayout(Layout):
             if not v:
                 labels[key] = -1
             elif _is_int(v):
-                labels[key] = int(float(v))
+                label = int(float(v))
+                if self._class_names and not -1 <= label < len(self._class_names):
+                    problems.append(Skipped(csv_uri, f"id '{key}': label {label} is not an "
+                                            f"index of class_names {self._class_names}"))
+                    continue
+                labels[key] = label
             else:
                 label = _label_for(v, self._class_names)
                 if label < 0:

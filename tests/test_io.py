@@ -430,3 +430,15 @@ def test_rle_round_trip(shape, density):
 def test_rle_rejects_inconsistent_counts():
     with pytest.raises(ValueError):
         rle_decode({"size": [2, 2], "counts": [1, 1]})
+
+
+def test_rle_size_is_capped_before_allocating():
+    """Seven bytes of compressed RLE describe a 10-gigapixel mask: refused from its size."""
+    big = {"size": [100_000, 100_000], "counts": "PPigPZ9"}
+    with pytest.raises(ImageTooLargeError, match="exceeds the limit"):
+        rle_decode(big)
+    with pytest.raises(ImageTooLargeError):
+        rle_decode({"size": [3, 2], "counts": [6]}, max_pixels=5)
+    assert not rle_decode({"size": [3, 2], "counts": [6]}, max_pixels=6).any()
+    with pytest.raises(ValueError, match="negative"):
+        rle_decode({"size": [-2, -3], "counts": [6]})

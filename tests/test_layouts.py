@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -124,6 +125,22 @@ def test_busi(tmp_path):
     assert load_record(a, channels=1)["image"].shape == (6, 8, 1)
     # dict records (Ray Data rows) load the same way
     np.testing.assert_array_equal(load_record(a.to_dict())["mask"], load_record(a)["mask"])
+
+
+def test_symlinked_class_folders_are_listed_and_a_link_loop_once(tmp_path):
+    """Archives are often assembled from links to class folders: fsspec's local `find` skips
+    a symlinked folder without a word, which left those classes out of training."""
+    busi_tree(tmp_path / "real")
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    for cls in ("benign", "malignant"):
+        (arc / cls).symlink_to(tmp_path / "real" / cls, target_is_directory=True)
+    shutil.copytree(tmp_path / "real" / "normal", arc / "normal")
+    (arc / "normal" / "loop").symlink_to(arc, target_is_directory=True)  # back to the root
+    listing = list_records(str(arc), "busi", strict=True)
+    assert [r.id for r in listing.records] == ["benign/a", "malignant/b", "normal/c"]
+    assert listing.records[0].image_uri == str(arc / "benign" / "a.png")
+    assert load_record(listing.records[0])["mask"].any()
 
 
 def test_busi_class_names_option(tmp_path):
@@ -425,6 +442,17 @@ def test_folder_int_labels_and_same_dir(tmp_path):
         labels_csv="labels.csv",
     )
     assert [(r.id, r.label) for r in listing.records] == [("p", 2), ("q", 0)]
+    # with class names known, an integer label must index them (-1: no label); a bad one is
+    # reported and its image left unlabelled, as for an unknown class name
+    (tmp_path / "labels.csv").write_text("id,label\np,2\nq,1\n")
+    kw = dict(image_dir="all", mask_dir="all", mask_suffix="_mask", labels_csv="labels.csv",
+              class_names=["benign", "malignant"])
+    listing = list_records(str(tmp_path), "folder", strict=False, **kw)
+    assert [(r.id, r.label) for r in listing.records] == [("p", -1), ("q", 1)]
+    assert ["label 2 is not an index of class_names" in p.reason for p in listing.skipped] == [
+        True]
+    with pytest.raises(LayoutError, match="labels.csv: id 'p': label 2 is not an index"):
+        list_records(str(tmp_path), "folder", strict=True, **kw)
     with pytest.raises(ValueError, match="mask_suffix"):
         list_records(str(tmp_path), "folder", image_dir="all", mask_dir="all")
 
