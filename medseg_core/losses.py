@@ -7,6 +7,7 @@ in which case the per-output losses are combined with weights that halve per lev
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,11 +129,24 @@ class DeepSupervisionLoss(nn.Module):
                 raise ValueError(
                     f"{len(outputs)} outputs but only {len(self.weights)} deep supervision weights"
                 )
-            total = sum(self.weights[: len(outputs)])
+            used = self.weights[: len(outputs)]
+            if not all(math.isfinite(w) and w >= 0 for w in used):
+                raise ValueError(f"deep supervision weights must be finite and >= 0, got {used}")
+            total = sum(used)
             if total <= 0:
                 raise ValueError("deep supervision weights must sum to a positive value")
             weights = [w / total for w in self.weights[: len(outputs)]]
         return sum(w * self.loss(out, target) for w, out in zip(weights, outputs) if w != 0)
+
+
+class LabelledCrossEntropy(nn.CrossEntropyLoss):
+    """Cross-entropy over the labelled samples; a batch with none (every label the ignore
+    index) gives a zero loss with zero gradients instead of PyTorch's 0/0 = NaN."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not bool((labels != self.ignore_index).any()):
+            return logits.sum() * 0.0
+        return super().forward(logits, labels)
 
 
 SEGMENTATION_LOSSES = ("bce", "dice", "dice_bce")
@@ -160,7 +174,7 @@ def build_loss(cfg: dict[str, Any]) -> nn.Module:
         allowed = {"class_weights", "label_smoothing", "ignore_index"}
         _check_keys(name, cfg, allowed)
         weights = cfg.get("class_weights")
-        return nn.CrossEntropyLoss(
+        return LabelledCrossEntropy(
             weight=None if weights is None else torch.tensor(list(weights), dtype=torch.float32),
             label_smoothing=float(cfg.get("label_smoothing", 0.0) or 0.0),
             ignore_index=int(cfg.get("ignore_index", -1)),

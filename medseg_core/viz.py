@@ -150,7 +150,8 @@ def _tick_label(v: float, step: float) -> str:
         return "0"
     if abs(v) >= 1e5 or abs(v) < 1e-3:
         return f"{v:.2g}"
-    decimals = max(0, -int(math.floor(math.log10(step)))) if step < 1 else 0
+    # as many decimals as the step has (0.025 needs three, 2.5 one)
+    decimals = next(d for d in range(12) if abs(round(step, d) - step) <= 1e-9 * step)
     return f"{v:.{decimals}f}"
 
 

@@ -105,6 +105,9 @@ def test_deep_supervision_loss_on_lists():
     assert torch.allclose(custom(outs, target), (parts[0] + parts[1]) / 2)
     with pytest.raises(ValueError, match="weights"):
         DeepSupervisionLoss(base, [1.0])(outs, target)
+    for bad in ([1.0, -0.5, 0.0], [1.0, math.nan, 0.0]):  # a negative weight rewards a worse
+        with pytest.raises(ValueError, match="finite and >= 0"):  # output: unbounded below
+            DeepSupervisionLoss(base, bad)(outs, target)
     low_res = torch.randn(2, 1, 4, 4)  # a coarser aux output gets a nearest-downsampled target
     assert torch.isfinite(default([outs[0], low_res], target))
 
@@ -142,3 +145,8 @@ def test_cross_entropy_options():
     unknown = torch.tensor([0, -1, 2, 2, -1, 0])  # -1 labels are ignored
     keep = unknown >= 0
     assert torch.allclose(plain(logits, unknown), F.cross_entropy(logits[keep], unknown[keep]))
+    # a batch with no labelled sample: zero loss and gradients (PyTorch's mean gives 0/0 = NaN)
+    logits.requires_grad_(True)
+    none = plain(logits, torch.full((6,), -1))
+    none.backward()
+    assert none.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))

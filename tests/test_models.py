@@ -57,6 +57,10 @@ def test_unet_norm_variants():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in bn.modules()) == 4 * len(SMALL) - 2
     inst = UNet(widths=SMALL, norm="instance")
     assert any(isinstance(m, nn.InstanceNorm2d) for m in inst.modules())
+    # "none" is no norm, as None is: convs keep their bias, and the same minimum size
+    plain, none = UNet(widths=SMALL), UNet(widths=SMALL, norm="none")
+    assert [k for k, _ in plain.named_parameters()] == [k for k, _ in none.named_parameters()]
+    assert plain.min_size == none.min_size
     with pytest.raises(ValueError, match="norm"):
         UNet(norm="group")
     with pytest.raises(ValueError, match="dropout"):

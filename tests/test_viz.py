@@ -143,6 +143,19 @@ def test_plot_curves_draws_each_series(tmp_path: Path) -> None:
     assert (out.max(axis=2) < 80).sum() > 200
 
 
+def test_tick_labels_show_the_tick_values() -> None:
+    """Each tick's label is its value: steps such as 0.025 or 2.5 need a decimal more than
+    their order of magnitude (they were labelled 0.83 for 0.825, 8 for 7.5)."""
+    from medseg_core.viz import _tick_label, _ticks
+
+    for lo, hi in ((0.80, 0.92), (0.0, 13.0), (0.0, 1.3), (-0.3, 0.3), (0.0, 0.5), (3, 47)):
+        ticks = _ticks(lo, hi)
+        step = ticks[1] - ticks[0]
+        labels = [_tick_label(v, step) for v in ticks]
+        assert all(abs(float(lab) - v) < 1e-9 for lab, v in zip(labels, ticks)), labels
+        assert len(set(labels)) == len(labels)
+
+
 def test_plot_curves_handles_degenerate_input() -> None:
     empty = plot_curves({})
     assert empty.shape == (400, 640, 3)

@@ -78,7 +78,8 @@ class DoubleConv(nn.Sequential):
         dropout: float = 0.0,
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
-        bias = norm is None  # a bias before a norm layer is cancelled by the mean subtraction
+        # a bias before a norm layer is cancelled by the mean subtraction
+        bias = norm in (None, "none")
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias),
             make_norm(norm, out_channels),

@@ -51,7 +51,7 @@ class UNet(nn.Module):
         self.pad_mode = pad_mode
         self.stride = 2 ** (len(widths) - 1)
         # Norm layers need more than one value per channel in training: keep the bottleneck >= 2x2.
-        self.min_size = self.stride * (1 if norm is None else 2)
+        self.min_size = self.stride * (1 if norm in (None, "none") else 2)
 
         self.encoder = nn.ModuleList()
         prev = in_channels
