@@ -186,10 +186,30 @@ def decode_mask(
     Colour masks use the maximum over channels (so a pure red or blue outline counts as
     foreground, which luma would not); 16-bit masks are scaled first, as images are.
     """
-    a = _to_uint8(_load(data, max_pixels, name))
+    im = _load(data, max_pixels, name)
+    a = _to_uint8(im)
     if a.ndim == 3:
         a = a.max(axis=2)
-    return (a > threshold).astype(np.uint8)
+    mask = (a > threshold).astype(np.uint8)
+    if not mask.any() and (a.any() or (len(im.getbands()) == 1 and im.getextrema()[1])):
+        _warn_faint_mask(name, threshold)
+    return mask
+
+
+_faint_mask_warned = False
+
+
+def _warn_faint_mask(name: str, threshold: int) -> None:
+    """Once per process: a mask with foreground pixels that all fall at or below the threshold
+    decodes empty, which is what 0/1-valued masks do at the default threshold (silently, they
+    would train a model to predict nothing)."""
+    global _faint_mask_warned
+    if not _faint_mask_warned:
+        _faint_mask_warned = True
+        warnings.warn(f"{name}: the mask has nonzero pixels but none above the threshold "
+                      f"{threshold} (8-bit scale), so it decodes empty; masks stored as 0/1 "
+                      "need data.mask_threshold=0 (16-bit 0/1 masks: re-save them as 8-bit "
+                      "0/255)", UserWarning, stacklevel=3)
 
 
 def image_size(data: bytes | BinaryIO, name: str = "<bytes>") -> tuple[int, int]:

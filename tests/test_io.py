@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import struct
+import warnings
 import zlib
 
 import fsspec
@@ -210,6 +211,24 @@ def test_mask_threshold():
     assert m.dtype == np.uint8 and m.shape == (16, 16)
     np.testing.assert_array_equal(m, (ramp > 127).astype(np.uint8))
     np.testing.assert_array_equal(decode_mask(data, threshold=0), (ramp > 0).astype(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_a_mask_of_zeros_and_ones_warns_that_it_decodes_empty(monkeypatch, dtype):
+    import medseg_core.io as mio
+
+    monkeypatch.setattr(mio, "_faint_mask_warned", False)
+    ones = np.zeros((8, 8), dtype)
+    ones[2:5, 3:6] = 1
+    with pytest.warns(UserWarning, match="m.png: the mask has nonzero pixels but none above"):
+        assert not decode_mask(save(Image.fromarray(ones), "PNG"), name="m.png").any()
+    if dtype == np.uint8:  # the remedy the warning names
+        assert decode_mask(save(Image.fromarray(ones), "PNG"), threshold=0).sum() == 9
+    with warnings.catch_warnings():  # an empty mask, and a 0/255 one, are not suspicious
+        warnings.simplefilter("error")
+        monkeypatch.setattr(mio, "_faint_mask_warned", False)
+        assert not decode_mask(save(Image.fromarray(np.zeros((8, 8), dtype)), "PNG")).any()
+        assert decode_mask(save(Image.fromarray((ones > 0).astype(np.uint8) * 255), "PNG")).any()
 
 
 def test_mask_16bit_scaled_before_threshold():
