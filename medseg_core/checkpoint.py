@@ -182,6 +182,9 @@ def save_bundle(
     if not version or "\n" in version:
         raise ValueError(f"version must be a non-empty single line, got {version!r}")
     metrics_text = json.dumps(_plain(metrics or {}), indent=2, sort_keys=True)
+    # everything serialised before the old bundle is touched: a value YAML cannot represent
+    # must fail here, not after the old version file is gone
+    config_text = yaml.safe_dump(config, sort_keys=False)
 
     url = url.rstrip("/")
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -190,7 +193,7 @@ def save_bundle(
     if fs.exists(version_path):
         fs.rm(version_path)
     fs.pipe_file(_join(path, WEIGHTS_FILE), weights)
-    fs.pipe_file(_join(path, CONFIG_FILE), yaml.safe_dump(config, sort_keys=False).encode())
+    fs.pipe_file(_join(path, CONFIG_FILE), config_text.encode())
     fs.pipe_file(_join(path, METRICS_FILE), metrics_text.encode())
     fs.pipe_file(version_path, (version + "\n").encode())
     return url

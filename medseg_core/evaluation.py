@@ -290,6 +290,9 @@ def segmentation_group(counts: np.ndarray, hd95: np.ndarray | None = None,
 def _groups(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, list[int]]:
     """"all" plus one group per true class present (and "unlabelled" for label -1 when some
     images have a label): group name -> row indices."""
+    clash = {"all", "unlabelled"} & set(class_names)
+    if clash:
+        raise ValueError(f"class names {sorted(clash)} are reserved for the report's groups")
     groups: dict[str, list[int]] = {"all": list(range(len(rows)))}
     labels = [_label(r.get("true_label")) for r in rows]
     known = sorted({lab for lab in labels if lab >= 0})
@@ -412,7 +415,11 @@ def select_cases(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str] =
     if metric in _FUNCS:
         values = per_image_values(counts)[metric]
     else:
-        values = np.array([float(r.get(metric, np.nan)) for r in ok], dtype=np.float64)
+        if not any(metric in r for r in ok):
+            raise ValueError(f"unknown case metric {metric!r}: one of {sorted(_FUNCS)}, hd95, "
+                             "or a column of the rows")
+        values = np.array([np.nan if _missing(r.get(metric)) else float(r[metric])
+                           for r in ok], dtype=np.float64)
     higher_is_better = metric != "hd95"
     score = np.where(np.isfinite(values), values, -np.inf if higher_is_better else np.inf)
     if not higher_is_better:

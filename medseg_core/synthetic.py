@@ -11,6 +11,7 @@ Image ``i`` of class ``c`` depends only on (seed, c, i), so datasets are reprodu
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -148,10 +149,12 @@ def generate_dataset(
 
 
 def _kind_for(cls: str, index: int) -> str:
-    low = cls.lower()
-    for kind in DEFAULT_CLASSES:
-        if kind in low:
-            return kind
+    # whole words: "abnormal" is not "normal", nor "non-malignant" "malignant"
+    words = re.split(r"[^a-z]+", cls.lower())
+    if "non" not in words:
+        for kind in DEFAULT_CLASSES:
+            if kind in words:
+                return kind
     if index == 0:
         return "normal"
     return "benign" if index % 2 == 1 else "malignant"

@@ -74,6 +74,18 @@ def test_round_trip_local(tmp_path):
     int(digest, 16)
 
 
+def test_a_failed_save_leaves_the_old_bundle(tmp_path):
+    """A config value YAML cannot write fails the save before the old bundle is touched."""
+    from pathlib import PurePosixPath
+
+    url = str(tmp_path / "bundle")
+    save_bundle(url, _trained_model(), _config(), version="good-v1")
+    with pytest.raises(yaml.YAMLError):
+        save_bundle(url, _trained_model(), {**_config(), "source": PurePosixPath("/x")},
+                    version="v2")
+    assert load_bundle(url).version == "good-v1"
+
+
 def test_round_trip_file_url_and_memory(tmp_path):
     _check_round_trip(f"file://{tmp_path}/b2/")
     _check_round_trip(f"memory://bundles/{uuid.uuid4().hex}")

@@ -407,6 +407,13 @@ def test_select_cases_best_median_worst() -> None:
     worst_hd = select_cases(rows, CLASS_NAMES, metric="hd95")
     assert {c["which"]: c["id"] for c in worst_hd} == {
         "best": "shrink0", "median": "shrink2", "worst": "shrink4"}
+    # rows read back from Parquet carry None for a missing distance: ranked last, no crash
+    rows[4] = {**rows[4], "hd95": None}
+    assert select_cases(rows, CLASS_NAMES, metric="hd95")[-1]["id"] == "shrink4"
+    with pytest.raises(ValueError, match="unknown case metric 'dcie'"):
+        select_cases(rows, CLASS_NAMES, metric="dcie")
+    with pytest.raises(ValueError, match=r"\['all'\] are reserved"):
+        select_cases(rows, ["all", "benign", "malignant"], per_class=True)
 
 
 def test_table_records_flatten_rows() -> None:

@@ -51,6 +51,20 @@ def test_generate_busi_layout(tmp_path):
         assert s["mask"].any() == (rec.label != 0)  # normal: empty masks; lesions otherwise
 
 
+def test_class_kinds_follow_whole_words(tmp_path):
+    """'abnormal' is a lesion class (it contains 'normal', but is not it), 'Non-malignant'
+    is not malignant: both fall back to their position."""
+    from medseg_core.synthetic import _kind_for
+
+    assert [_kind_for(c, i) for i, c in enumerate(["normal", "abnormal"])] == ["normal", "benign"]
+    assert _kind_for("Non-malignant", 1) == "benign" and _kind_for("malignant_x", 1) == "malignant"
+    root = generate_dataset(str(tmp_path / "bin"), n_per_class=2, size=32, seed=0,
+                            class_names=["normal", "abnormal"])
+    masks = [load_record(r)["mask"].any()
+             for r in list_records(root, "busi", class_names=["normal", "abnormal"]).records]
+    assert masks == [True, True, False, False]  # abnormal/..., then normal/...
+
+
 def test_deterministic_per_seed(tmp_path):
     a = generate_dataset(str(tmp_path / "a"), n_per_class=2, size=48, seed=5)
     b = generate_dataset(str(tmp_path / "b"), n_per_class=3, size=48, seed=5)
