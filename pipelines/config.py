@@ -17,17 +17,31 @@ def _absolute(path: Any) -> Any:
     return path
 
 
+# Settings that hold a local path or URL, in any of the entry points' configs
+PATH_KEYS = ("data.url", "data.report", "train.classifier_masks.segmenter", "evaluate.segmenter",
+             "evaluate.classifier", "evaluate.out", "pack.out", "input", "output",
+             "bundles.segmenter", "bundles.classifier")
+
+
 def resolve(cfg: DictConfig) -> dict[str, Any]:
-    """The config as a plain dict, with local paths made absolute: Ray Train workers run in
-    their own working directory, so a relative `./outputs` would land inside Ray's session."""
+    """The config as a plain dict, with local paths made absolute: Ray workers run in their
+    own working directory, so a relative `./outputs` would land inside Ray's session. A
+    required setting left at `???` is an error naming it (it would otherwise become a path
+    called `???`)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"required setting(s) not given: {', '.join(missing)}; set them on "
+                         f"the command line, e.g. {missing[0]}=<value>")
     if cfg.get("output_dir") is not None:
         cfg.output_dir = _absolute(cfg.output_dir)  # before interpolations that use it
     out = OmegaConf.to_container(cfg, resolve=True)
-    data = out.get("data")
-    if isinstance(data, dict):
-        for key in ("url", "report"):
-            if key in data:
-                data[key] = _absolute(data[key])
+    for dotted in PATH_KEYS:
+        *parents, key = dotted.split(".")
+        node = out
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node:
+            node[key] = _absolute(node[key])
     return out
 
 

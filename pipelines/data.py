@@ -588,10 +588,18 @@ def _reason(e: BaseException, name: str) -> str:
                    for c in " ".join(msg.split()))
 
 
+def split_mode(split_cfg: Mapping[str, Any] | None) -> str:
+    """`data.split.mode`, checked: ratio or kfold."""
+    mode = (split_cfg or {}).get("mode", "ratio")
+    if mode not in ("ratio", "kfold"):
+        raise ValueError(f"data.split.mode must be ratio or kfold, got {mode!r}")
+    return mode
+
+
 def split_records(records: list[Record], hashes: list[int] | None,
                   split_cfg: dict[str, Any]) -> dict[str, list[Record]]:
     """`medseg_core.splits.split_records` driven by the `data.split` config."""
-    kfold = split_cfg.get("mode", "ratio") == "kfold"
+    kfold = split_mode(split_cfg) == "kfold"
     return core_split_records(
         records, hashes, ratios=tuple(split_cfg.get("ratios", (0.8, 0.1, 0.1))),
         n_folds=int(split_cfg["n_folds"]) if kfold else None, fold=int(split_cfg.get("fold", 0)),

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from medseg_core.checkpoint import load_bundle, read_bundle_meta
 from medseg_core.evaluation import (
@@ -61,6 +61,7 @@ from medseg_core.results import error_row, prediction_row
 from medseg_core.viz import confusion_matrix_image, plot_curves
 from pipelines import CONF_DIR
 from pipelines.cluster import connect
+from pipelines.config import resolve
 from pipelines.data import (
     PACKED_MARK,
     is_packed,
@@ -603,7 +604,7 @@ def print_summary(summary: Mapping[str, Any]) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    evaluate(OmegaConf.to_container(cfg, resolve=True))
+    evaluate(resolve(cfg))
 
 
 if __name__ == "__main__":

@@ -49,11 +49,13 @@ if __package__ in (None, ""):  # run as a script
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from medseg_core.io import encode_mask_png, encode_png
 from medseg_core.layouts import Record, decode_record
 from medseg_core.transforms import Resize, to_channels
+from pipelines import CONF_DIR
+from pipelines.config import resolve
 from pipelines.data import (
     BAD_INPUT_ERRORS,
     MANIFEST_NAME,
@@ -201,6 +203,9 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         encoding = "png"
     if encoding != "file" and not resize_to:
         raise ValueError(f"pack.encoding={encoding} needs pack.resize_to=[h, w]")
+    for key, default in (("shard_size", 512), ("row_group_rows", 32)):
+        if int(pack.get(key, default)) < 1:
+            raise ValueError(f"pack.{key} must be at least 1, got {pack.get(key)}")
     strict = bool(data.get("strict", False))
     listing = list_archive(data, strict=strict)
     problems = [Problem("listing", s.path, s.reason) for s in listing.skipped]
@@ -222,7 +227,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
     mfs, mpath = _fs(f"{out}/{MANIFEST_NAME}", spec["out_storage_options"], spec["credentials"])
     if mfs.exists(mpath):
         mfs.rm(mpath)
-    shard_size = max(1, int(pack.get("shard_size", 512)))
+    shard_size = int(pack.get("shard_size", 512))
     shards = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
     t0 = time.time()
     if pack.get("backend", "ray") == "local":
@@ -260,9 +265,9 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-@hydra.main(config_path="conf", config_name="pack", version_base=None)
+@hydra.main(config_path=CONF_DIR, config_name="pack", version_base=None)
 def main(cfg: DictConfig) -> None:
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = resolve(cfg)
     if not plain["pack"].get("out"):
         raise SystemExit("set pack.out=<path or URL> for the packed archive")
     m = pack_archive(plain)

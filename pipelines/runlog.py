@@ -161,10 +161,12 @@ class RunLog:
     def record(self, metrics: dict[str, float], bundle_dir: str | None,
                history: list[dict[str, Any]]) -> None:
         if bundle_dir is not None:
-            copy_dir(bundle_dir, self.latest)
+            # best/ first: latest/ records the best score so far, so a kill between the two
+            # copies must not leave a latest/ that claims a best/ not written yet
             if metrics.get("is_best"):
                 # the optimizer state is for resuming, which reads latest/ only
                 copy_dir(bundle_dir, self.best, exclude=(TRAIN_STATE_FILE,))
+            copy_dir(bundle_dir, self.latest)
         self._write_csv(history)
         self._write_tb(metrics)
         series = {k: [h.get(k, float("nan")) for h in history] for k in CURVE_KEYS

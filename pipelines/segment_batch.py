@@ -73,7 +73,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from medseg_core.checkpoint import read_bundle_meta
 from medseg_core.inference import check_threshold
@@ -82,6 +82,7 @@ from medseg_core.metrics import metrics_from_counts
 from medseg_core.results import error_row
 from pipelines import CONF_DIR
 from pipelines.cluster import connect
+from pipelines.config import resolve
 from pipelines.data import storage_options as _storage_options
 from pipelines.predict import RESULT_FIELDS, ChainPredictor, predict_records, rows_to_table
 
@@ -785,7 +786,7 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
 
 @hydra.main(config_path=CONF_DIR, config_name="segment_batch", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(OmegaConf.to_container(cfg, resolve=True))
+    run(resolve(cfg))
 
 
 if __name__ == "__main__":

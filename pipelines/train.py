@@ -40,6 +40,7 @@ from pipelines.data import (
     load_any_record,
     load_splits,
     record_problems,
+    split_mode,
 )
 from pipelines.loop import StageSpec, epoch_seed, fit_stage
 from pipelines.runlog import RunLog, join
@@ -132,7 +133,8 @@ class LocalContext:
                             channels=channels)
         self.seed, self.shuffle = int(cfg["seed"]), torch.Generator()
         self.train_loader = torch.utils.data.DataLoader(
-            self.train_set, batch_size=bs, shuffle=True, drop_last=len(self.train_set) > bs,
+            self.train_set, batch_size=bs, shuffle=bool(cfg["data"].get("shuffle", True)),
+            drop_last=len(self.train_set) > bs,
             collate_fn=collate, num_workers=workers, generator=self.shuffle)
         self.val_loader = torch.utils.data.DataLoader(val, batch_size=ebs, collate_fn=collate,
                                                       num_workers=workers)
@@ -283,7 +285,25 @@ def summarize(cfg: dict[str, Any], bundles: dict[str, str],
     return result
 
 
+def check_settings(cfg: dict[str, Any]) -> None:
+    """Refuse bad choices before any data is read or epoch trained (they were found only
+    after training, or not at all)."""
+    backend = cfg["trainer"].get("backend", "local")
+    if backend not in ("local", "ray"):
+        raise ValueError(f"unknown trainer.backend {backend!r}; expected local or ray")
+    stages = cfg.get("stages")
+    if not isinstance(stages, list) or not stages or any(s not in STAGES for s in stages):
+        raise ValueError(f"stages must be a non-empty list of {list(STAGES)}, e.g. "
+                         f"stages=[segmenter]; got {stages!r}")
+    mode = str(cfg["train"].get("postprocess", "auto"))
+    if mode != "auto" and mode not in POSTPROCESS:
+        raise ValueError(f"train.postprocess must be auto or one of {list(POSTPROCESS)}, "
+                         f"got {mode!r}")
+    split_mode(cfg["data"].get("split"))
+
+
 def run(cfg: dict[str, Any]) -> dict[str, str]:
+    check_settings(cfg)
     backend = cfg["trainer"].get("backend", "local")
     # the in-process trainer's DataLoader cannot drop a bad record: check them all first
     splits = load_splits(cfg, check=backend == "local")

@@ -219,6 +219,16 @@ def test_packing_thresholds_masks_as_reading_does_and_replaces_the_manifest_last
     assert got.any() and np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("bad", ["pack.shard_size=0", "pack.row_group_rows=-1"])
+def test_pack_refuses_sizes_below_one_and_keeps_the_old_pack(tmp_path, synthetic_archive, bad):
+    out = tmp_path / "packed"
+    pack(tmp_path, synthetic_archive, out, backend="local")
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(ValueError, match="must be at least 1"):
+        pack(tmp_path, synthetic_archive, out, bad.replace("pack.", "++pack."), backend="local")
+    assert (out / "manifest.json").read_bytes() == before
+
+
 def corrupt_footer(whole: bytes) -> bytes:
     """The shard with its footer's metadata overwritten (pyarrow raises a bare OSError)."""
     start = len(whole) - 8 - int.from_bytes(whole[-8:-4], "little")

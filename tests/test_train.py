@@ -562,6 +562,62 @@ def test_local_trainer_shuffles_each_epoch_by_its_number(tmp_path):
     seen = [order(going, e) for e in range(3)]
     assert order(fresh, 2) == seen[2]         # as a run resumed at epoch 2 sees it
     assert seen[0] != seen[1] != seen[2]      # and still a new order every epoch
+    # data.shuffle=false: the same order every epoch, the records' own
+    still = LocalContext(config(tmp_path, "trainer=local", "data.shuffle=false"), splits, log)
+    assert order(still, 0) == order(still, 1)
+    assert sum(order(still, 0), []) == sorted(sum(order(still, 0), []))
+    log.close()
+
+
+def test_settings_are_refused_before_any_data_is_read(tmp_path):
+    from pipelines.train import run
+
+    for bad, message in (("stages=[segmenter,clasifier]", "stages must be"),
+                         ("stages=segmenter", "stages must be"),
+                         ("train.postprocess=larges", "train.postprocess must be"),
+                         ("trainer.backend=dask", "unknown trainer.backend"),
+                         ("data.split.mode=kfld", "data.split.mode must be")):
+        # the archive does not exist: reading it would fail with another error
+        cfg = config(tmp_path, bad, f"data.url={tmp_path / 'nothing'}")
+        with pytest.raises(ValueError, match=message):
+            run(cfg)
+
+
+def test_a_kill_between_the_best_and_latest_copies_keeps_them_consistent(tmp_path, monkeypatch):
+    """latest/ records the best score so far; best/ is written first, so no kill leaves a
+    latest/ that claims a best bundle best/ does not hold."""
+    import pipelines.runlog as runlog
+    from medseg_core.checkpoint import load_bundle, save_bundle
+    from medseg_core.models import build_model
+
+    model = build_model({"name": "unet", "widths": [4, 8]})
+
+    def bundle(epoch: int, dice: float) -> tuple[str, dict]:
+        m = {"epoch": float(epoch), "val_dice": dice, "is_best": 1.0}
+        d = str(tmp_path / f"b{epoch}")
+        save_bundle(d, model, {"model": {"name": "unet", "widths": [4, 8]}, "task":
+                               "segmentation", "input_size": [8, 8], "in_channels": 3,
+                               "mean": [0.5] * 3, "std": [0.5] * 3, "threshold": 0.5,
+                               "class_names": None, "inference": {}},
+                    metrics={**m, "train_state": {"epoch": epoch, "best": dice}},
+                    version=f"e{epoch}")
+        return d, m
+
+    log = runlog.RunLog(str(tmp_path / "run"), "segmenter")
+    d, m = bundle(0, 0.5)
+    log.record(m, d, [m])
+    real = runlog.copy_dir
+    for victim in ("best", "latest"):  # a kill before each of the two copies of epoch 1
+        def killed(src, dst, exclude=(), victim=victim):
+            if dst.rstrip("/").endswith(victim):
+                raise KeyboardInterrupt
+            real(src, dst, exclude)
+        monkeypatch.setattr(runlog, "copy_dir", killed)
+        d, m = bundle(1, 0.7)
+        with pytest.raises(KeyboardInterrupt):
+            log.record(m, d, [m])
+        latest = load_bundle(log.resume_dir())
+        assert load_bundle(log.best).metrics["val_dice"] >= latest.metrics["train_state"]["best"]
     log.close()
 
 

@@ -1,0 +1,35 @@
+"""pipelines.config: what every entry point resolves its Hydra config with."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipelines.config import load_config
+
+
+@pytest.mark.parametrize("config_name, overrides, key", [
+    ("config", ["data=dsb2018"], "data.url"),
+    ("segment_batch", ["input=arc", "bundles.segmenter=seg"], "output"),
+    ("segment_batch", ["input=arc", "output=out"], "bundles.segmenter"),
+])
+def test_a_required_setting_left_unset_is_named(config_name, overrides, key):
+    """`???` used to resolve to a path called `???` (an empty listing, or outputs written
+    to ./???/)."""
+    with pytest.raises(ValueError, match=rf"required setting\(s\) not given: {key}"):
+        load_config(overrides, config_name=config_name)
+
+
+def test_local_paths_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
+    """Ray workers run in their own directory: every path setting is absolute, URLs stay."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(["train.classifier_masks.segmenter=runs/a/segmenter/best"])
+    assert cfg["train"]["classifier_masks"]["segmenter"] == str(
+        tmp_path / "runs" / "a" / "segmenter" / "best")
+    job = load_config(["input=s3://bucket/in", "output=out", "bundles.segmenter=seg"],
+                      config_name="segment_batch")
+    assert job["input"] == "s3://bucket/in" and job["output"] == str(tmp_path / "out")
+    assert job["bundles"] == {"segmenter": str(tmp_path / "seg"), "classifier": None}
+    packed = load_config(["pack.out=p"], config_name="pack")
+    assert os.path.isabs(packed["pack"]["out"]) and os.path.isabs(packed["data"]["url"])
