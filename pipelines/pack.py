@@ -203,9 +203,10 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         encoding = "png"
     if encoding != "file" and not resize_to:
         raise ValueError(f"pack.encoding={encoding} needs pack.resize_to=[h, w]")
-    for key, default in (("shard_size", 512), ("row_group_rows", 32)):
-        if int(pack.get(key, default)) < 1:
-            raise ValueError(f"pack.{key} must be at least 1, got {pack.get(key)}")
+    shard_size, group_rows = int(pack.get("shard_size", 512)), int(pack.get("row_group_rows", 32))
+    for key, value in (("shard_size", shard_size), ("row_group_rows", group_rows)):
+        if value < 1:
+            raise ValueError(f"pack.{key} must be at least 1, got {value}")
     strict = bool(data.get("strict", False))
     listing = list_archive(data, strict=strict)
     problems = [Problem("listing", s.path, s.reason) for s in listing.skipped]
@@ -214,7 +215,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
     spec = {
         "out": out, "encoding": encoding,
         "resize_to": [int(v) for v in resize_to] if resize_to else None,
-        "row_group_rows": int(pack.get("row_group_rows", 32)),
+        "row_group_rows": group_rows,
         "compress_level": int(pack.get("compress_level", 1)),
         "channels": int(data.get("channels", 3)), "max_pixels": _max_pixels(data),
         "mask_threshold": int(data.get("mask_threshold", 127)), "strict": strict, "storage_options": so,
@@ -227,7 +228,6 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
     mfs, mpath = _fs(f"{out}/{MANIFEST_NAME}", spec["out_storage_options"], spec["credentials"])
     if mfs.exists(mpath):
         mfs.rm(mpath)
-    shard_size = int(pack.get("shard_size", 512))
     shards = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
     t0 = time.time()
     if pack.get("backend", "ray") == "local":

@@ -224,6 +224,15 @@ POSTPROCESS = {"none": (False, False), "largest": (False, True), "flip": (True, 
                "flip+largest": (True, True)}
 
 
+def postprocess_mode(cfg: dict[str, Any]) -> str:
+    """`train.postprocess`, checked: auto or one of `POSTPROCESS`."""
+    mode = str(cfg["train"].get("postprocess", "auto"))
+    if mode != "auto" and mode not in POSTPROCESS:
+        raise ValueError(f"train.postprocess must be auto or one of {list(POSTPROCESS)}, "
+                         f"got {mode!r}")
+    return mode
+
+
 def choose_postprocess(seg_uri: str, records: list[Record], cfg: dict[str, Any]) -> str:
     """Set the segmenter bundle's `inference.flip` / `inference.keep_largest` from
     `train.postprocess`, and return the option's name.
@@ -234,10 +243,7 @@ def choose_postprocess(seg_uri: str, records: list[Record], cfg: dict[str, Any])
     changes; its version is then the weights' version plus "+flip", "+largest" or
     "+flip+largest", and its metrics keep the scores.
     """
-    mode = str(cfg["train"].get("postprocess", "auto"))
-    if mode != "auto" and mode not in POSTPROCESS:
-        raise ValueError(f"train.postprocess must be auto or one of {list(POSTPROCESS)}, "
-                         f"got {mode!r}")
+    mode = postprocess_mode(cfg)
     scores: dict[str, float] = {}
     if mode == "auto":
         if not records:
@@ -295,10 +301,7 @@ def check_settings(cfg: dict[str, Any]) -> None:
     if not isinstance(stages, list) or not stages or any(s not in STAGES for s in stages):
         raise ValueError(f"stages must be a non-empty list of {list(STAGES)}, e.g. "
                          f"stages=[segmenter]; got {stages!r}")
-    mode = str(cfg["train"].get("postprocess", "auto"))
-    if mode != "auto" and mode not in POSTPROCESS:
-        raise ValueError(f"train.postprocess must be auto or one of {list(POSTPROCESS)}, "
-                         f"got {mode!r}")
+    postprocess_mode(cfg)
     split_mode(cfg["data"].get("split"))
 
 
@@ -310,12 +313,10 @@ def run(cfg: dict[str, Any]) -> dict[str, str]:
     print("split sizes: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()), flush=True)
     if backend == "local":
         bundles = run_local(cfg, splits)
-    elif backend == "ray":
+    else:  # "ray" (check_settings refused any other)
         from pipelines.train_ray import run_ray
 
         bundles = run_ray(cfg, splits)
-    else:
-        raise ValueError(f"unknown trainer.backend {backend!r}; expected local or ray")
     if "segmenter" in bundles:
         choose_postprocess(bundles["segmenter"], splits["val"], cfg)
     summarize(cfg, bundles, splits)
