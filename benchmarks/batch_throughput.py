@@ -2,7 +2,8 @@
 
 Both paths process the same images of ``../shared/data/busi_full`` (BUSI at original
 resolution, 190-1048 px wide; by default all 647, ``--images N`` takes the first N by sorted
-id) with the same bundles: the default classic U-Net
+id; ``--repeat K`` makes an archive of K symlinked copies, so the job's start-up is amortised
+as over a nightly archive) with the same bundles: the default classic U-Net
 (`pipelines/conf/model/unet.yaml`, 256x256 input) and the lesion classifier
 (`pipelines/conf/classifier/cnn.yaml`), untrained (random weights cost the same to run).
 
@@ -26,6 +27,7 @@ that drift in the machine's load hits both paths. The last line is
     python3 scripts/dev.py bench batch_throughput                 # the whole archive
     python3 scripts/dev.py bench batch_throughput --images 240 --batch-size 8 --torch-threads 1
     python3 scripts/dev.py bench batch_throughput --gpu           # batch=gpu, loop on cuda
+    python3 scripts/dev.py bench batch_throughput --gpu --repeat 10   # 6,470 images
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "busi_full"))
     p.add_argument("--images", type=int, default=None,
                    help="first N images by sorted id (default: the whole archive)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="archive of K copies of the images (symlinks): start-up amortised as "
+                        "over a large archive")
     p.add_argument("--gpu", action="store_true",
                    help="job with batch=gpu (four actors per GPU), loop on cuda")
     p.add_argument("--batch-size", type=int, default=None,
@@ -91,6 +96,17 @@ def make_bundles(folder: Path) -> tuple[str, str]:
                       make_bundle_config(cls_model, task="classification",
                                          class_names=data["class_names"], **common))
     return seg, cls
+
+
+def repeated_archive(src: str, dst: Path, k: int) -> str:
+    """`k` copies of the BUSI-layout archive `src` as symlinks under `dst` (names prefixed
+    r0_, r1_, ...), so both paths read k times the files through the page cache."""
+    for cls_dir in sorted(p for p in Path(src).iterdir() if p.is_dir()):
+        (dst / cls_dir.name).mkdir(parents=True)
+        for f in cls_dir.iterdir():
+            for i in range(k):
+                (dst / cls_dir.name / f"r{i}_{f.name}").symlink_to(f.resolve())
+    return str(dst)
 
 
 def loop(chain: Chain, records: list) -> float:
@@ -124,10 +140,12 @@ def main() -> None:
     from pipelines.cluster import connect
     from pipelines.segment_batch import run
 
-    records = list_records(args.data, "busi").records[: args.images]
-    n = len(records)
     tmp = Path(tempfile.mkdtemp(prefix="medseg-bench-"))
     try:
+        if args.repeat > 1:
+            args.data = repeated_archive(args.data, tmp / "archive", args.repeat)
+        records = list_records(args.data, "busi").records[: args.images]
+        n = len(records)
         seg, cls = make_bundles(tmp)
         for rec in records:  # page cache
             read_bytes(rec.image_uri)

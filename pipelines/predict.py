@@ -18,6 +18,8 @@ tables with the fixed schema `result_schema(with_masks)`, so blocks always conca
 from __future__ import annotations
 
 import math
+import os
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +29,12 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from medseg_core.io import DEFAULT_MAX_PIXELS, encode_mask_png
+from medseg_core.io import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    ImageTooLargeError,
+    encode_mask_png,
+)
 from medseg_core.layouts import Record, decode_record
 from medseg_core.results import COUNT_KEYS, METRIC_KEYS, error_row, prediction_row
 from pipelines.cluster import task_slots
@@ -64,6 +71,9 @@ RESULT_FIELDS: tuple[pa.Field, ...] = (
     *(pa.field(k, pa.float64()) for k in METRIC_KEYS),
 )
 MASK_FIELD = pa.field("mask_png", pa.binary())
+# a file above this is an error row before it is read whole (a video or dump named .png);
+# 40 Mpx of uncompressed 16-bit RGBA is 320 MB
+DEFAULT_MAX_BYTES = 384 * 2**20
 
 
 def result_schema(with_masks: bool = True) -> pa.Schema:
@@ -93,9 +103,11 @@ def _is_s3(uri: str) -> bool:
 class _Reader:
     """Reads whole files by URI with fsspec (one filesystem object per protocol)."""
 
-    def __init__(self, storage_options: dict | None, credentials: EnvCredentials | None):
+    def __init__(self, storage_options: dict | None, credentials: EnvCredentials | None,
+                 max_bytes: int | None = DEFAULT_MAX_BYTES):
         self.storage_options = storage_options
         self.credentials = credentials
+        self.max_bytes = max_bytes
         self._fs: dict[str, tuple[fsspec.AbstractFileSystem, bool]] = {}
 
     def options(self, uri: str) -> dict:
@@ -111,10 +123,22 @@ class _Reader:
             self._fs[protocol] = (fs, _is_local(fs))
         fs, local = self._fs[protocol]
         path = fs._strip_protocol(uri)
+        limit = self.max_bytes
         if local:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+                raise ImageDecodeError(f"{uri}: not a regular file")
+            if limit is not None and st.st_size > limit:
+                raise ImageTooLargeError(f"{uri}: {st.st_size} bytes, more than max_bytes "
+                                         f"({limit})")
             with open(path, "rb") as f:
-                return f.read()
-        return fs.cat_file(path)
+                data = f.read() if limit is None else f.read(limit + 1)
+        else:  # one ranged GET: never more than max_bytes + 1 in memory
+            data = fs.cat_file(path) if limit is None else fs.cat_file(path, start=0,
+                                                                       end=limit + 1)
+        if limit is not None and len(data) > limit:
+            raise ImageTooLargeError(f"{uri}: more than max_bytes ({limit} bytes)")
+        return data
 
 
 def _error_text(exc: BaseException, uri: str) -> str:
@@ -150,6 +174,7 @@ class ChainPredictor:
         with_masks: add a ``mask_png`` column (0/255 grey PNG at the image's original size;
             null for error rows).
         max_pixels: decompression-bomb guard for images and masks.
+        max_bytes: files larger than this become error rows before they are read whole.
         io_threads: concurrent file reads (and decodes) per batch.
         torch_threads: ``torch.set_num_threads`` in this actor (None: leave Ray's default, one
             thread per reserved CPU).
@@ -173,6 +198,7 @@ class ChainPredictor:
         with_masks: bool = True,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         *,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
         io_threads: int = 8,
         torch_threads: int | None = None,
         hausdorff: bool = True,
@@ -189,7 +215,7 @@ class ChainPredictor:
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
-        self.reader = _Reader(storage_options, credentials)
+        self.reader = _Reader(storage_options, credentials, max_bytes)
         bs = int(model_batch_size or (1 if str(device).startswith("cpu") else 16))
         segmenter = Segmenter(
             load_bundle(seg_uri, storage_options=self.reader.options(seg_uri) or None), device, bs
@@ -380,6 +406,7 @@ def predict_records(
     predictor_kwargs: Mapping[str, Any] | None = None,
     forward_credentials: bool = True,
     max_tasks_in_flight_per_actor: int | None = None,
+    extra_uris: Sequence[str] = (),
 ) -> Dataset:
     """Lazy, streaming Dataset of result rows (`result_schema`) for ``records``.
 
@@ -388,7 +415,8 @@ def predict_records(
     (and ``num_gpus``; the models then run on ``cuda``). ``predictor`` may be a subclass of
     `ChainPredictor` (the bulk job's commits its outputs); ``predictor_kwargs`` go to its
     constructor. With ``forward_credentials`` the driver's AWS_* environment is handed to the
-    actors in memory, for clusters whose workers were started without it.
+    actors in memory, for clusters whose workers were started without it, when a bundle, an
+    image or one of ``extra_uris`` (the bulk job's output) is on ``s3://``.
     """
     kwargs: dict[str, Any] = {
         "device": "cuda" if num_gpus and num_gpus > 0 else "cpu",
@@ -397,7 +425,7 @@ def predict_records(
         "with_masks": with_masks,
         "torch_threads": None,
     }
-    uris = [seg_uri, cls_uri or "", *(r.image_uri for r in records)]
+    uris = [seg_uri, cls_uri or "", *extra_uris, *(r.image_uri for r in records)]
     if forward_credentials and any(_is_s3(u) for u in uris):
         kwargs["credentials"] = EnvCredentials.capture()
     kwargs.update(predictor_kwargs or {})

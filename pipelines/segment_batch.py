@@ -24,7 +24,8 @@ How a run makes every image appear exactly once (idempotent, resumable):
    mask does, and a retried batch rewrites the same names.
 2. A run starts by listing the committed parts once (ids, mask paths) and the mask files once;
    ids already in a part are skipped (``overwrite=true`` deletes results/ and masks/ first;
-   ``retry_errors=true`` deletes the error partition so those images are tried again).
+   ``retry_errors=true`` also processes the images whose row is an error; an error row stays
+   until its image is committed again, and repair then keeps the new row).
 3. Repair, at start and end: should an id ever sit in two parts (a straggler actor of a killed
    run committing after the rerun listed, overlapping runs), the parts holding it are rewritten
    with one row per id (non-error first, then the newest), new parts before old ones are deleted,
@@ -150,7 +151,8 @@ def class_dir(label_name: str | None, error: str | None = None) -> str:
 
 def part_name(ids: Iterable[str]) -> str:
     """Deterministic file name of the part holding exactly these ids."""
-    digest = hashlib.sha256("\n".join(sorted(ids)).encode("utf-8", "surrogatepass"))
+    # JSON, not a joined string: ids may hold any character (["x\ny"] is not ["x", "y"])
+    digest = hashlib.sha256(json.dumps(sorted(ids)).encode("ascii"))
     return f"part-{digest.hexdigest()[:24]}.parquet"
 
 
@@ -417,9 +419,10 @@ class State:
         return Counter(self.rows.column("_part").to_pylist())
 
 
-def repair(out: Output, state: State) -> tuple[State, dict[str, int]]:
+def repair(out: Output, state: State, retried: Iterable[str] = ()) -> tuple[State, dict[str, int]]:
     """Rewrite the parts that hold a duplicated id or a row whose mask is missing, so that every
-    id is in exactly one part and every row's mask exists. Returns the new state and counts."""
+    id is in exactly one part and every row's mask exists. Returns the new state and counts
+    (the error rows of ``retried`` ids that a new row replaced are not duplicates)."""
     dups = state.duplicates()
     missing = state.missing_masks()
     stats = {"duplicate_rows_removed": 0, "rows_without_mask_removed": len(missing)}
@@ -437,7 +440,11 @@ def repair(out: Output, state: State) -> tuple[State, dict[str, int]]:
     best: dict[str, dict[str, Any]] = {}
     for r in rows:
         best[r["id"]] = r
-    stats["duplicate_rows_removed"] = len(rows) - len(best)
+    retried = set(retried)
+    kept = {id(r) for r in best.values()}
+    replaced = sum(1 for r in rows if id(r) not in kept and r["error"] is not None
+                   and r["id"] in retried)
+    stats["duplicate_rows_removed"] = len(rows) - len(best) - replaced
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in best.values():  # the partition follows from the row, wherever the copy was
         groups.setdefault(class_dir(r["label_name"], r["error"]), []).append(r)
@@ -455,7 +462,7 @@ def compact(out: Output, state: State, target_rows: int, min_parts: int) -> tupl
     ``target_rows`` rows, pack those into parts of up to ``target_rows`` rows (named from their
     ids, written before the sources are deleted: a crash in between leaves duplicates that
     `repair` resolves). Returns the new state and the number of parts merged away."""
-    if target_rows <= 0:
+    if target_rows <= 0 or min_parts <= 0:
         return state, 0
     sizes = state.part_rows()
     small: dict[str, list[str]] = {}
@@ -493,10 +500,18 @@ def _utc(ts: float) -> str:
 
 def _nested(a: str, b: str, so: dict | None) -> bool:
     """Whether URL ``a`` equals or lies inside ``b`` (same filesystem)."""
-    if fsspec.utils.get_protocol(a) != fsspec.utils.get_protocol(b):
+    def proto(url: str) -> str:
+        p = fsspec.utils.get_protocol(url)
+        return {"s3a": "s3", "local": "file"}.get(p, p)
+
+    def path(url: str) -> str:
+        fs, p = fsspec.core.url_to_fs(url, **(so or {}))
+        # a symlink must not hide that one folder is inside the other
+        return os.path.realpath(p) if "file" in fs.protocol else p.rstrip("/")
+
+    if proto(a) != proto(b):
         return False
-    path_a = fsspec.core.url_to_fs(a, **(so or {}))[1].rstrip("/")
-    path_b = fsspec.core.url_to_fs(b, **(so or {}))[1].rstrip("/")
+    path_a, path_b = path(a), path(b)
     return path_a == path_b or path_a.startswith(path_b + "/")
 
 
@@ -618,12 +633,14 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
               f"{valid_text(output_url)}", flush=True)
         out.delete_tree(RESULTS_DIR)
         out.delete_tree(MASKS_DIR)
-    elif cfg.get("retry_errors"):
-        out.delete_tree(f"{RESULTS_DIR}/{PARTITION}={ERROR_CLASS}")
 
     listing = list_input(cfg, so)
     state, repaired = repair(out, State(out))
     done = set(state.ids)
+    if cfg.get("retry_errors"):
+        # error rows stay until their image is committed again: `repair` then keeps the new row
+        done = {i for i, e in zip(state.ids, state.rows.column("error").to_pylist()) if e is None}
+    retried = set(state.ids) - done  # error rows tried again
     pending = [r for r in listing.records if r.id not in done]
     limit = cfg.get("limit")
     todo = pending if limit is None else pending[: max(0, int(limit))]
@@ -637,9 +654,10 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
         _process(cfg, batch, todo, seg_uri, cls_uri, so, out, run_id, progress, threshold)
     processed, run_errors, seconds = progress.counts, progress.errors, progress.seconds
 
-    state, repaired_end = repair(out, State(out, SUMMARY_COLUMNS))
+    state, repaired_end = repair(out, State(out, SUMMARY_COLUMNS),
+                                 retried=retried)
     state, merged = compact(out, state, int(cfg.get("compact_rows") or 0),
-                            int(cfg.get("compact_min_parts") or 2))
+                            int(cfg.get("compact_min_parts") or 0))
     referenced = state.referenced()
     orphans = sorted(state.masks - referenced)
     out.delete(orphans)
@@ -679,6 +697,7 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "steady_images_per_s": round(progress.steady_rate(), 3),
             "overwrite": bool(cfg.get("overwrite")),
             "retry_errors": bool(cfg.get("retry_errors")),
+            "errors_retried": sum(1 for r in todo if r.id in retried),
             "batch": {k: batch.get(k) for k in ("batch_size", "num_cpus", "num_gpus",
                                                  "torch_threads", "io_threads")},
         },
@@ -773,11 +792,13 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
             "hausdorff": bool(batch.get("hausdorff", True)),
             "with_truth": bool(cfg.get("ground_truth", True)),
             "max_pixels": batch.get("max_pixels"),
+            "max_bytes": batch.get("max_bytes"),
             "mask_threshold": int(batch.get("mask_threshold", 127)),
             "model_batch_size": batch.get("model_batch_size"),
         },
         forward_credentials=bool((cfg.get("storage") or {}).get("forward_credentials", True)),
         max_tasks_in_flight_per_actor=batch.get("max_tasks_in_flight_per_actor"),
+        extra_uris=[out.url],
     )
     progress.start = time.time()
     for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

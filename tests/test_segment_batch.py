@@ -117,6 +117,65 @@ def test_safe_ids_are_plain_unique_names():
     assert part_name(["b", "a"]) == part_name(["a", "b"]) != part_name(["a"])
 
 
+def test_part_names_cannot_collide_through_a_separator_in_an_id():
+    from pipelines.segment_batch import part_name
+
+    # ids are file names: a newline in one must not make it the name of two other ids' part
+    assert part_name(["x\ny"]) != part_name(["x", "y"])
+    assert part_name(['a", "b']) != part_name(["a", "b"])
+    assert part_name(["not utf-8 \udcff"]).startswith("part-")
+
+
+def test_the_reader_refuses_special_and_oversized_files_before_reading_them(tmp_path):
+    from medseg_core.io import ImageDecodeError, ImageTooLargeError
+    from pipelines.predict import _Reader
+
+    fifo = tmp_path / "stuck.png"
+    os.mkfifo(fifo)  # opening it to read would block until a writer came
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + bytes(2000))
+    (tmp_path / "ok.png").write_bytes(b"\x89PNG" + bytes(996))
+    reader = _Reader(None, None, max_bytes=1000)
+    with pytest.raises(ImageDecodeError, match="stuck.png: not a regular file"):
+        reader.read(str(fifo))
+    with pytest.raises(ImageTooLargeError, match="big.png: 2004 bytes, more than max_bytes"):
+        reader.read(str(tmp_path / "big.png"))
+    assert reader.read(str(tmp_path / "ok.png")) == b"\x89PNG" + bytes(996)
+    assert len(_Reader(None, None, max_bytes=None).read(str(tmp_path / "big.png"))) == 2004
+
+
+@pytest.mark.s3
+def test_the_reader_reads_at_most_max_bytes_from_object_storage(s3):
+    import fsspec
+
+    from medseg_core.io import ImageTooLargeError
+    from pipelines.predict import _Reader
+
+    s3.create_bucket("medseg-limit")
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    fs.pipe_file("medseg-limit/big.png", bytes(5000))
+    fs.pipe_file("medseg-limit/ok.png", bytes(1000))
+    reader = _Reader(s3.storage_options, None, max_bytes=1000)
+    with pytest.raises(ImageTooLargeError, match="big.png: more than max_bytes"):
+        reader.read("s3://medseg-limit/big.png")
+    assert reader.read("s3://medseg-limit/ok.png") == bytes(1000)
+
+
+@pytest.mark.ray
+def test_credentials_go_to_the_actors_when_only_the_output_is_on_s3(ray_cluster, bundles,
+                                                                   monkeypatch):
+    from pipelines import predict
+
+    captured = []
+    monkeypatch.setattr(predict.EnvCredentials, "capture",
+                        classmethod(lambda cls: captured.append(1) or cls()))
+    records = [Record(id="a", image_uri="/data/a.png")]
+    predict.predict_records(records, seg_uri=bundles[0], cls_uri=None)
+    assert not captured  # nothing on S3
+    predict.predict_records(records, seg_uri=bundles[0], cls_uri=None,
+                            extra_uris=["s3://bucket/nightly"])
+    assert captured == [1]
+
+
 def test_commit_never_writes_outside_the_output(tmp_path):
     from pipelines.segment_batch import Output, commit_rows
 
@@ -299,6 +358,11 @@ def test_limit_rerun_repair_and_overwrite_keep_exactly_once(ray_cluster, bundles
     assert {p: (out / p).stat().st_mtime_ns for sub in RESULT_DIRS
             for p in local_files(out, sub)} == snapshot  # untouched
 
+    # retrying errors keeps their rows until a retry is committed (none here: limit=0)
+    kept = run_job([*base, "retry_errors=true", "limit=0"])
+    assert kept["run"]["processed"] == 0 and kept["totals"]["errors"] == len(bad)
+    assert {r["id"] for r in check_exactly_once(out, ids) if r["error"]} == set(bad)
+
     # damage: a straggler's duplicate part, an orphan mask, a lost mask, a temp file
     parts = sorted(p for p in local_files(out, "results") if "=error" not in p)
     dup_src = out / parts[0]
@@ -317,6 +381,7 @@ def test_limit_rerun_repair_and_overwrite_keep_exactly_once(ray_cluster, bundles
                                   "temporary_files_removed": 1, "parts_merged": 0}
     # processed again: the image whose mask was lost, and the errors (retry_errors)
     assert repaired["run"]["processed"] == 1 + len(bad)
+    assert repaired["run"]["errors_retried"] == len(bad) and kept["run"]["errors_retried"] == 0
     assert repaired["totals"]["errors"] == len(bad)
     rows = check_exactly_once(out, ids)
     assert {r["run_id"] for r in rows if r["id"] == lost["id"] or r["error"]} == {
@@ -468,6 +533,12 @@ def test_output_inside_input_is_refused(bundles, tmp_path):
     with pytest.raises(ValueError, match="must not contain each other"):
         run_job([f"input={tmp_path}", f"bundles.segmenter={bundles[0]}",
                  f"output={tmp_path / 'results'}"])
+    # the same through a symlink: the next run would read its own masks as new images
+    (tmp_path / "in").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    with pytest.raises(ValueError, match="must not contain each other"):
+        run_job([f"input={tmp_path / 'in'}", f"bundles.segmenter={bundles[0]}",
+                 f"output={tmp_path / 'link' / 'results'}"])
 
 
 @pytest.mark.ray
