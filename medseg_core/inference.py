@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from medseg_core.io import mask_2d
+from medseg_core.io import DEFAULT_MAX_PIXELS, ImageTooLargeError, mask_2d
 from medseg_core.postprocess import keep_largest
 from medseg_core.transforms import normalize_batch, resize_image, resize_mask, to_channels, to_size
 
@@ -128,6 +128,11 @@ class _Runner:
         return self._layout(normalize_batch(tensor, self.mean, self.std))
 
 
+# tile-mode bound on the model's work for one image: a whole-slide-sized image at the default
+# pixel limit, tiles and their overlap included (1.78x for a 25 % overlap) with room to spare
+MAX_TILE_WORK_PIXELS = 4 * DEFAULT_MAX_PIXELS
+
+
 class Segmenter(_Runner):
     """Binary segmentation with a segmentation bundle.
 
@@ -148,6 +153,10 @@ class Segmenter(_Runner):
             the model's resolution and the probabilities outside it are zeroed, so
             ``predict_proba`` shows it too; the component is taken at the bundle's threshold.
 
+        max_work_pixels: tile mode refuses (`ImageTooLargeError`) an image whose tiles hold
+            more pixels than this (None: no limit). A 1 x 40M-pixel image is small in pixels
+            but is a row of 200,000 whole tiles, 13 G pixels for the model.
+
     Tile mode: tiles are ``input_size``; neighbouring tiles overlap by ``tile_overlap`` pixels and
     only each tile's centre (a margin of ``tile_overlap // 2`` removed on every side) is kept, the
     image being reflect-padded so border pixels also get a full context (U-Net overlap-tile).
@@ -165,8 +174,10 @@ class Segmenter(_Runner):
         keep_largest: bool | None = None,
         flip: bool | None = None,
         channels_last: bool | None = None,
+        max_work_pixels: int | None = MAX_TILE_WORK_PIXELS,
     ) -> None:
         super().__init__(bundle, device, batch_size, amp, channels_last)
+        self.max_work_pixels = max_work_pixels
         inference = self.inference
         self.keep_largest = bool(inference.get("keep_largest", False)) \
             if keep_largest is None else keep_largest
@@ -194,6 +205,23 @@ class Segmenter(_Runner):
             overlap = round(ov * side) if isinstance(ov, float) and ov < 1 else int(ov)
             margins.append(min(overlap // 2, (side - 1) // 2))
         return margins[0], margins[1]
+
+    def work_pixels(self, height: int, width: int) -> int:
+        """Pixels the model runs over for an image of this size (tile mode: every tile's)."""
+        th, tw = self.input_size
+        if self.mode != "tile":
+            return th * tw
+        mh, mw = self.margins
+        return math.ceil(height / (th - 2 * mh)) * math.ceil(width / (tw - 2 * mw)) * th * tw
+
+    def check_work(self, shape: Sequence[int]) -> None:
+        """Raise `ImageTooLargeError` when an image of ``shape`` (H, W, ...) would make the
+        model run over more than ``max_work_pixels`` pixels."""
+        work = self.work_pixels(int(shape[0]), int(shape[1]))
+        if self.max_work_pixels is not None and work > self.max_work_pixels:
+            raise ImageTooLargeError(
+                f"{shape[0]}x{shape[1]} image: tile inference would run the model over {work} "
+                f"pixels, more than {self.max_work_pixels}")
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with self._autocast():
@@ -266,6 +294,8 @@ class Segmenter(_Runner):
         images = _check_images(images)
         if not images:
             return []
+        for im in images:  # before any allocation
+            self.check_work(im.shape)
         with torch.inference_mode():
             if self.mode == "tile":
                 return self._predict_tile([to_channels(im, self.in_channels) for im in images])

@@ -26,6 +26,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# Pillow refuses to open anything larger (DecompressionBombError), whatever our own limit says
+PILLOW_MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 # Pillow plugins allowed to parse untrusted bytes. Formats like EPS (which runs Ghostscript)
 # are deliberately left out. Multi-picture camera JPEGs (MPO) come through the JPEG plugin.

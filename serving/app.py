@@ -54,6 +54,7 @@ from serving.inputs import (
     ApiError,
     bearer_token,
     check_content_length,
+    load_token,
     media_type,
     parse_multipart,
     read_limited,
@@ -192,7 +193,8 @@ class SegmenterDeployment(_ModelReplica):
     batch_method = "_segment_batch"
 
     def _build(self, bundle: Bundle) -> Segmenter:
-        return Segmenter(bundle, self.device, self.args.inference_batch_size, amp=self.args.amp)
+        return Segmenter(bundle, self.device, self.args.inference_batch_size, amp=self.args.amp,
+                         max_work_pixels=self.args.max_work_pixels)
 
     def _warmup(self) -> None:
         self.runner.predict([self._blank()])
@@ -201,6 +203,7 @@ class SegmenterDeployment(_ModelReplica):
         """uint8 HxWxC image -> {"mask": uint8 HxW in {0, 1}, "version": bundle version,
         "replica_ms": time in this replica, "model_ms": its batch's predict call}."""
         start = time.perf_counter()
+        self.runner.check_work(image.shape)  # here, not in the batch: it would fail the others
         out = await self._segment_batch(image, threshold)
         return {**out, "replica_ms": _ms(start, time.perf_counter())}
 
@@ -334,6 +337,8 @@ def model_call_error(what: str, exc: BaseException) -> ApiError:
     """The HTTP error for a failed call to the model deployment `what`."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, ImageTooLargeError):  # Ray's error subclasses the replica's
+        return ApiError(413, "image_too_large", str(getattr(exc, "cause", exc)))
     if isinstance(exc, BackPressureError):
         retry = str(max(1, math.ceil(exc.retry_after_s or 1)))
         return ApiError(503, "overloaded", f"{what} is at capacity; retry later",
@@ -382,7 +387,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, what in {
         400: "Not a readable PNG/JPEG/BMP/TIFF image (garbage, truncated, corrupt).",
         401: "Missing or wrong bearer token (only when the server has a token).",
-        413: "Body larger than the byte limit, or image larger than the pixel limit.",
+        413: "Body larger than the byte limit, image larger than the pixel limit, or (tile-mode "
+             "segmenter) an image whose tiles exceed the segmenter's work limit.",
         415: "Empty body, or a Content-Type other than the accepted image types and multipart.",
         422: "Bad query values (mask_format not png/rle, threshold not in (0, 1)).",
         503: "Model deployments not ready or overloaded, or a model replica failed "
@@ -446,16 +452,14 @@ class Ingress:
         self.classifier = classifier
         self.limits = self.settings.limits
         self.accepted = tuple(self.limits.content_types)
-        self._token: bytes | None = None
-        env = self.settings.auth.token_env
-        if env:
-            value = os.environ.get(env, "")
-            if value:
-                self._token = value.encode("utf-8", "surrogateescape")
-            elif self.settings.auth.required:
-                raise RuntimeError(f"auth.required is set but ${env} is empty or unset")
-        logger.info("Ingress: bearer-token auth %s", f"on (token from ${env})" if self._token
-                    else "off")
+        auth = self.settings.auth
+        self._token = load_token(auth.token_env, auth.token_file)
+        sources = " or ".join(x for x in (auth.token_env and f"${auth.token_env}",
+                                          auth.token_file) if x)
+        if self._token is None and auth.required:
+            raise RuntimeError(f"auth.required is set but no token in {sources}")
+        logger.info("Ingress: bearer-token auth %s", f"on (token from {sources})"
+                    if self._token else "off")
         self.readiness = ModelReadiness(
             {"segmenter": lambda: self.segmenter.info.remote(),
              "classifier": lambda: self.classifier.info.remote()},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
@@ -239,10 +240,28 @@ def bearer_token(header: str | None) -> str | None:
     return token.strip()
 
 
+def load_token(token_env: str | None, token_file: str | None) -> bytes | None:
+    """The API token as UTF-8 bytes: the variable ``token_env`` when set and non-blank, else the
+    file ``token_file`` (a mounted secret); surrounding whitespace (a file's newline) dropped.
+    None when neither gives one."""
+    value = os.environ.get(token_env, "").strip() if token_env else ""
+    if not value and token_file:
+        with open(token_file, encoding="utf-8") as f:
+            value = f.read().strip()
+    return value.encode("utf-8") if value else None
+
+
 def token_matches(given: str | None, expected: bytes) -> bool:
-    """Constant-time comparison (of SHA-256 digests, so the length does not leak either)."""
+    """Constant-time comparison (of SHA-256 digests, so the length does not leak either).
+
+    ``given`` is a header value as Starlette decodes it (latin-1), so its bytes are the ones the
+    client sent: a UTF-8 token with non-ASCII characters matches."""
     if given is None:
         return False
-    a = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
+    try:
+        raw = given.encode("latin-1")
+    except UnicodeEncodeError:  # not from a header: cannot be the token's bytes
+        return False
+    a = hashlib.sha256(raw).digest()
     b = hashlib.sha256(expected).digest()
     return hmac.compare_digest(a, b)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from medseg_core.io import PILLOW_MAX_PIXELS
 
 IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff")
 
@@ -39,6 +41,11 @@ class ModelArgs(_Strict):
         None, ge=1, description="torch.set_num_threads in the replica; null leaves Ray's default."
     )
     warmup: bool = Field(True, description="Run one dummy prediction before taking traffic.")
+    max_work_pixels: int | None = Field(
+        160_000_000, ge=1,
+        description="Segmenter in tile mode: 413 for an image whose tiles hold more pixels than "
+        "this (a thin 1 x N image is about N / tile width whole tiles); null: no limit.",
+    )
 
 
 class StorageArgs(_Strict):
@@ -71,7 +78,9 @@ class LimitsArgs(_Strict):
         20_000_000, ge=1, description="Largest request body (raw image or whole multipart body)."
     )
     max_pixels: int = Field(
-        40_000_000, ge=1, description="Largest width * height, checked from the image header."
+        40_000_000, ge=1, le=PILLOW_MAX_PIXELS,
+        description="Largest width * height, checked from the image header (Pillow refuses "
+        f"more than {PILLOW_MAX_PIXELS} itself).",
     )
     content_types: list[str] = Field(
         default_factory=lambda: list(IMAGE_CONTENT_TYPES),
@@ -92,11 +101,22 @@ class AuthArgs(_Strict):
 
     token_env: str | None = Field(
         "MEDSEG_API_TOKEN",
-        description="Name of the environment variable holding the token; null disables auth.",
+        description="Name of the environment variable holding the token; null: none.",
+    )
+    token_file: str | None = Field(
+        None,
+        description="File holding the token (a mounted secret), read when the variable is unset "
+        "or empty; surrounding whitespace is ignored. null: none.",
     )
     required: bool = Field(
-        False, description="Refuse to start when the variable is unset (fail closed)."
+        False, description="Refuse to start without a token (fail closed)."
     )
+
+    @model_validator(mode="after")
+    def _source_when_required(self) -> AuthArgs:
+        if self.required and not (self.token_env or self.token_file):
+            raise ValueError("auth.required needs auth.token_env or auth.token_file")
+        return self
 
 
 class AppArgs(_Strict):

@@ -103,6 +103,23 @@ def test_tiled_equals_whole_padded_image(seg_uri: str, seg_model, size) -> None:
     assert prob.std() > 0.01  # the comparison is not between two constant maps
 
 
+def test_tile_mode_refuses_an_image_whose_tiles_exceed_the_work_limit(seg_uri: str) -> None:
+    """A thin image is few pixels but a long row of whole tiles: refused before any work."""
+    from medseg_core.io import ImageTooLargeError
+
+    seg = Segmenter(load_bundle(seg_uri), max_work_pixels=40 * TILE * TILE)
+    core = TILE - OVERLAP
+    assert seg.work_pixels(1, 100 * core) == 100 * TILE * TILE
+    assert seg.work_pixels(4 * core, 4 * core) == 16 * TILE * TILE
+    seg.check_work((4 * core, 4 * core, 3))
+    thin = np.zeros((1, 100 * core, 3), np.uint8)
+    with pytest.raises(ImageTooLargeError, match=f"1x{100 * core} image: tile inference would run"):
+        seg.predict_proba([thin])
+    assert seg.predict_proba([images_for(2, [(60, 60)])[0]])[0].shape == (60, 60)
+    resize = Segmenter(load_bundle(seg_uri), mode="resize", max_work_pixels=TILE * TILE)
+    resize.check_work((1, 10**7, 3))  # one model input whatever the image
+
+
 def test_tiled_equals_whole_image_inference_away_from_the_border(root: Path, seg_model, seg_uri) -> None:
     """Mode resize with input_size == image size runs the model on the whole image unresized;
     inside the image (beyond the receptive field) it must agree with overlap-tile inference."""

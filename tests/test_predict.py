@@ -255,6 +255,21 @@ def test_chain_predictor_batch_equals_chain_and_turns_bad_files_into_rows(bundle
     assert len({r["label"] for r in rows.values() if r["error"] is None}) >= 2  # varied labels
 
 
+def test_an_image_too_thin_for_tile_inference_is_an_error_row(bundles, tmp_path):
+    from pipelines.predict import ChainPredictor
+
+    thin, square = tmp_path / "thin.png", tmp_path / "square.png"
+    thin.write_bytes(encode_png(np.full((1, 2000, 3), 90, np.uint8)))
+    square.write_bytes(encode_png(np.full((60, 60, 3), 90, np.uint8)))
+    predictor = ChainPredictor(*bundles, with_truth=False)
+    seg = predictor.chain.segmenter
+    seg.mode, seg.max_work_pixels = "tile", 20 * 48 * 48  # as a tile-mode bundle would run
+    rows = predictor(_batch([Record("thin", str(thin)), Record("square", str(square))]))
+    rows = {r["id"]: r for r in rows.to_pylist()}
+    assert "1x2000 image: tile inference would run the model over" in rows["thin"]["error"]
+    assert rows["square"]["error"] is None and rows["square"]["mask_png"] is not None
+
+
 @pytest.mark.ray
 def test_predict_records_on_ray_equals_chain_in_process(ray_cluster, bundles, archive):
     from pipelines.predict import predict_records

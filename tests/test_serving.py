@@ -323,6 +323,42 @@ def test_model_replica_death_is_a_json_503():
         assert error["code"] in ("unavailable", "overloaded") and "Segmenter" in error["message"]
     err = model_call_error("Classifier", ValueError("bug"))
     assert (err.status, err.code) == (500, "internal_error")
+    # a tile-mode segmenter refusing an image: Ray re-raises the replica's error as a subclass
+    from ray.exceptions import RayTaskError
+
+    from medseg_core.io import ImageTooLargeError
+
+    remote = RayTaskError("segment", "traceback", ImageTooLargeError("1x9 image: too much"))
+    err = model_call_error("Segmenter", remote.as_instanceof_cause())
+    assert (err.status, err.code, err.message) == (413, "image_too_large", "1x9 image: too much")
+
+
+def test_the_token_comes_from_the_variable_or_a_file_and_matches_as_sent(tmp_path,
+                                                                        monkeypatch):
+    import pydantic
+
+    from serving.inputs import load_token, token_matches
+    from serving.schemas import AuthArgs, LimitsArgs
+
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")  # as secrets are usually written
+    monkeypatch.setenv("MEDSEG_T", " from-env\n")
+    assert load_token("MEDSEG_T", str(secret)) == b"from-env"
+    monkeypatch.setenv("MEDSEG_T", "  ")
+    assert load_token("MEDSEG_T", str(secret)) == b"from-file"
+    assert load_token(None, str(secret)) == b"from-file"
+    assert load_token("MEDSEG_T", None) is None and load_token(None, None) is None
+    # Starlette hands header values over decoded as latin-1: the client's UTF-8 bytes
+    token = "pässwörd-ü"
+    header_value = token.encode("utf-8").decode("latin-1")
+    assert token_matches(header_value, token.encode("utf-8"))
+    assert not token_matches(token, token.encode("utf-8"))
+    assert not token_matches("not latin-1: 名", token.encode("utf-8"))
+    with pytest.raises(pydantic.ValidationError, match="needs auth.token_env or auth.token_file"):
+        AuthArgs(token_env=None, required=True)
+    AuthArgs(token_env=None, token_file=str(secret), required=True)
+    with pytest.raises(pydantic.ValidationError, match="less than or equal"):
+        LimitsArgs(max_pixels=10**9)  # Pillow itself refuses beyond its own cap
 
 
 def test_readiness_is_cached_after_both_models_answer():
