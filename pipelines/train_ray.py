@@ -129,18 +129,13 @@ def scaling_config(trainer: dict[str, Any]) -> ScalingConfig:
                          resources_per_worker=resources)
 
 
-def storage(cfg: dict[str, Any]) -> tuple[str, Any]:
-    """Ray Train's storage path (and a pyarrow filesystem for S3-compatible endpoints)."""
+def storage(cfg: dict[str, Any]) -> str:
+    """Ray Train's storage path: ``<run dir>/ray``, local (absolute) or ``s3://``. Ray resolves
+    an ``s3://`` path with pyarrow, which, like fsspec for the run's other files, takes the
+    endpoint and credentials from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+    ...) of every node."""
     base = join(run_dir(cfg), "ray")
-    endpoint = (cfg.get("storage") or {}).get("endpoint_url")
-    if not base.startswith("s3://") or not endpoint:
-        return os.path.abspath(base) if "://" not in base else base, None
-    import pyarrow.fs as pafs
-
-    scheme, _, host = endpoint.partition("://")
-    fs = pafs.S3FileSystem(endpoint_override=host, scheme=scheme,
-                           region=(cfg.get("storage") or {}).get("region", "us-east-1"))
-    return base.removeprefix("s3://"), fs
+    return base if "://" in base else os.path.abspath(base)
 
 
 def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]]) -> dict[str, str]:
@@ -149,7 +144,7 @@ def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]]) -> dict[str, s
     init_ray(trainer)
     world = int(trainer["num_workers"])
     bundles = {}
-    path, filesystem = storage(cfg)
+    path = storage(cfg)
     for stage in cfg["stages"]:
         spec = stage_spec(cfg, stage)
         parts: dict[str, list[Record]] = {"train": splits["train"]}
@@ -174,7 +169,6 @@ def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]]) -> dict[str, s
             run_config=RunConfig(
                 name=f"{cfg['run_name']}-{stage}",
                 storage_path=path,
-                storage_filesystem=filesystem,
                 failure_config=FailureConfig(max_failures=int(trainer.get("max_failures", 3))),
                 checkpoint_config=CheckpointConfig(
                     num_to_keep=int(trainer.get("num_to_keep", 2)),

@@ -222,6 +222,52 @@ def test_worker_failure_is_survived_and_rerun_resumes(tmp_path, ray_cluster):
     assert executed_epochs(stage_dir) == sorted([*executed, 3])
 
 
+@pytest.mark.s3
+@pytest.mark.ray
+def test_training_to_object_storage_checkpoints_there_and_resumes(tmp_path, s3):
+    """`output_dir=s3://...` as a user runs it: the entry point in its own process and its own
+    local Ray cluster, endpoint and credentials only in the environment."""
+    import os
+    import subprocess
+    import sys
+
+    import fsspec
+
+    from medseg_core.inference import Chain
+
+    root = Path(__file__).resolve().parents[1]
+    s3.create_bucket("medseg-train")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))},
+           **s3.env, "PYTHONPATH": str(root), "RAY_ADDRESS": "local"}
+
+    def train(epochs: int) -> None:
+        cmd = [sys.executable, str(root / "pipelines" / "train.py"), *TINY,
+               "output_dir=s3://medseg-train/exp", f"data.url={tmp_path / 'synthetic'}",
+               "trainer=ray", "trainer.num_workers=1", "trainer.local_num_cpus=2",
+               "stages=[segmenter]", "run_name=s3", f"train.epochs={epochs}"]
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=400)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    train(2)
+    train(3)  # same run name: resumes from the checkpoint on S3 and trains epoch 2 only
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    fs.invalidate_cache()
+    stage = "medseg-train/exp/runs/s3/segmenter"
+    rows = list(csv.DictReader(fs.cat_file(f"{stage}/metrics.csv").decode().splitlines()))
+    assert [int(float(r["epoch"])) for r in rows] == [0, 1, 2]
+    assert {"best", "latest", "curves.png", "tb"} <= {p.rsplit("/", 1)[-1] for p in fs.ls(stage)}
+    assert any("/checkpoint_" in p for p in fs.find("medseg-train/exp/runs/s3/ray/s3-segmenter"))
+    # the second run trained one epoch: three in the event files of the two processes
+    local = tmp_path / "stage"
+    fs.get(f"{stage}/tb", str(local / "tb"), recursive=True)
+    assert executed_epochs(local) == [0, 1, 2]
+    image = np.full((64, 64, 3), 128, np.uint8)
+    seg_uri = f"s3://{stage}/best"
+    chain = Chain.from_uris(seg_uri, None, storage_options=s3.storage_options)
+    assert chain.predict([image])[0]["mask"].shape == (64, 64)
+
+
 # ----------------------------------------------------------------- resume (in-process loop)
 class _LoopContext(LocalContext):
     """`pipelines.train.LocalContext` over fixed in-memory batches instead of DataLoaders;
