@@ -399,6 +399,18 @@ def classification_summary(true: Sequence[int] | np.ndarray, pred: Sequence[int]
 
 
 # ---------------------------------------------------------------------------------- cases
+CASE_METRIC_COLUMNS = ("hd95", "lesion_area_fraction", "seconds", "height", "width")
+
+
+def check_case_metric(metric: str) -> str:
+    """``metric`` when `select_cases` can rank images by it, else ValueError (checked before
+    any prediction, rather than after an hour of it)."""
+    if metric not in _FUNCS and metric not in CASE_METRIC_COLUMNS:
+        raise ValueError(f"unknown case metric {metric!r}: one of "
+                         f"{sorted(_FUNCS) + list(CASE_METRIC_COLUMNS)}")
+    return metric
+
+
 def select_cases(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str] = (),
                  metric: str = "dice", per_class: bool = False) -> list[dict[str, Any]]:
     """Best, median and worst image by a per-image metric (recomputed from the counts), overall

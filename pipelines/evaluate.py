@@ -50,6 +50,7 @@ from medseg_core.evaluation import (
     FLIPS,
     BootstrapConfig,
     FlipTTA,
+    check_case_metric,
     summarize,
     table_records,
 )
@@ -504,6 +505,7 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     started = time.time()
     ev, data = cfg["evaluate"], cfg["data"]
     check_threshold(ev.get("threshold"))
+    check_case_metric(str((ev.get("cases") or {}).get("metric", "dice")))
     class_names = checked_class_names(cfg)
     records = select_records(cfg)
     backend = choose_backend(str(ev.get("backend", "local")), len(records),

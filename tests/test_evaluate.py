@@ -412,6 +412,15 @@ def test_select_cases_best_median_worst() -> None:
     assert select_cases(rows, CLASS_NAMES, metric="hd95")[-1]["id"] == "shrink4"
     with pytest.raises(ValueError, match="unknown case metric 'dcie'"):
         select_cases(rows, CLASS_NAMES, metric="dcie")
+    assert select_cases(rows, CLASS_NAMES, metric="lesion_area_fraction")
+    # the entry point refuses it before reading a bundle or an image (none exist here)
+    from pipelines.config import load_config
+    from pipelines.evaluate import evaluate
+
+    cfg = load_config(["output_dir=/nonexistent", "data.url=/nonexistent",
+                       "evaluate.cases.metric=dcie"], config_name="evaluate")
+    with pytest.raises(ValueError, match="unknown case metric 'dcie'"):
+        evaluate(cfg)
     with pytest.raises(ValueError, match=r"\['all'\] are reserved"):
         select_cases(rows, ["all", "benign", "malignant"], per_class=True)
 
