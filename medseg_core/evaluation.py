@@ -704,6 +704,12 @@ class FlipTTA:
     def config(self) -> dict[str, Any]:
         return self.segmenter.config
 
+    def check_work(self, shape: Sequence[int]) -> None:
+        """The wrapped segmenter's work limit (`Segmenter.check_work`), where it has one."""
+        check = getattr(self.segmenter, "check_work", None)
+        if check is not None:
+            check(shape)
+
     def predict_proba(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Mean foreground probability over the flips (float32 HxW per image)."""
         images = list(images)

@@ -115,6 +115,10 @@ def test_tile_mode_refuses_an_image_whose_tiles_exceed_the_work_limit(seg_uri: s
     thin = np.zeros((1, 100 * core, 3), np.uint8)
     with pytest.raises(ImageTooLargeError, match=f"1x{100 * core} image: tile inference would run"):
         seg.predict_proba([thin])
+    from medseg_core.evaluation import FlipTTA
+
+    with pytest.raises(ImageTooLargeError, match="tile inference would run"):
+        FlipTTA(seg).check_work(thin.shape)  # the wrapper keeps the limit
     assert seg.predict_proba([images_for(2, [(60, 60)])[0]])[0].shape == (60, 60)
     resize = Segmenter(load_bundle(seg_uri), mode="resize", max_work_pixels=TILE * TILE)
     resize.check_work((1, 10**7, 3))  # one model input whatever the image
