@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from medseg_core.checkpoint import (
@@ -55,9 +56,25 @@ class WorkerContext(Protocol):
     def steps_per_epoch(self) -> int: ...
     def wrap_model(self, model: nn.Module) -> nn.Module: ...
     def all_sum(self, values: np.ndarray) -> np.ndarray: ...
+    def sync_buffers(self, module: nn.Module) -> None: ...
     def resume_dir(self) -> str | None: ...
     def report(self, metrics: dict[str, float], bundle_dir: str | None,
                history: list[dict[str, float]]) -> None: ...
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Every buffer of ``module`` (BatchNorm running statistics) from rank ``src`` to all ranks
+    of the default process group: DDP syncs buffers only in a training forward, so after the
+    last step each worker's statistics include its own last batch. Validating with rank 0's
+    makes the summed counts the saved model's."""
+    gloo = dist.get_backend() == "gloo"
+    for buf in module.buffers():
+        if gloo and buf.device.type != "cpu":
+            cpu = buf.cpu()
+            dist.broadcast(cpu, src=src)
+            buf.copy_(cpu)
+        else:
+            dist.broadcast(buf, src=src)
 
 
 @dataclass
@@ -229,8 +246,11 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
         if ctx.device.type == "cuda":
             busy = ctx.all_sum(np.array([tr["gpu_busy_fraction"]]))[0] / ctx.world_size
             metrics["gpu_busy_fraction"] = float(busy)
-        # validate the plain module: DDP's forward would sync buffers across workers
-        metrics.update(epoch_metrics(spec, ctx, getattr(model, "module", model), val_step))
+        # validate the plain module with rank 0's buffers on every worker: the summed counts
+        # are then the saved model's (DDP's own forward would sync them only while training)
+        plain = getattr(model, "module", model)
+        ctx.sync_buffers(plain)
+        metrics.update(epoch_metrics(spec, ctx, plain, val_step))
         score = metrics[score_key(spec)]
         improved = score > best
         best, stale = (score, 0) if improved else (best, stale + 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from pipelines.data import (
     split_mode,
 )
 from pipelines.loop import StageSpec, epoch_seed, fit_stage
-from pipelines.runlog import RunLog, join
+from pipelines.runlog import RunLog, copy_dir, join
 
 STAGES = ("segmenter", "classifier")
 
@@ -122,6 +123,7 @@ class LocalContext:
 
     def __init__(self, cfg: dict[str, Any], splits: dict[str, list[Record]], log: RunLog):
         self.device = resolve_device(cfg["trainer"].get("device", "auto"))
+        self.epoch_offset = int(cfg["data"].get("epoch_offset", 0))
         bs, ebs = int(cfg["train"]["batch_size"]), int(cfg["train"]["eval_batch_size"])
         workers = int(cfg["trainer"].get("loader_workers", 0))
         # raw or packed archives, read as the Ray pipeline reads them
@@ -141,6 +143,7 @@ class LocalContext:
         self.log = log
 
     def train_batches(self, epoch: int):
+        epoch += self.epoch_offset  # data.epoch_offset: the augmentation epoch of the first pass
         self.train_set.set_epoch(epoch)
         # each epoch's order from its number, so a resumed run does not replay epoch 0's
         self.shuffle.manual_seed(epoch_seed(self.seed, 0, epoch))
@@ -157,6 +160,9 @@ class LocalContext:
 
     def all_sum(self, values: np.ndarray) -> np.ndarray:
         return values
+
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        """One worker: its buffers are the saved model's."""
 
     def resume_dir(self) -> str | None:
         return self.log.resume_dir()
@@ -269,8 +275,12 @@ def choose_postprocess(seg_uri: str, records: list[Record], cfg: dict[str, Any])
         metrics = {**bundle.metrics, "postprocess": {"mode": mode, "choice": choice,
                                                      "val_dice": scores}}
         base = bundle.version.split("+", 1)[0]
-        save_bundle(seg_uri, bundle.model, {**bundle.config, "inference": inference}, metrics,
-                    version=base if choice == "none" else f"{base}+{choice}")
+        # staged locally, then swapped in as RunLog swaps bundles: a kill at any moment leaves
+        # a complete best/ (or one beside it that `recover_dir` finds), never a half-written one
+        with tempfile.TemporaryDirectory(prefix="medseg-postprocess-") as tmp:
+            save_bundle(tmp, bundle.model, {**bundle.config, "inference": inference}, metrics,
+                        version=base if choice == "none" else f"{base}+{choice}")
+            copy_dir(tmp, seg_uri)
     return choice
 
 

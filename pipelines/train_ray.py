@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 from medseg_core.layouts import Record
 from pipelines.cluster import connect
 from pipelines.data import build_datasets
-from pipelines.loop import fit_stage, score_key
+from pipelines.loop import broadcast_buffers, fit_stage, score_key
 from pipelines.runlog import RunLog, join
 from pipelines.train import format_epoch, run_dir, stage_spec
 
@@ -85,6 +85,10 @@ class RayContext:
         t = torch.as_tensor(values, dtype=torch.float64, device=dev)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu().numpy()
+
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        if self.world_size > 1:
+            broadcast_buffers(module)
 
     def resume_dir(self) -> str | None:
         ckpt = ray.train.get_checkpoint()

@@ -268,6 +268,91 @@ def test_training_to_object_storage_checkpoints_there_and_resumes(tmp_path, s3):
     assert chain.predict([image])[0]["mask"].shape == (64, 64)
 
 
+def _bn_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from pipelines.loop import broadcast_buffers
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    bn = torch.nn.BatchNorm2d(3)
+    bn.train()
+    bn(torch.randn(4, 3, 5, 5) * (rank + 1) + rank)  # each worker's own last batch
+    broadcast_buffers(bn)
+    torch.save({k: v.clone() for k, v in bn.state_dict().items()}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_workers_validate_with_rank_0s_batchnorm_statistics(tmp_path):
+    """DDP syncs buffers only in a training forward: without the broadcast each worker would
+    validate its own running statistics, not the model rank 0 saves."""
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_bn_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(states[0][key], states[1][key]), key
+    assert not torch.allclose(states[0]["running_mean"], torch.zeros(3))  # rank 0's, updated
+
+
+def test_local_training_honours_data_epoch_offset(tmp_path):
+    """`data.epoch_offset` is the augmentation epoch of the first pass, in-process as on Ray."""
+    from pipelines.train import run
+
+    losses = []
+    for offset in (0, 5):
+        run(config(tmp_path, "trainer=local", "stages=[segmenter]", "train.epochs=1",
+                   f"run_name=offset{offset}", f"data.epoch_offset={offset}"))
+        rows = read_csv(tmp_path / "runs" / f"offset{offset}" / "segmenter" / "metrics.csv")
+        losses.append(float(rows[0]["train_loss"]))
+    assert losses[0] != losses[1]  # other augmentations and order, same initial weights
+
+
+def test_a_kill_while_the_postprocess_choice_is_written_leaves_a_usable_best(tmp_path,
+                                                                            monkeypatch):
+    import os
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    import pipelines.train as train_module
+    from medseg_core.checkpoint import load_bundle
+    from pipelines.train import run
+
+    class Killed(Exception):
+        pass
+
+    cfg = config(tmp_path, "trainer=local", "stages=[segmenter]", "train.epochs=2",
+                 "train.postprocess=flip", "run_name=pp")
+    best = str(tmp_path / "runs" / "pp" / "segmenter" / "best")
+    armed = []  # set once training is over and the chosen option is written into best/
+    real_load, real_pipe, real_rename = (train_module.load_bundle, LocalFileSystem.pipe_file,
+                                         os.rename)
+
+    def load(uri, *args, **kwargs):
+        armed.append(uri)
+        return real_load(uri, *args, **kwargs)
+
+    def pipe(self, path, *args, **kwargs):  # an in-place rewrite of best/
+        if armed and str(path).startswith(best + "/"):
+            raise Killed
+        return real_pipe(self, path, *args, **kwargs)
+
+    def rename(src, dst, *args, **kwargs):  # a staged copy swapped into best/
+        if armed and str(dst) == best:
+            raise Killed
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "load_bundle", load)
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", pipe)
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(Killed):
+        run(cfg)
+    monkeypatch.undo()
+    run(cfg)  # the rerun finds a complete best/ (or the staged copy beside it)
+    bundle = load_bundle(best)
+    assert bundle.config["inference"]["flip"] is True and bundle.version.endswith("+flip")
+
+
 # ----------------------------------------------------------------- resume (in-process loop)
 class _LoopContext(LocalContext):
     """`pipelines.train.LocalContext` over fixed in-memory batches instead of DataLoaders;
