@@ -622,6 +622,10 @@ def load_records(cfg: dict[str, Any], check: bool | None = None
     so = storage_options(data_cfg)
     if is_packed(data_cfg):
         records, hashes, problems = list_packed(str(data_cfg["url"]), so, strict)
+        if strict and problems:  # left out when it was packed: strict means the same as raw
+            p = problems[0]
+            raise BadRecordError(f"{p.path}: {p.reason} (left out when the archive was packed; "
+                                 "data.strict=true)")
         record_problems(cfg, problems)
         return records, (hashes if dedup else None)
     listing = list_archive(data_cfg)

@@ -8,7 +8,8 @@ Output (`pack.out`, a path or any fsspec URL):
 
     manifest.json            format, source archive, class names, shards (path, rows, row groups),
                              files skipped while packing (with reasons)
-    shard-00000.parquet ...  one row per record, rows in record-id order, `pack.row_group_rows`
+    shard-<pack id>-00000.parquet ...  one row per record, rows in record-id order,
+                             `pack.row_group_rows`
                              rows per row group (the unit a reader fetches)
 
 Columns: id, image (encoded bytes), mask (encoded bytes; null when the record has no mask),
@@ -40,6 +41,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -134,7 +136,9 @@ def pack_shard(index: int, records: list[Record], spec: dict[str, Any]) -> dict[
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    name = f"shard-{index:05d}.parquet"
+    # named per pack run: a rerun never rewrites a shard that a reader (or a row-group cache)
+    # may hold from the old pack
+    name = f"shard-{spec['pack_id']}-{index:05d}.parquet"
     url = f"{spec['out'].rstrip('/')}/{name}"
     so, creds = spec["storage_options"], spec["credentials"]
     out_fs, out_path = _fs(url, spec["out_storage_options"], creds)
@@ -213,7 +217,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
     records = listing.records
     so = storage_options(data)
     spec = {
-        "out": out, "encoding": encoding,
+        "out": out, "encoding": encoding, "pack_id": uuid.uuid4().hex[:8],
         "resize_to": [int(v) for v in resize_to] if resize_to else None,
         "row_group_rows": group_rows,
         "compress_level": int(pack.get("compress_level", 1)),
@@ -224,7 +228,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         "out_storage_options": _out_options(cfg, out),
         "io_threads": int((data.get("read") or {}).get("io_threads", 8)),
     }
-    # An old manifest would describe shards that this run is about to overwrite
+    # the old manifest goes first: a pack that does not finish is never taken for complete
     mfs, mpath = _fs(f"{out}/{MANIFEST_NAME}", spec["out_storage_options"], spec["credentials"])
     if mfs.exists(mpath):
         mfs.rm(mpath)
@@ -260,9 +264,20 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
     }
     with mfs.open(mpath, "w") as f:
         json.dump(manifest, f, indent=1)
+    _remove_stale_shards(mfs, mpath.rsplit("/", 1)[0], {s["path"] for s in manifest["shards"]})
     if problems:
         record_problems(cfg, problems)
     return manifest
+
+
+def _remove_stale_shards(fs: Any, folder: str, keep: set[str]) -> None:
+    """Delete the shards of earlier packs (or of a pack killed midway) that the manifest just
+    written does not list: Parquet readers of the folder would take them for records."""
+    keep_names = {k.rstrip("/").rsplit("/", 1)[-1] for k in keep}
+    for entry in fs.ls(folder, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("shard-") and name.endswith(".parquet") and name not in keep_names:
+            fs.rm(entry)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="pack", version_base=None)

@@ -47,10 +47,10 @@ def test_packed_and_raw_yield_the_same_records(ray_cluster, synthetic_archive, t
     assert manifest["records"] == 15 and manifest["skipped"] == []
     assert [s["rows"] for s in manifest["shards"]] == [6, 6, 3]
     assert manifest["shards"][0]["row_groups"] == [4, 2]
-    table = pq.read_table(out / "shard-00000.parquet")
+    table = pq.read_table(next(out.glob("shard-*-00000.parquet")))
     assert {"id", "image", "mask", "label", "source", "width", "height", "phash"} <= \
         set(table.column_names)
-    assert pq.ParquetFile(out / "shard-00000.parquet").metadata.num_row_groups == 2
+    assert pq.ParquetFile(next(out.glob("shard-*-00000.parquet"))).metadata.num_row_groups == 2
 
     raw_cfg, pk_cfg = make_cfg(tmp_path, synthetic_archive), packed_cfg(tmp_path, out)
     assert is_packed(pk_cfg["data"]) and not is_packed(raw_cfg["data"])
@@ -80,7 +80,7 @@ def test_pre_resized_packs_match_resizing_on_read(ray_cluster, synthetic_archive
     m = pack(tmp_path, synthetic_archive, out, "+pack.resize_to=[40,40]",
              f"+pack.encoding={encoding}", "data.image_size=[40,40]")
     assert m["encoding"] == encoding and m["resize_to"] == [40, 40]
-    first = pq.read_table(out / "shard-00000.parquet").slice(0, 1).to_pylist()[0]
+    first = pq.read_table(next(out.glob("shard-*-00000.parquet"))).slice(0, 1).to_pylist()[0]
     assert first["shape"] == [40, 40, 3] and (first["width"], first["height"]) == (64, 64)
     raw_cfg = make_cfg(tmp_path, synthetic_archive, "data.image_size=[40,40]",
                        "data.split.ratios=[1,0,0]")
@@ -119,6 +119,9 @@ def test_pack_leaves_out_bad_files_and_names_them(synthetic_archive, tmp_path):
     with pytest.raises(ValueError, match=r"benign \(2\)\.png"):
         pack(tmp_path, str(arc), tmp_path / "strict", "data.strict=true", backend="local")
     assert not (tmp_path / "strict" / "manifest.json").exists()
+    # a strict read of the pack that left them out stops too, naming the first one
+    with pytest.raises(ValueError, match=r"\.png: .*left out when the archive was packed"):
+        load_splits(packed_cfg(tmp_path / "s", out, "data.strict=true"))
 
 
 @pytest.mark.ray
@@ -219,6 +222,29 @@ def test_packing_thresholds_masks_as_reading_does_and_replaces_the_manifest_last
     assert got.any() and np.array_equal(got, want)
 
 
+def test_a_repack_replaces_every_shard_and_reads_back_its_own_records(synthetic_archive,
+                                                                      tmp_path):
+    from pipelines.data import list_packed
+
+    out = tmp_path / "packed"
+    first = pack(tmp_path, synthetic_archive, out, backend="local")  # 3 shards of <= 6
+    cfg = packed_cfg(tmp_path / "a", out)
+    old = {r.id: r for r in list_packed(str(out), None, True)[0]}
+    for r in old.values():
+        load_any_record(r, cfg)  # the in-process row-group cache now holds the old pack
+    second = pack(tmp_path, synthetic_archive, out, "++pack.shard_size=100", backend="local")
+    assert len(first["shards"]) == 3 and len(second["shards"]) == 1
+    # the old pack's shards are gone: a Parquet reader of the folder sees each record once
+    assert sorted(p.name for p in out.glob("shard-*")) == [second["shards"][0]["path"]]
+    assert pq.read_table(sorted(map(str, out.glob("shard-*")))).num_rows == 15
+    # each new record decodes to its own image, not the row the cache held for the old pack
+    raw_cfg = make_cfg(tmp_path / "b", synthetic_archive)
+    raw = {r.id: r for r in list_archive(raw_cfg["data"]).records}
+    for r in list_packed(str(out), None, True)[0]:
+        assert np.array_equal(load_any_record(r, cfg)["image"],
+                              load_any_record(raw[r.id], raw_cfg)["image"]), r.id
+
+
 @pytest.mark.parametrize("bad", ["pack.shard_size=0", "pack.row_group_rows=-1"])
 def test_pack_refuses_sizes_below_one_and_keeps_the_old_pack(tmp_path, synthetic_archive, bad):
     out = tmp_path / "packed"
@@ -243,19 +269,19 @@ def test_an_unreadable_shard_is_reported_record_by_record(ray_cluster, synthetic
 
     out = tmp_path / "packed"
     pack(tmp_path, synthetic_archive, out, backend="local")  # shards of 6 rows: [4, 2] groups
-    shard = out / "shard-00001.parquet"
+    shard = next(out.glob("shard-*-00001.parquet"))
     whole = shard.read_bytes()
     # an interrupted copy, or bit rot in the footer
     cut = whole[: len(whole) // 2] if damage == "truncated" else corrupt_footer(whole)
     # found while listing: its 6 records are left out, each reported; strict stops, naming it
     shard.write_bytes(cut)
     cfg = packed_cfg(tmp_path / "a", out)
-    with pytest.warns(UserWarning, match="shard-00001"):
+    with pytest.warns(UserWarning, match=shard.name):
         splits = load_splits(cfg)
     assert sum(len(v) for v in splits.values()) == 9
     rep = data_report(cfg, warn=False)
     assert rep["dropped"] == 6 and rep["by_stage"] == {"listing": 6}
-    with pytest.raises(ValueError, match=r"shard-00001.*strict"):
+    with pytest.raises(ValueError, match=rf"{shard.name}.*strict"):
         load_splits(packed_cfg(tmp_path / "b", out, "data.strict=true"))
     # truncated after listing: the Ray read tasks drop and report each of its rows, and an
     # in-process read names the shard
@@ -267,8 +293,8 @@ def test_an_unreadable_shard_is_reported_record_by_record(ray_cluster, synthetic
     assert sum(len(b["label"]) for b in ds.iter_batches(batch_size=8)) == 9
     rep = data_report(cfg, warn=False)
     assert rep["dropped"] == 6 and rep["by_stage"] == {"decode": 6}
-    lost = next(r for r in records if "shard-00001" in r.image_uri)
-    with pytest.raises(LayoutError, match=r"shard-00001\.parquet: row group \d unreadable"):
+    lost = next(r for r in records if shard.name in r.image_uri)
+    with pytest.raises(LayoutError, match=rf"{shard.stem}\.parquet: row group \d unreadable"):
         load_any_record(lost, cfg)
 
 
