@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from medseg_core.io import DEFAULT_MAX_PIXELS, ImageTooLargeError, mask_2d
+from medseg_core.io import MAX_TILE_WORK_PIXELS, ImageTooLargeError, mask_2d
 from medseg_core.postprocess import keep_largest
 from medseg_core.transforms import normalize_batch, resize_image, resize_mask, to_channels, to_size
 
@@ -128,11 +128,6 @@ class _Runner:
         return self._layout(normalize_batch(tensor, self.mean, self.std))
 
 
-# tile-mode bound on the model's work for one image: a whole-slide-sized image at the default
-# pixel limit, tiles and their overlap included (1.78x for a 25 % overlap) with room to spare
-MAX_TILE_WORK_PIXELS = 4 * DEFAULT_MAX_PIXELS
-
-
 class Segmenter(_Runner):
     """Binary segmentation with a segmentation bundle.
 
@@ -206,13 +201,19 @@ class Segmenter(_Runner):
             margins.append(min(overlap // 2, (side - 1) // 2))
         return margins[0], margins[1]
 
+    @property
+    def tile_core(self) -> tuple[int, int]:
+        """Height and width of the centre kept from each tile (the tile less its margins)."""
+        (th, tw), (mh, mw) = self.input_size, self.margins
+        return th - 2 * mh, tw - 2 * mw
+
     def work_pixels(self, height: int, width: int) -> int:
         """Pixels the model runs over for an image of this size (tile mode: every tile's)."""
         th, tw = self.input_size
         if self.mode != "tile":
             return th * tw
-        mh, mw = self.margins
-        return math.ceil(height / (th - 2 * mh)) * math.ceil(width / (tw - 2 * mw)) * th * tw
+        ch, cw = self.tile_core
+        return math.ceil(height / ch) * math.ceil(width / cw) * th * tw
 
     def check_work(self, shape: Sequence[int]) -> None:
         """Raise `ImageTooLargeError` when an image of ``shape`` (H, W, ...) would make the
@@ -260,7 +261,7 @@ class Segmenter(_Runner):
     def _predict_tile(self, images: list[np.ndarray]) -> list[np.ndarray]:
         th, tw = self.input_size
         mh, mw = self.margins
-        ch, cw = th - 2 * mh, tw - 2 * mw
+        ch, cw = self.tile_core
         outputs: list[np.ndarray] = []
         tiles: list[tuple[int, int, int, np.ndarray]] = []  # (image index, row, col, tile)
         for index, image in enumerate(images):

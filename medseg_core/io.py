@@ -26,6 +26,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# tile-mode bound on a segmenter's work for one image: a whole-slide-sized image at the default
+# pixel limit, tiles and their overlap included (1.78x for a 25 % overlap) with room to spare
+MAX_TILE_WORK_PIXELS = 4 * DEFAULT_MAX_PIXELS
 # Pillow refuses to open anything larger (DecompressionBombError), whatever our own limit says
 PILLOW_MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 

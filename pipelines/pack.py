@@ -272,11 +272,11 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _remove_stale_shards(fs: Any, folder: str, keep: set[str]) -> None:
     """Delete the shards of earlier packs (or of a pack killed midway) that the manifest just
-    written does not list: Parquet readers of the folder would take them for records."""
-    keep_names = {k.rstrip("/").rsplit("/", 1)[-1] for k in keep}
+    written does not list (``keep``: its shard names): Parquet readers of the folder would take
+    them for records."""
     for entry in fs.ls(folder, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("shard-") and name.endswith(".parquet") and name not in keep_names:
+        if name.startswith("shard-") and name.endswith(".parquet") and name not in keep:
             fs.rm(entry)
 
 

@@ -263,9 +263,9 @@ class ChainPredictor:
                 threshold=self.mask_threshold,
                 keep_grey=True,  # the models repeat a grey plane after resizing it
             )
-            check = getattr(self.chain.segmenter, "check_work", None)  # any segmenter-like
-            if check is not None:
-                check(sample["image"].shape)  # tile mode: a thin image is a row of whole tiles
+            # tile mode: a thin image is a row of whole tiles; an error row here, before it
+            # joins (and fails) a batch
+            self.chain.segmenter.check_work(sample["image"].shape)
             return sample, None, time.perf_counter() - start
         except Exception as exc:  # any unreadable or undecodable file is a row, not a crash
             return None, _error_text(exc, uri), time.perf_counter() - start

@@ -636,11 +636,11 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     listing = list_input(cfg, so)
     state, repaired = repair(out, State(out))
-    done = set(state.ids)
-    if cfg.get("retry_errors"):
-        # error rows stay until their image is committed again: `repair` then keeps the new row
-        done = {i for i, e in zip(state.ids, state.rows.column("error").to_pylist()) if e is None}
-    retried = set(state.ids) - done  # error rows tried again
+    # retried errors: their rows stay until the image is committed again (`repair` then keeps
+    # the new row)
+    retried = {i for i, e in zip(state.ids, state.rows.column("error").to_pylist())
+               if e is not None} if cfg.get("retry_errors") else set()
+    done = set(state.ids) - retried
     pending = [r for r in listing.records if r.id not in done]
     limit = cfg.get("limit")
     todo = pending if limit is None else pending[: max(0, int(limit))]
@@ -654,8 +654,7 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
         _process(cfg, batch, todo, seg_uri, cls_uri, so, out, run_id, progress, threshold)
     processed, run_errors, seconds = progress.counts, progress.errors, progress.seconds
 
-    state, repaired_end = repair(out, State(out, SUMMARY_COLUMNS),
-                                 retried=retried)
+    state, repaired_end = repair(out, State(out, SUMMARY_COLUMNS), retried)
     state, merged = compact(out, state, int(cfg.get("compact_rows") or 0),
                             int(cfg.get("compact_min_parts") or 0))
     referenced = state.referenced()

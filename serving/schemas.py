@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from medseg_core.io import PILLOW_MAX_PIXELS
+from medseg_core.io import MAX_TILE_WORK_PIXELS, PILLOW_MAX_PIXELS
 
 IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff")
 
@@ -42,7 +42,7 @@ class ModelArgs(_Strict):
     )
     warmup: bool = Field(True, description="Run one dummy prediction before taking traffic.")
     max_work_pixels: int | None = Field(
-        160_000_000, ge=1,
+        MAX_TILE_WORK_PIXELS, ge=1,
         description="Segmenter in tile mode: 413 for an image whose tiles hold more pixels than "
         "this (a thin 1 x N image is about N / tile width whole tiles); null: no limit.",
     )
