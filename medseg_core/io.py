@@ -16,7 +16,9 @@ Decoding rules (what every reader in medseg gets):
 from __future__ import annotations
 
 import io
+import os
 import posixpath
+import stat
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import BinaryIO
@@ -26,6 +28,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# bound on a file read whole (image, mask, list): 40 Mpx of uncompressed 16-bit RGBA is 320 MB
+DEFAULT_MAX_BYTES = 384 * 2**20
 # tile-mode bound on a segmenter's work for one image: a whole-slide-sized image at the default
 # pixel limit, tiles and their overlap included (1.78x for a 25 % overlap) with room to spare
 MAX_TILE_WORK_PIXELS = 4 * DEFAULT_MAX_PIXELS
@@ -46,7 +50,8 @@ class ImageDecodeError(ValueError):
 
 
 class ImageTooLargeError(ImageDecodeError):
-    """The image header declares more pixels than allowed (decompression-bomb guard)."""
+    """The image header declares more pixels than allowed (decompression-bomb guard), or the
+    file has more bytes than a reader allows."""
 
 
 def _open(data: bytes | BinaryIO, name: str) -> Image.Image:
@@ -233,10 +238,40 @@ def read_image_size(uri: str, storage_options: dict | None = None) -> tuple[int,
         return image_size(f, name=uri)
 
 
-def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
-    """All bytes of ``uri`` (plain path, ``file://``, ``s3://``, any fsspec URL)."""
-    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-        return f.read()
+def read_limited(fs: fsspec.AbstractFileSystem, path: str,
+                 max_bytes: int | None = DEFAULT_MAX_BYTES, name: str | None = None) -> bytes:
+    """All bytes of ``path`` on ``fs``, never more than ``max_bytes`` (None: no limit) in memory.
+
+    A larger file raises ``ImageTooLargeError``. A local file is ``stat``-ed first: one that is
+    not a regular file (a FIFO would block for ever, a device never end) raises
+    ``ImageDecodeError`` unopened, one that is too large is refused unread. Elsewhere (object
+    storage) one ranged read of at most ``max_bytes + 1`` bytes tells.
+    """
+    name = name or path
+    if "file" in _protocols(fs):
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageDecodeError(f"{name}: not a regular file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise ImageTooLargeError(f"{name}: {st.st_size} bytes, more than max_bytes "
+                                     f"({max_bytes})")
+        with open(path, "rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    elif max_bytes is None:
+        data = fs.cat_file(path)
+    else:
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageTooLargeError(f"{name}: more than max_bytes ({max_bytes} bytes)")
+    return data
+
+
+def read_bytes(uri: str, storage_options: dict | None = None,
+               max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes:
+    """All bytes of ``uri`` (plain path, ``file://``, ``s3://``, any fsspec URL), bounded as
+    ``read_limited``."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return read_limited(fs, path, max_bytes, uri)
 
 
 def write_bytes(uri: str, data: bytes, storage_options: dict | None = None) -> None:

@@ -35,12 +35,14 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from medseg_core.io import (
+    DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     decode_image,
     decode_mask,
     read_bytes,
     read_image_size,
+    read_limited,
 )
 
 CLASS_NAMES = ("normal", "benign", "malignant")
@@ -218,7 +220,7 @@ class _Archive:
         """Bytes of a file given relative to the archive, or as an absolute path/URL."""
         if "://" in ref or ref.startswith("/"):
             return read_bytes(ref, self.storage_options)
-        return self.fs.cat_file(self.path(ref))
+        return read_limited(self.fs, self.path(ref), name=ref)
 
 
 _Problems = list[Skipped]
@@ -763,15 +765,16 @@ def load_record(
     storage_options: dict | None = None,
     channels: int = 3,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
     threshold: int = 127,
     keep_grey: bool = False,
 ) -> dict:
     """Read and decode a record: image uint8 HxWxC, mask uint8 HxW {0,1} (max over mask files,
-    zeros when there are none), label int. Raises ImageDecodeError or LayoutError naming the file.
-    ``keep_grey``: see ``io.decode_image``.
+    zeros when there are none), label int. Raises ImageDecodeError or LayoutError naming the file
+    (ImageTooLargeError for a file over ``max_bytes``). ``keep_grey``: see ``io.decode_image``.
     """
     rec = record if isinstance(record, Record) else Record.from_dict(record)
-    image_bytes = read_bytes(rec.image_uri, storage_options)
-    mask_bytes = [read_bytes(u, storage_options) for u in rec.mask_uris]
+    image_bytes = read_bytes(rec.image_uri, storage_options, max_bytes)
+    mask_bytes = [read_bytes(u, storage_options, max_bytes) for u in rec.mask_uris]
     return decode_record(rec, image_bytes, mask_bytes, channels=channels, max_pixels=max_pixels,
                          threshold=threshold, keep_grey=keep_grey)

@@ -99,10 +99,12 @@ import numpy as np
 
 from medseg_core.dataset import sample_rng
 from medseg_core.io import (
+    DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     decode_image,
     image_size,
+    read_limited,
 )
 from medseg_core.layouts import (
     LayoutError,
@@ -241,8 +243,11 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def fetch_many(uris: Sequence[str], so: dict | None, env: EnvCredentials | None = None,
-               threads: int = 8) -> dict[str, bytes | BaseException]:
-    """Bytes of every URI (or the exception reading it raised); remote reads run concurrently."""
+               threads: int = 8, max_bytes: int | None = DEFAULT_MAX_BYTES
+               ) -> dict[str, bytes | BaseException]:
+    """Bytes of every URI (or the exception reading it raised); remote reads run concurrently.
+    A file of more than `max_bytes`, or a local one that is not a regular file, is an
+    exception unread (`medseg_core.io.read_limited`)."""
     out: dict[str, bytes | BaseException] = {}
     if not uris:
         return out
@@ -255,10 +260,7 @@ def fetch_many(uris: Sequence[str], so: dict | None, env: EnvCredentials | None 
         def one(item: tuple[str, str], fs=fs) -> tuple[str, bytes | BaseException]:
             uri, path = item
             try:
-                if _is_local(fs):
-                    with open(path, "rb") as f:
-                        return uri, f.read()
-                return uri, fs.cat_file(path)
+                return uri, read_limited(fs, path, max_bytes, uri)
             except BAD_INPUT_ERRORS as e:
                 return uri, e
 
@@ -271,11 +273,14 @@ def fetch_many(uris: Sequence[str], so: dict | None, env: EnvCredentials | None 
 
 
 def record_bytes(rec: Record, fetched: Mapping[str, bytes | BaseException]) -> list[bytes]:
-    """The image's and then each mask's bytes from `fetch_many`'s result; a read that failed
-    raises FileNotFoundError naming the file."""
+    """The image's and then each mask's bytes from `fetch_many`'s result; a file refused as too
+    large or not regular raises its ImageDecodeError, any other failed read FileNotFoundError
+    naming the file."""
     blobs = []
     for uri in (rec.image_uri, *rec.mask_uris):
         b = fetched[uri]
+        if isinstance(b, ImageDecodeError):
+            raise b
         if isinstance(b, BaseException):
             raise FileNotFoundError(f"{uri}: cannot read: {b}") from b
         blobs.append(b)
@@ -520,7 +525,8 @@ def image_phash(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIX
 
 
 def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS, threads: int = 8,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                   max_bytes: int | None = DEFAULT_MAX_BYTES, threads: int = 8,
                    cache_dir: str | None = None) -> tuple[list[int | None], list[Problem]]:
     """Check every record (its image and masks decode, each mask is the image's size) and hash
     its image, in a thread pool (Pillow decodes without the GIL).
@@ -544,7 +550,8 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
     def one(rec: Record) -> tuple[str, Any]:
         try:
             image, *masks = record_bytes(
-                rec, fetch_many([rec.image_uri, *rec.mask_uris], so, threads=1))
+                rec, fetch_many([rec.image_uri, *rec.mask_uris], so, threads=1,
+                                max_bytes=max_bytes))
             digest = image_phash(image, rec.image_uri, max_pixels)
             if masks:
                 w, h = image_size(image, rec.image_uri)
@@ -621,7 +628,8 @@ def load_records(cfg: dict[str, Any], check: bool | None = None
     dedup = int(data_cfg["split"].get("dedup_distance", 6)) >= 0
     so = storage_options(data_cfg)
     if is_packed(data_cfg):
-        records, hashes, problems = list_packed(str(data_cfg["url"]), so, strict)
+        records, hashes, problems = list_packed(str(data_cfg["url"]), so, strict,
+                                                data_cfg.get("class_names") or None)
         if strict and problems:  # left out when it was packed: strict means the same as raw
             p = problems[0]
             raise BadRecordError(f"{p.path}: {p.reason} (left out when the archive was packed; "
@@ -636,7 +644,8 @@ def load_records(cfg: dict[str, Any], check: bool | None = None
         cache = f"{cfg['output_dir'].rstrip('/')}/cache" if cfg.get("output_dir") else None
         maybe, bad = checked_hashes(
             records, so, strict=strict, cache_dir=cache,
-            max_pixels=_max_pixels(data_cfg), threads=int(_read_cfg(data_cfg)["io_threads"]))
+            max_pixels=_max_pixels(data_cfg), max_bytes=_max_bytes(data_cfg),
+            threads=int(_read_cfg(data_cfg)["io_threads"]))
         problems += bad
         keep = [i for i, h in enumerate(maybe) if h is not None]
         records = [records[i] for i in keep]
@@ -702,18 +711,27 @@ def parse_packed_uri(uri: str) -> tuple[str, int, int]:
     return shard, int(rg), int(row)
 
 
-def list_packed(url: str, so: dict | None = None, strict: bool = False
+def list_packed(url: str, so: dict | None = None, strict: bool = False,
+                class_names: Sequence[str] | None = None
                 ) -> tuple[list[Record], list[int], list[Problem]]:
     """Records, split hashes and problems of a packed archive, without decoding: those packing
     reported, and one per record of a shard that cannot be read (truncated, overwritten), which
     is left out (`strict`: raises naming the shard instead).
 
-    Reads the manifest and only the id, label and phash columns of each shard.
+    Reads the manifest and only the id, label and phash columns of each shard. The labels
+    index the manifest's class names: given `class_names` (what the reader will call them)
+    must be the same list in the same order, or LayoutError.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     manifest = read_manifest(url, so)
+    packed_names = [str(c) for c in manifest.get("class_names") or []]
+    if class_names is not None and packed_names and packed_names != [str(c) for c in class_names]:
+        raise LayoutError(f"{_manifest_url(url)}: the pack's labels index class_names "
+                          f"{packed_names}, but data.class_names is {list(class_names)}: set "
+                          f"data.class_names={json.dumps(packed_names).replace(' ', '')} "
+                          "(same order) so that the labels keep their meaning")
     records: list[Record] = []
     hashes: list[int] = []
     lost: list[Problem] = []
@@ -771,6 +789,11 @@ def _max_pixels(data_cfg: Mapping[str, Any]) -> int | None:
     return None if v is None else int(v)
 
 
+def _max_bytes(data_cfg: Mapping[str, Any]) -> int | None:
+    v = data_cfg.get("max_bytes", DEFAULT_MAX_BYTES)
+    return None if v is None else int(v)
+
+
 @dataclass(frozen=True)
 class DecodeSpec:
     """Everything a read+decode task needs (pickled into the map function's kwargs)."""
@@ -782,6 +805,7 @@ class DecodeSpec:
     split: str
     strict: bool
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_bytes: int | None = DEFAULT_MAX_BYTES
     threshold: int = 127
     storage_options: dict | None = None
     credentials: EnvCredentials | None = None
@@ -831,7 +855,7 @@ def decode_raw_batch(batch: Mapping[str, Sequence[Any]], spec: DecodeSpec,
             for i, u, ms, lab in zip(batch["id"], batch["image_uri"], batch["mask_uris"],
                                      batch["label"])]
     data = fetch_many([u for r in recs for u in (r.image_uri, *r.mask_uris)],
-                      spec.storage_options, spec.credentials, spec.io_threads)
+                      spec.storage_options, spec.credentials, spec.io_threads, spec.max_bytes)
     transform = spec.transform()
     samples, problems = [], []
     for rec in recs:
@@ -1088,8 +1112,9 @@ def _spec(cfg: dict[str, Any], split: str, train: bool, ledger: Any) -> DecodeSp
         image_size=tuple(int(v) for v in data["image_size"]),  # type: ignore[arg-type]
         channels=int(data.get("channels", 3)), augment=aug or None,
         seed=int(cfg.get("seed", 0)), split=split, strict=bool(data.get("strict", False)),
-        max_pixels=_max_pixels(data), threshold=int(data.get("mask_threshold", 127)),
-        storage_options=storage_options(data), credentials=_task_credentials(data, url),
+        max_pixels=_max_pixels(data), max_bytes=_max_bytes(data),
+        threshold=int(data.get("mask_threshold", 127)), storage_options=storage_options(data),
+        credentials=_task_credentials(data, url),
         ledger=ledger, epoch_offset=int(data.get("epoch_offset", 0)),
         io_threads=int(_read_cfg(data)["io_threads"]),
         shuffle_rows=bool(train and data.get("shuffle", False)),
@@ -1213,11 +1238,8 @@ def load_any_record(record: Record, cfg: Mapping[str, Any], keep_grey: bool = Fa
         return decode_packed_row(values, channels=int(data.get("channels", 3)),
                                  max_pixels=_max_pixels(data), threshold=threshold,
                                  keep_grey=keep_grey)
-    blobs = fetch_many([record.image_uri, *record.mask_uris], so)
-    for u, b in blobs.items():
-        if isinstance(b, BaseException):
-            raise FileNotFoundError(f"{u}: cannot read: {b}") from b
-    return decode_record(record, blobs[record.image_uri],  # type: ignore[arg-type]
-                         [blobs[m] for m in record.mask_uris],  # type: ignore[misc]
+    blobs = record_bytes(record, fetch_many([record.image_uri, *record.mask_uris], so,
+                                            max_bytes=_max_bytes(data)))
+    return decode_record(record, blobs[0], blobs[1:],
                          channels=int(data.get("channels", 3)), max_pixels=_max_pixels(data),
                          threshold=threshold, keep_grey=keep_grey)

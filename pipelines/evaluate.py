@@ -56,7 +56,7 @@ from medseg_core.evaluation import (
 )
 from medseg_core.inference import Chain, Classifier, Segmenter, check_threshold
 from medseg_core.io import decode_mask
-from medseg_core.layouts import Record, load_record
+from medseg_core.layouts import Record
 from medseg_core.report import case_montage, write_report
 from medseg_core.results import error_row, prediction_row
 from medseg_core.viz import confusion_matrix_image, plot_curves
@@ -159,14 +159,7 @@ def _error_text(exc: BaseException, uri: str) -> str:
 
 def load_sample(record: Record, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Image, ground-truth mask and label of a record, decoded as the Ray predictor does."""
-    data = cfg["data"]
-    if PACKED_MARK in record.image_uri:
-        return load_any_record(record, cfg, keep_grey=True)
-    max_pixels = data.get("max_pixels", 40_000_000)
-    return load_record(record, storage_options=storage_options(data),
-                       channels=int(data.get("channels", 3)),
-                       max_pixels=None if max_pixels is None else int(max_pixels),
-                       threshold=int(data.get("mask_threshold", 127)), keep_grey=True)
+    return load_any_record(record, cfg, keep_grey=True)
 
 
 class LocalPredictor:

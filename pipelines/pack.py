@@ -68,6 +68,7 @@ from pipelines.data import (
     _check_no_credentials,
     _fs,
     _is_local,
+    _max_bytes,
     _max_pixels,
     _task_credentials,
     fetch_many,
@@ -156,7 +157,7 @@ def pack_shard(index: int, records: list[Record], spec: dict[str, Any]) -> dict[
         for start in range(0, len(records), step):
             chunk = records[start:start + step]
             blobs = fetch_many([u for r in chunk for u in (r.image_uri, *r.mask_uris)], so,
-                               creds, int(spec["io_threads"]))
+                               creds, int(spec["io_threads"]), spec["max_bytes"])
             rows = []
             for rec in chunk:
                 try:
@@ -222,6 +223,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         "row_group_rows": group_rows,
         "compress_level": int(pack.get("compress_level", 1)),
         "channels": int(data.get("channels", 3)), "max_pixels": _max_pixels(data),
+        "max_bytes": _max_bytes(data),
         "mask_threshold": int(data.get("mask_threshold", 127)), "strict": strict, "storage_options": so,
         "credentials": (_task_credentials(data, str(data["url"])) or _task_credentials(data, out)
                         or EnvCredentials()),

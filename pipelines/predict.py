@@ -18,8 +18,6 @@ tables with the fixed schema `result_schema(with_masks)`, so blocks always conca
 from __future__ import annotations
 
 import math
-import os
-import stat
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +28,10 @@ import numpy as np
 import pyarrow as pa
 
 from medseg_core.io import (
+    DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
-    ImageDecodeError,
-    ImageTooLargeError,
     encode_mask_png,
+    read_limited,
 )
 from medseg_core.layouts import Record, decode_record
 from medseg_core.results import COUNT_KEYS, METRIC_KEYS, error_row, prediction_row
@@ -71,9 +69,6 @@ RESULT_FIELDS: tuple[pa.Field, ...] = (
     *(pa.field(k, pa.float64()) for k in METRIC_KEYS),
 )
 MASK_FIELD = pa.field("mask_png", pa.binary())
-# a file above this is an error row before it is read whole (a video or dump named .png);
-# 40 Mpx of uncompressed 16-bit RGBA is 320 MB
-DEFAULT_MAX_BYTES = 384 * 2**20
 
 
 def result_schema(with_masks: bool = True) -> pa.Schema:
@@ -91,11 +86,6 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Ta
 # Reading
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    p = fs.protocol
-    return "file" in ((p,) if isinstance(p, str) else tuple(p))
-
-
 def _is_s3(uri: str) -> bool:
     return fsspec.utils.get_protocol(uri) in ("s3", "s3a")
 
@@ -108,7 +98,7 @@ class _Reader:
         self.storage_options = storage_options
         self.credentials = credentials
         self.max_bytes = max_bytes
-        self._fs: dict[str, tuple[fsspec.AbstractFileSystem, bool]] = {}
+        self._fs: dict[str, fsspec.AbstractFileSystem] = {}
 
     def options(self, uri: str) -> dict:
         so = self.storage_options
@@ -119,26 +109,9 @@ class _Reader:
     def read(self, uri: str) -> bytes:
         protocol = fsspec.utils.get_protocol(uri)
         if protocol not in self._fs:
-            fs, _ = fsspec.core.url_to_fs(uri, **self.options(uri))
-            self._fs[protocol] = (fs, _is_local(fs))
-        fs, local = self._fs[protocol]
-        path = fs._strip_protocol(uri)
-        limit = self.max_bytes
-        if local:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-                raise ImageDecodeError(f"{uri}: not a regular file")
-            if limit is not None and st.st_size > limit:
-                raise ImageTooLargeError(f"{uri}: {st.st_size} bytes, more than max_bytes "
-                                         f"({limit})")
-            with open(path, "rb") as f:
-                data = f.read() if limit is None else f.read(limit + 1)
-        else:  # one ranged GET: never more than max_bytes + 1 in memory
-            data = fs.cat_file(path) if limit is None else fs.cat_file(path, start=0,
-                                                                       end=limit + 1)
-        if limit is not None and len(data) > limit:
-            raise ImageTooLargeError(f"{uri}: more than max_bytes ({limit} bytes)")
-        return data
+            self._fs[protocol] = fsspec.core.url_to_fs(uri, **self.options(uri))[0]
+        fs = self._fs[protocol]
+        return read_limited(fs, fs._strip_protocol(uri), self.max_bytes, uri)
 
 
 def _error_text(exc: BaseException, uri: str) -> str:

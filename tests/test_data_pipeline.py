@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -285,6 +286,55 @@ def test_bad_files_dropped_counted_and_named(ray_cluster, corrupt_archive, tmp_p
     assert stages == ({"check"} if dedup else {"decode"})
     on_disk = json.loads(Path(cfg["data"]["report"]).read_text())
     assert on_disk["dropped"] == 5 and on_disk["entries"] == rep["entries"]
+
+
+@contextlib.contextmanager
+def fifo_writer(fifo: Path):
+    """Whoever opens `fifo` to read gets end-of-file at once instead of blocking for ever (so a
+    reader that wrongly opens it sees an empty file rather than hanging the test)."""
+    import os
+    import threading
+
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.wait(0.2):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # ENXIO: no reader yet
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("dedup", [False, True], ids=["found-in-ray-tasks", "found-by-hashing"])
+def test_oversized_and_special_files_are_refused_unread(ray_cluster, synthetic_archive, tmp_path,
+                                                        dedup):
+    import os
+
+    arc = copy_archive(synthetic_archive, tmp_path / "arc")
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8)
+    (arc / "normal" / "normal (1).png").write_bytes(encode_png(noise))  # ~90 KB, valid
+    (arc / "normal" / "normal (1)_mask.png").write_bytes(
+        encode_mask_png(np.zeros((300, 300), np.uint8)))
+    fifo = arc / "benign" / "benign (4).png"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    cfg = make_cfg(tmp_path, str(arc), "data.max_bytes=60000",
+                   *([] if dedup else ["data.split.dedup_distance=-1"]))
+    with fifo_writer(fifo), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert rows(build_datasets(cfg)) == 15 - 2
+        rep = data_report(cfg, warn=False)
+    check_report(rep, {"normal (1).png": "more than max_bytes (60000)",
+                       "benign (4).png": "not a regular file"})
 
 
 @pytest.mark.ray

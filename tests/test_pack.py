@@ -167,6 +167,23 @@ def test_pack_command_line(synthetic_archive, tmp_path):
     assert len(list_archive(make_cfg(tmp_path, synthetic_archive)["data"]).records) == 15
 
 
+def test_reading_a_pack_under_other_class_names_is_refused(synthetic_archive, tmp_path):
+    """The pack's labels index its manifest's class names: under another list (or order) every
+    label would silently mean another class."""
+    from medseg_core.layouts import LayoutError
+
+    out = tmp_path / "packed"
+    assert pack(tmp_path, synthetic_archive, out, backend="local")["class_names"] == \
+        ["normal", "benign", "malignant"]
+    for names in ("[benign,malignant,normal]", "[normal,benign]", "[a,b,c]"):
+        with pytest.raises(LayoutError, match=r"data.class_names=\["):
+            load_splits(packed_cfg(tmp_path, out, f"data.class_names={names}"))
+    same = load_splits(packed_cfg(tmp_path, out))
+    unnamed = load_splits(packed_cfg(tmp_path, out, "data.class_names=[]"))
+    assert {k: [r.id for r in v] for k, v in same.items()} == \
+        {k: [r.id for r in v] for k, v in unnamed.items()}
+
+
 def test_in_process_trainer_reads_packed_archives(synthetic_archive, tmp_path):
     """trainer=local reads a packed archive through the same decoding as the Ray pipeline."""
     import csv
