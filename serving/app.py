@@ -579,8 +579,10 @@ class Ingress:
         }
         return JSONResponse(body)
 
-    @app.get("/healthz", summary="Ready when both model bundles are loaded",
-             response_model=HealthResponse, responses={503: _ERRORS[503]})
+    # HEAD too: load balancers and uptime checkers probe with it
+    @app.api_route("/healthz", methods=["GET", "HEAD"],
+                   summary="Ready when both model bundles are loaded",
+                   response_model=HealthResponse, responses={503: _ERRORS[503]})
     async def healthz(self) -> dict[str, Any]:
         infos = await self.readiness.infos()
         return {"status": "ok",

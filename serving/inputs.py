@@ -173,8 +173,10 @@ def _split_parts(body: bytes, boundary: bytes) -> list[_Part]:
     whole body, so the cost is C-speed scans plus a Python step per part (at most MAX_PARTS)."""
     dash = b"--" + boundary
     delim = b"\r\n" + dash
-    if body.count(delim) > MAX_PARTS:
-        raise ApiError(400, "bad_request", f"multipart body has more than {MAX_PARTS} parts")
+    too_many = ApiError(400, "bad_request", f"multipart body has more than {MAX_PARTS} parts")
+    # one delimiter ends each part, and one more follows a preamble
+    if body.count(delim) > MAX_PARTS + 1:
+        raise too_many
     if body.startswith(dash):
         pos = len(dash)
     else:
@@ -202,6 +204,8 @@ def _split_parts(body: bytes, boundary: bytes) -> list[_Part]:
             if split < 0:
                 raise _malformed("part headers missing or too long")
             headers, content = _part_headers(body[start:split]), split + 4
+        if len(parts) == MAX_PARTS:
+            raise too_many
         parts.append(_Part(headers, min(content, end), end))
         pos = end + len(delim)
 

@@ -278,6 +278,20 @@ def test_multipart_parser_edge_cases():
         assert (err.value.status, err.value.code) == (400, "bad_request"), name
 
 
+def test_multipart_parser_allows_exactly_max_parts():
+    from serving.inputs import MAX_PARTS, ApiError, parse_multipart
+
+    ct = "multipart/form-data; boundary=b0undary"
+    for preamble in (b"", b"preamble\r\n"):
+        for n in (MAX_PARTS - 1, MAX_PARTS):
+            body = preamble + _multipart([('name="x"', b"")] * (n - 1) + [('name="file"', b"f")])
+            assert parse_multipart(body, ct).data == b"f", (preamble, n)
+        body = preamble + _multipart([('name="x"', b"")] * MAX_PARTS + [('name="file"', b"f")])
+        with pytest.raises(ApiError) as err:
+            parse_multipart(body, ct)
+        assert err.value.status == 400 and f"more than {MAX_PARTS} parts" in err.value.message
+
+
 def test_multipart_parser_hostile_20mb_bodies():
     """Bodies at the default 20 MB limit that took the stdlib email parser 6-115 s: all
     rejected or parsed by bytes scans (timed by hand: tens of ms)."""
@@ -436,6 +450,8 @@ def test_healthz_and_models(server):
     assert r.status_code == 200, r.text
     assert r.json() == {"status": "ok",
                         "model_versions": {"segmenter": "seg-test-1", "classifier": "cls-test-1"}}
+    r = requests.head(f"{server}/healthz", timeout=30)
+    assert (r.status_code, r.content) == (200, b"")
 
     r = requests.get(f"{server}/v1/models", timeout=30)
     assert r.status_code == 401
