@@ -245,7 +245,8 @@ def read_limited(fs: fsspec.AbstractFileSystem, path: str,
     A larger file raises ``ImageTooLargeError``. A local file is ``stat``-ed first: one that is
     not a regular file (a FIFO would block for ever, a device never end) raises
     ``ImageDecodeError`` unopened, one that is too large is refused unread. Elsewhere (object
-    storage) one ranged read of at most ``max_bytes + 1`` bytes tells.
+    storage) one ranged read of at most ``max_bytes + 1`` bytes tells (an empty object, whose
+    ranged read the server refuses, costs one more request for its size).
     """
     name = name or path
     if "file" in _protocols(fs):
@@ -260,7 +261,16 @@ def read_limited(fs: fsspec.AbstractFileSystem, path: str,
     elif max_bytes is None:
         data = fs.cat_file(path)
     else:
-        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+        try:
+            data = fs.cat_file(path, start=0, end=max_bytes + 1)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            # S3 answers a ranged GET of an empty object with 416 (InvalidRange, an OSError
+            # from s3fs): an empty file, which decoding reports as such
+            if fs.size(path) != 0:
+                raise
+            data = b""
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageTooLargeError(f"{name}: more than max_bytes ({max_bytes} bytes)")
     return data

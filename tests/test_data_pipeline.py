@@ -338,6 +338,27 @@ def test_oversized_and_special_files_are_refused_unread(ray_cluster, synthetic_a
 
 
 @pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.parametrize("dedup", [False, True], ids=["found-in-ray-tasks", "found-by-hashing"])
+def test_bad_files_on_object_storage_are_reported_as_on_disk(ray_cluster, s3, corrupt_archive,
+                                                             tmp_path, monkeypatch, dedup):
+    """Over s3:// the same five bad files are dropped and named for the same reasons: an empty
+    object's ranged read is refused by the server (416), which is not a storage failure."""
+    url = f"s3://medseg-data/archives/corrupt-{dedup}"
+    s3.upload_dir(corrupt_archive, url)
+    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.env["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.env["AWS_SECRET_ACCESS_KEY"])
+    cfg = make_cfg(tmp_path, url, f"data.endpoint_url={s3.endpoint}", "data.region=us-east-1",
+                   *([] if dedup else ["data.split.dedup_distance=-1"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert rows(build_datasets(cfg)) == 15 - 5
+    check_report(data_report(cfg, warn=False), BAD_FILES)
+
+
+@pytest.mark.ray
 def test_strict_fails_fast_naming_the_file(ray_cluster, synthetic_archive, tmp_path):
     arc = copy_archive(synthetic_archive, tmp_path / "arc")
     (arc / "normal" / "normal (3).png").write_bytes(b"\x89PNG\r\n\x1a\n broken")

@@ -158,6 +158,8 @@ def test_the_reader_reads_at_most_max_bytes_from_object_storage(s3):
     with pytest.raises(ImageTooLargeError, match="big.png: more than max_bytes"):
         reader.read("s3://medseg-limit/big.png")
     assert reader.read("s3://medseg-limit/ok.png") == bytes(1000)
+    fs.pipe_file("medseg-limit/empty.png", b"")  # a ranged GET of it is answered 416
+    assert reader.read("s3://medseg-limit/empty.png") == b""
 
 
 @pytest.mark.ray
