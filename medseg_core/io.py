@@ -265,10 +265,15 @@ def read_limited(fs: fsspec.AbstractFileSystem, path: str,
             data = fs.cat_file(path, start=0, end=max_bytes + 1)
         except FileNotFoundError:
             raise
-        except OSError:
-            # S3 answers a ranged GET of an empty object with 416 (InvalidRange, an OSError
-            # from s3fs): an empty file, which decoding reports as such
-            if fs.size(path) != 0:
+        except Exception:
+            # S3 and HTTP servers answer a ranged GET of an empty object with 416 (s3fs raises
+            # OSError, fsspec's HTTP aiohttp's ClientResponseError): an empty file, which
+            # decoding reports as such
+            try:
+                empty = fs.size(path) == 0
+            except Exception:
+                empty = False
+            if not empty:
                 raise
             data = b""
     if max_bytes is not None and len(data) > max_bytes:

@@ -162,9 +162,11 @@ def _walk_local(base: str, recursive: bool) -> list[str]:
 class _Archive:
     """An fsspec filesystem rooted at the archive URL; builds URIs back with the protocol."""
 
-    def __init__(self, url: str, storage_options: dict | None):
+    def __init__(self, url: str, storage_options: dict | None,
+                 max_bytes: int | None = DEFAULT_MAX_BYTES):
         self.url = url
         self.storage_options = storage_options or {}
+        self.max_bytes = max_bytes
         self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
         self.keep_protocol = "://" in url
 
@@ -219,8 +221,8 @@ class _Archive:
     def read(self, ref: str) -> bytes:
         """Bytes of a file given relative to the archive, or as an absolute path/URL."""
         if "://" in ref or ref.startswith("/"):
-            return read_bytes(ref, self.storage_options)
-        return read_limited(self.fs, self.path(ref), name=ref)
+            return read_bytes(ref, self.storage_options, self.max_bytes)
+        return read_limited(self.fs, self.path(ref), self.max_bytes, ref)
 
 
 _Problems = list[Skipped]
@@ -676,18 +678,20 @@ def list_records(
     storage_options: dict | None = None,
     strict: bool = True,
     check_sizes: bool = False,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
     **options,
 ) -> Listing:
     """List the records of the archive at ``url`` in the named layout (see :data:`LAYOUTS`).
 
     ``options`` go to the layout class. ``check_sizes`` reads image and mask headers (not
     pixels) and treats a size mismatch as a problem. With ``strict`` the first problem raises
-    :class:`LayoutError`; otherwise problems come back in ``Listing.skipped``.
+    :class:`LayoutError`; otherwise problems come back in ``Listing.skipped``. ``max_bytes``
+    bounds the listing files a layout reads (a labels CSV); None: no bound.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout '{layout}', expected one of {sorted(LAYOUTS)}")
     lay = LAYOUTS[layout](**options)
-    arc = _Archive(url, storage_options)
+    arc = _Archive(url, storage_options, max_bytes)
     records, problems = lay.scan(arc)
     if not records and not problems:
         problems.append(Skipped(url, f"no image files found for layout '{layout}'"))

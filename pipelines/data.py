@@ -515,7 +515,7 @@ def list_archive(data_cfg: dict[str, Any], strict: bool | None = None) -> Listin
     return list_records(
         url, data_cfg["layout"], storage_options=storage_options(data_cfg),
         strict=bool(data_cfg.get("strict", True) if strict is None else strict),
-        **(data_cfg.get("options") or {}),
+        max_bytes=_max_bytes(data_cfg), **(data_cfg.get("options") or {}),
     )
 
 
@@ -533,12 +533,14 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
 
     A bad record gives None and a Problem naming the bad file (or raises when `strict`), so it
     is dropped before the splits, as packing drops it. Hashes are cached by id under
-    `cache_dir`; failures are not (a repaired file is retried).
+    `cache_dir`, for these files under these limits (a record kept under a larger limit is
+    checked again under a smaller one); failures are not (a repaired file is retried).
     """
     cache: dict[str, Any] = {}
     url = None
     if cache_dir:
-        names = "\n".join(u for r in records for u in (r.image_uri, *r.mask_uris))
+        names = "\n".join([f"max_pixels={max_pixels} max_bytes={max_bytes}",
+                           *(u for r in records for u in (r.image_uri, *r.mask_uris))])
         key = hashlib.sha256(names.encode(errors="surrogateescape")).hexdigest()[:16]
         url = f"{cache_dir.rstrip('/')}/phash-v3-{key}.json"
         fs, path = fsspec.core.url_to_fs(url)
@@ -719,15 +721,17 @@ def list_packed(url: str, so: dict | None = None, strict: bool = False,
     is left out (`strict`: raises naming the shard instead).
 
     Reads the manifest and only the id, label and phash columns of each shard. The labels
-    index the manifest's class names: given `class_names` (what the reader will call them)
-    must be the same list in the same order, or LayoutError.
+    index the manifest's class names: given `class_names` (what the reader will call them;
+    None: no names, labels unused) must be the same list in the same order, or LayoutError.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     manifest = read_manifest(url, so)
     packed_names = [str(c) for c in manifest.get("class_names") or []]
-    if class_names is not None and packed_names and packed_names != [str(c) for c in class_names]:
+    # an empty list is a segmentation-only pack, which fits only a reader without class names
+    if (class_names is not None and "class_names" in manifest
+            and packed_names != [str(c) for c in class_names]):
         raise LayoutError(f"{_manifest_url(url)}: the pack's labels index class_names "
                           f"{packed_names}, but data.class_names is {list(class_names)}: set "
                           f"data.class_names={json.dumps(packed_names).replace(' ', '')} "

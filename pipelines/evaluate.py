@@ -65,6 +65,8 @@ from pipelines.cluster import connect
 from pipelines.config import resolve
 from pipelines.data import (
     PACKED_MARK,
+    _max_bytes,
+    _max_pixels,
     is_packed,
     load_any_record,
     load_records,
@@ -313,7 +315,6 @@ def predict_ray(records: Sequence[Record], cfg: Mapping[str, Any], flips: Sequen
         concurrency = tuple(int(c) for c in concurrency)
     elif concurrency is not None:
         concurrency = int(concurrency)
-    max_pixels = data.get("max_pixels", 40_000_000)
     ds = predict_records(
         list(records),
         seg_uri=ev["segmenter"],
@@ -332,7 +333,8 @@ def predict_ray(records: Sequence[Record], cfg: Mapping[str, Any], flips: Sequen
             "hausdorff": bool(ev.get("hausdorff", True)),
             "channels": int(data.get("channels", 3)),
             "mask_threshold": int(data.get("mask_threshold", 127)),
-            "max_pixels": None if max_pixels is None else int(max_pixels),
+            "max_pixels": _max_pixels(data),
+            "max_bytes": _max_bytes(data),
             "io_threads": int((data.get("read") or {}).get("io_threads", 8)),
             "model_batch_size": int(ev.get("batch_size", 8)),
         },

@@ -337,6 +337,29 @@ def test_oversized_and_special_files_are_refused_unread(ray_cluster, synthetic_a
                        "benign (4).png": "not a regular file"})
 
 
+def test_the_check_cache_holds_per_limits(synthetic_archive, tmp_path):
+    """A record checked under one data.max_bytes / max_pixels is checked again under smaller
+    ones: the in-process trainer's loader cannot drop a record the check kept."""
+    from pipelines.data import checked_hashes
+
+    arc = copy_archive(synthetic_archive, tmp_path / "arc")
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8)
+    (arc / "normal" / "normal (1).png").write_bytes(encode_png(noise))  # ~90 KB
+    (arc / "normal" / "normal (1)_mask.png").write_bytes(
+        encode_mask_png(np.zeros((300, 300), np.uint8)))
+    records = list_archive(make_cfg(tmp_path, str(arc))["data"]).records
+    cache = str(tmp_path / "cache")
+    first, problems = checked_hashes(records, None, strict=False, cache_dir=cache)
+    assert None not in first and not problems
+    for limits, reason in (({"max_bytes": 60_000}, "more than max_bytes (60000)"),
+                           ({"max_pixels": 50_000}, "over the limit")):
+        hashes, problems = checked_hashes(records, None, strict=False, cache_dir=cache, **limits)
+        assert [p.path.rsplit("/", 1)[-1] for p in problems] == ["normal (1).png"], limits
+        assert reason in problems[0].reason
+        assert hashes.count(None) == 1
+    assert checked_hashes(records, None, strict=False, cache_dir=cache)[0] == first
+
+
 @pytest.mark.ray
 @pytest.mark.s3
 @pytest.mark.parametrize("dedup", [False, True], ids=["found-in-ray-tasks", "found-by-hashing"])

@@ -232,6 +232,26 @@ def test_ray_backend_gives_the_same_rows(ray_cluster, workspace, local_run) -> N
     assert (root / "eval-ray" / "figures" / "cases.png").is_file()
 
 
+@pytest.mark.ray
+def test_both_backends_refuse_files_over_data_max_bytes(ray_cluster, workspace) -> None:
+    from pipelines.evaluate import evaluate
+
+    root, archive = workspace
+    sizes = sorted(p.stat().st_size for p in Path(archive).rglob("*.png"))
+    limit = sizes[len(sizes) // 2]
+    rows = {}
+    for backend in ("local", "ray"):
+        out = root / f"eval-bytes-{backend}"
+        evaluate(eval_config(root, archive, "evaluate.split=all", f"data.max_bytes={limit}",
+                             f"evaluate.backend={backend}", "evaluate.ray.concurrency=1",
+                             f"evaluate.out={out}"))
+        rows[backend] = pq.read_table(out / "per_image.parquet").drop(["seconds"]).to_pylist()
+    assert rows["local"] == rows["ray"]
+    errors = [r["error"] for r in rows["ray"] if r["error"]]
+    assert 0 < len(errors) < len(rows["ray"])
+    assert all(f"more than max_bytes ({limit})" in e for e in errors), errors
+
+
 @pytest.mark.s3
 def test_archive_bundles_and_report_on_object_storage(s3, workspace, local_run, monkeypatch):
     """Everything on a real S3-compatible server (credentials from the environment only): the

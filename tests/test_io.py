@@ -461,3 +461,59 @@ def test_rle_size_is_capped_before_allocating():
     assert not rle_decode({"size": [3, 2], "counts": [6]}, max_pixels=6).any()
     with pytest.raises(ValueError, match="negative"):
         rle_decode({"size": [-2, -3], "counts": [6]})
+
+
+def test_bounded_reads_over_http_take_an_unsatisfiable_range_as_an_empty_file():
+    """A server that honours Range answers a ranged GET of an empty file with 416 (RFC 9110),
+    as S3 does: that is an empty file, not a failure; a larger file is refused unread."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from medseg_core.io import ImageTooLargeError, read_bytes
+
+    files = {"/empty.png": b"", "/small.png": b"x" * 10}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_HEAD(self) -> None:
+            self.do_GET(head=True)
+
+        def do_GET(self, head: bool = False) -> None:
+            body = files.get(self.path)
+            if body is None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if m:
+                start = int(m[1])
+                if start >= len(body):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = body[start:int(m[2]) + 1 if m[2] else None]
+                self.send_response(206)
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert read_bytes(f"{base}/empty.png") == b""
+        assert read_bytes(f"{base}/small.png", max_bytes=10) == b"x" * 10
+        with pytest.raises(ImageTooLargeError, match="small.png: more than max_bytes"):
+            read_bytes(f"{base}/small.png", max_bytes=9)
+        with pytest.raises(FileNotFoundError):
+            read_bytes(f"{base}/missing.png")
+    finally:
+        server.shutdown()

@@ -457,6 +457,21 @@ def test_folder_int_labels_and_same_dir(tmp_path):
         list_records(str(tmp_path), "folder", image_dir="all", mask_dir="all")
 
 
+def test_a_labels_csv_is_read_under_the_archive_byte_limit(tmp_path):
+    from medseg_core.io import ImageTooLargeError
+
+    for key in ("p", "q"):
+        png(tmp_path / "all" / f"{key}.png")
+        png(tmp_path / "all" / f"{key}_mask.png", mask=rand_mask())
+    (tmp_path / "labels.csv").write_text("id,label\np,1\nq,0\n" + "#" * 100)
+    kw = dict(image_dir="all", mask_dir="all", mask_suffix="_mask", labels_csv="labels.csv")
+    with pytest.raises(ImageTooLargeError, match="labels.csv: .* more than max_bytes \\(64\\)"):
+        list_records(str(tmp_path), "folder", max_bytes=64, **kw)
+    for limit in (None, 10_000):
+        listing = list_records(str(tmp_path), "folder", max_bytes=limit, **kw)
+        assert [(r.id, r.label) for r in listing.records] == [("p", 1), ("q", 0)]
+
+
 def test_folder_nested_mask_dir_and_bad_csv(tmp_path):
     png(tmp_path / "a.png")
     png(tmp_path / "masks" / "a.png", mask=rand_mask())

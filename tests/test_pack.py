@@ -180,8 +180,16 @@ def test_reading_a_pack_under_other_class_names_is_refused(synthetic_archive, tm
             load_splits(packed_cfg(tmp_path, out, f"data.class_names={names}"))
     same = load_splits(packed_cfg(tmp_path, out))
     unnamed = load_splits(packed_cfg(tmp_path, out, "data.class_names=[]"))
-    assert {k: [r.id for r in v] for k, v in same.items()} == \
-        {k: [r.id for r in v] for k, v in unnamed.items()}
+    ids = {k: [r.id for r in v] for k, v in same.items()}
+    assert ids == {k: [r.id for r in v] for k, v in unnamed.items()}
+    # a segmentation-only pack (no class names) fits only a reader without class names
+    manifest_file = out / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**manifest, "class_names": []}))
+    with pytest.raises(LayoutError, match=r"class_names \[\], but data.class_names is"):
+        load_splits(packed_cfg(tmp_path, out))
+    seg_only = load_splits(packed_cfg(tmp_path, out, "data.class_names=[]"))
+    assert {k: [r.id for r in v] for k, v in seg_only.items()} == ids
 
 
 def test_in_process_trainer_reads_packed_archives(synthetic_archive, tmp_path):
