@@ -30,7 +30,7 @@ import ray
 import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
@@ -46,8 +46,10 @@ from medseg_core.io import (
     ImageTooLargeError,
     decode_image,
     encode_mask_png,
+    image_size,
     rle_encode,
 )
+from serving.budget import PixelBudget
 from serving.inputs import (
     GENERIC_PART_TYPES,
     MULTIPART,
@@ -460,6 +462,7 @@ class Ingress:
             raise RuntimeError(f"auth.required is set but no token in {sources}")
         logger.info("Ingress: bearer-token auth %s", f"on (token from {sources})"
                     if self._token else "off")
+        self.pixels = PixelBudget(self.limits.max_inflight_pixels, self.limits.pixel_wait_s)
         self.readiness = ModelReadiness(
             {"segmenter": lambda: self.segmenter.info.remote(),
              "classifier": lambda: self.classifier.info.remote()},
@@ -504,6 +507,14 @@ class Ingress:
             raise ApiError(415, "empty_body", "multipart file part is empty")
         return upload.data
 
+    def _budgeted_pixels(self, data: bytes) -> int:
+        """The image's pixels from its header; 0 for a body that decoding will refuse."""
+        try:
+            w, h = image_size(data, "request body")
+        except ImageDecodeError:
+            return 0
+        return w * h if w * h <= self.limits.max_pixels else 0
+
     def _decode(self, data: bytes) -> np.ndarray:
         sniff(data, self.accepted)
         try:
@@ -546,19 +557,23 @@ class Ingress:
         t0 = time.perf_counter()
         data = await self._read_image_bytes(request)
         t1 = time.perf_counter()
-        image = await asyncio.to_thread(self._decode, data)
-        del data
-        t2 = time.perf_counter()
-        seg = await self._call("Segmenter", self.segmenter.segment.remote(image, threshold))
-        t3 = time.perf_counter()
-        cls = await self._call("Classifier", self.classifier.classify.remote(image, seg["mask"]))
-        t4 = time.perf_counter()
-        versions = {"segmenter": seg["version"], "classifier": cls["version"]}
-        self.readiness.observe(versions)
-        fmt = mask_format or MaskFormat(self.settings.default_mask_format)
-        result = summarize_prediction(seg["mask"], np.asarray(cls["probabilities"]), cls["names"])
-        mask = await asyncio.to_thread(encode_mask, result["mask"], fmt)
-        t5 = time.perf_counter()
+        async with self.pixels.hold(self._budgeted_pixels(data)):
+            t_wait = time.perf_counter()
+            image = await asyncio.to_thread(self._decode, data)
+            del data
+            t2 = time.perf_counter()
+            seg = await self._call("Segmenter", self.segmenter.segment.remote(image, threshold))
+            t3 = time.perf_counter()
+            cls = await self._call("Classifier",
+                                   self.classifier.classify.remote(image, seg["mask"]))
+            t4 = time.perf_counter()
+            versions = {"segmenter": seg["version"], "classifier": cls["version"]}
+            self.readiness.observe(versions)
+            fmt = mask_format or MaskFormat(self.settings.default_mask_format)
+            result = summarize_prediction(seg["mask"], np.asarray(cls["probabilities"]),
+                                          cls["names"])
+            mask = await asyncio.to_thread(encode_mask, result["mask"], fmt)
+            t5 = time.perf_counter()
         body = {
             "label": result["label"],
             "label_name": result["label_name"],
@@ -569,7 +584,8 @@ class Ingress:
             "image_size": [int(image.shape[0]), int(image.shape[1])],
             "threshold": threshold,
             "model_versions": versions,
-            "timings": {"read_ms": _ms(t0, t1), "decode_ms": _ms(t1, t2),
+            "timings": {"read_ms": _ms(t0, t1), "pixel_wait_ms": _ms(t1, t_wait),
+                        "decode_ms": _ms(t_wait, t2),
                         "segment_ms": _ms(t2, t3), "classify_ms": _ms(t3, t4),
                         "segment_replica_ms": seg["replica_ms"],
                         "segment_model_ms": seg["model_ms"],
@@ -579,14 +595,19 @@ class Ingress:
         }
         return JSONResponse(body)
 
-    # HEAD too: load balancers and uptime checkers probe with it
-    @app.api_route("/healthz", methods=["GET", "HEAD"],
-                   summary="Ready when both model bundles are loaded",
-                   response_model=HealthResponse, responses={503: _ERRORS[503]})
+    @app.get("/healthz", summary="Ready when both model bundles are loaded",
+             response_model=HealthResponse, responses={503: _ERRORS[503]})
     async def healthz(self) -> dict[str, Any]:
         infos = await self.readiness.infos()
         return {"status": "ok",
                 "model_versions": {k: v.get("version") for k, v in infos.items()}}
+
+    # load balancers and uptime checkers probe with HEAD; a route of its own keeps the GET's
+    # operationId stable in the OpenAPI schema
+    @app.head("/healthz", include_in_schema=False)
+    async def healthz_head(self) -> Response:
+        await self.readiness.infos()
+        return Response(status_code=200)
 
     @app.get("/v1/models", summary="The loaded model bundles and their settings",
              response_model=ModelsResponse, responses={401: _ERRORS[401], 503: _ERRORS[503]},

@@ -86,6 +86,22 @@ class LimitsArgs(_Strict):
         default_factory=lambda: list(IMAGE_CONTENT_TYPES),
         description="Accepted raw-body media types (multipart/form-data is always accepted).",
     )
+    max_inflight_pixels: int = Field(
+        160_000_000, ge=1,
+        description="Pixels of images one ingress replica holds at once, over all its requests "
+        "in flight (each is decoded, sent to the models and its mask encoded); at least "
+        "max_pixels. A request whose image does not fit waits up to pixel_wait_s, then 503.",
+    )
+    pixel_wait_s: float = Field(
+        10.0, gt=0, description="How long a request waits for its pixels before a 503."
+    )
+
+    @model_validator(mode="after")
+    def _budget_holds_one_image(self) -> LimitsArgs:
+        if self.max_inflight_pixels < self.max_pixels:
+            raise ValueError(f"max_inflight_pixels ({self.max_inflight_pixels}) must be at least "
+                             f"max_pixels ({self.max_pixels}), or the largest images never fit")
+        return self
 
     @field_validator("content_types")
     @classmethod

@@ -182,7 +182,8 @@ def check_equal(body: dict, ref: dict, image: np.ndarray) -> None:
     assert body["image_size"] == list(image.shape[:2])
     assert body["model_versions"] == {"segmenter": "seg-test-1", "classifier": "cls-test-1"}
     t = body["timings"]
-    assert set(t) >= {"decode_ms", "segment_ms", "classify_ms", "total_ms"}
+    assert set(t) >= {"pixel_wait_ms", "decode_ms", "segment_ms", "classify_ms", "total_ms"}
+    assert 0 <= t["pixel_wait_ms"] <= t["total_ms"]
     # each hop as the Ingress saw it contains the time in the replica, which contains the model's
     for hop in ("segment", "classify"):
         assert 0 < t[f"{hop}_model_ms"] <= t[f"{hop}_replica_ms"] <= t[f"{hop}_ms"]
@@ -223,6 +224,62 @@ def test_config_validates_against_serve_schema():
         build_app({"segmenter": {"bundle_uri": "x"}})  # no classifier
     with pytest.raises(ValueError):
         build_app({**app.args, "limits": {"max_pixels": 0}})
+    with pytest.raises(ValueError, match="max_inflight_pixels"):
+        build_app({**app.args, "limits": {"max_pixels": 1000, "max_inflight_pixels": 999}})
+
+
+def test_the_pixel_budget_bounds_the_images_in_flight():
+    """Requests hold their image's pixels: those that fit run at once, the others wait until
+    pixels come back, or get a 503 with Retry-After; a cancelled request gives its share back."""
+    import asyncio
+
+    from serving.budget import PixelBudget
+    from serving.inputs import ApiError
+
+    async def scenario() -> None:
+        budget = PixelBudget(100, wait_s=0.2)
+        log: list[str] = []
+        release = asyncio.Event()
+
+        async def request(name: str, pixels: int) -> None:
+            async with budget.hold(pixels):
+                log.append(f"{name} in")
+                await release.wait()
+            log.append(f"{name} out")
+
+        a = asyncio.create_task(request("a", 60))
+        b = asyncio.create_task(request("b", 40))
+        await asyncio.sleep(0.05)
+        assert log == ["a in", "b in"] and budget.free == 0
+        c = asyncio.create_task(request("c", 1000))  # more than the whole budget: waits for all
+        await asyncio.sleep(0.05)
+        assert "c in" not in log
+        release.set()
+        await asyncio.gather(a, b, c)
+        assert log[-2:] == ["c in", "c out"] and budget.free == 100
+
+        release.clear()
+        hog = asyncio.create_task(request("hog", 100))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ApiError) as err:
+            async with budget.hold(1):
+                pass
+        assert (err.value.status, err.value.code) == (503, "overloaded")
+        assert err.value.headers == {"Retry-After": "1"} and "needs 1" in err.value.message
+        waiter = asyncio.create_task(request("gone", 50))  # the client goes away while waiting
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        async with budget.hold(0):  # an image refused before decoding takes nothing
+            assert budget.free == 0
+        release.set()
+        await hog
+        assert budget.free == 100
+        with pytest.raises(ValueError):
+            PixelBudget(0, 1.0)
+
+    asyncio.run(scenario())
 
 
 def test_multipart_parser_roundtrips_binary():
@@ -471,6 +528,7 @@ def test_healthz_and_models(server):
     assert models["classifier"]["input_size"] == [32, 32]
 
     spec = requests.get(f"{server}/openapi.json", timeout=30).json()
+    assert list(spec["paths"]["/healthz"]) == ["get"]  # HEAD stays out: one stable operationId
     op = spec["paths"]["/v1/predict"]["post"]
     assert set(op["requestBody"]["content"]) == {
         "image/png", "image/jpeg", "image/bmp", "image/tiff", "multipart/form-data"}
