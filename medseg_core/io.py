@@ -249,7 +249,7 @@ def read_limited(fs: fsspec.AbstractFileSystem, path: str,
     ranged read the server refuses, costs one more request for its size).
     """
     name = name or path
-    if "file" in _protocols(fs):
+    if is_local(fs):
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
             raise ImageDecodeError(f"{name}: not a regular file")
@@ -292,15 +292,16 @@ def read_bytes(uri: str, storage_options: dict | None = None,
 def write_bytes(uri: str, data: bytes, storage_options: dict | None = None) -> None:
     """Write ``data`` to ``uri``, creating parent directories on local filesystems."""
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    if "file" in _protocols(fs):
+    if is_local(fs):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as f:
         f.write(data)
 
 
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local disk (fsspec's protocol is a name or a tuple of names)."""
     p = fs.protocol
-    return (p,) if isinstance(p, str) else tuple(p)
+    return "file" in ((p,) if isinstance(p, str) else tuple(p))
 
 
 def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:

@@ -104,6 +104,7 @@ from medseg_core.io import (
     ImageDecodeError,
     decode_image,
     image_size,
+    is_local,
     read_limited,
 )
 from medseg_core.layouts import (
@@ -237,11 +238,6 @@ def _fs(uri: str, so: dict | None, env: EnvCredentials | None = None):
     return fsspec.core.url_to_fs(uri, **(opts or {}))
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    p = fs.protocol
-    return "file" in ((p,) if isinstance(p, str) else tuple(p))
-
-
 def fetch_many(uris: Sequence[str], so: dict | None, env: EnvCredentials | None = None,
                threads: int = 8, max_bytes: int | None = DEFAULT_MAX_BYTES
                ) -> dict[str, bytes | BaseException]:
@@ -264,7 +260,7 @@ def fetch_many(uris: Sequence[str], so: dict | None, env: EnvCredentials | None 
             except BAD_INPUT_ERRORS as e:
                 return uri, e
 
-        if _is_local(fs) or threads <= 1 or len(items) == 1:
+        if is_local(fs) or threads <= 1 or len(items) == 1:
             out.update(one(i) for i in items)
         else:
             with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
@@ -340,9 +336,9 @@ def _summarize(problems: Iterable[Problem], strict: bool) -> dict[str, Any]:
 
 def _write_json(url: str, obj: Any) -> None:
     fs, path = fsspec.core.url_to_fs(url)
-    if _is_local(fs):
+    if is_local(fs):
         fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp" if _is_local(fs) else path
+    tmp = f"{path}.tmp" if is_local(fs) else path
     with fs.open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     if tmp != path:
@@ -570,7 +566,7 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
             cache.update(pool.map(one, todo))
         if url and any(not isinstance(cache[r.id], dict) for r in todo):
             fs, path = fsspec.core.url_to_fs(url)
-            if _is_local(fs):
+            if is_local(fs):
                 fs.makedirs(posixpath.dirname(path), exist_ok=True)
             with fs.open(path, "w") as f:
                 json.dump({k: v for k, v in cache.items() if not isinstance(v, dict)}, f)
@@ -890,7 +886,7 @@ def _read_row_group(shard: str, row_group: int, columns: list[str], so: dict | N
 
     fs, path = _fs(shard, so, env)
     try:
-        if _is_local(fs):
+        if is_local(fs):
             return pq.ParquetFile(path).read_row_group(row_group, columns=columns)
         with fs.open(path, "rb") as f:
             return pq.ParquetFile(f).read_row_group(row_group, columns=columns)

@@ -53,7 +53,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from medseg_core.io import encode_mask_png, encode_png
+from medseg_core.io import encode_mask_png, encode_png, is_local
 from medseg_core.layouts import Record, decode_record
 from medseg_core.transforms import Resize, to_channels
 from pipelines import CONF_DIR
@@ -67,7 +67,6 @@ from pipelines.data import (
     Problem,
     _check_no_credentials,
     _fs,
-    _is_local,
     _max_bytes,
     _max_pixels,
     _task_credentials,
@@ -143,7 +142,7 @@ def pack_shard(index: int, records: list[Record], spec: dict[str, Any]) -> dict[
     url = f"{spec['out'].rstrip('/')}/{name}"
     so, creds = spec["storage_options"], spec["credentials"]
     out_fs, out_path = _fs(url, spec["out_storage_options"], creds)
-    if _is_local(out_fs):
+    if is_local(out_fs):
         out_fs.makedirs(out_fs._parent(out_path), exist_ok=True)
     schema = _schema()
     compression = {"image": "zstd" if spec["encoding"] == "raw" else "none",

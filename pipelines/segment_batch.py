@@ -78,6 +78,7 @@ from omegaconf import DictConfig
 
 from medseg_core.checkpoint import read_bundle_meta
 from medseg_core.inference import check_threshold
+from medseg_core.io import is_local
 from medseg_core.layouts import Listing, Record, list_records, valid_text
 from medseg_core.metrics import metrics_from_counts
 from medseg_core.results import error_row
@@ -168,11 +169,6 @@ def part_path(cls: str, ids: Iterable[str]) -> str:
 # The output prefix
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    p = fs.protocol
-    return "file" in ((p,) if isinstance(p, str) else tuple(p))
-
-
 class Output:
     """Files under the output URL, addressed by relative paths built from safe names only."""
 
@@ -181,7 +177,7 @@ class Output:
         self.storage_options = storage_options
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         self.root = self.root.rstrip("/")
-        self.local = _is_local(self.fs)
+        self.local = is_local(self.fs)
         self._dirs: set[str] = set()
 
     def path(self, rel: str) -> str:
