@@ -159,11 +159,6 @@ def _error_text(exc: BaseException, uri: str) -> str:
     return f"{type(exc).__name__}: {text}" if uri in text else f"{type(exc).__name__}: {uri}: {text}"
 
 
-def load_sample(record: Record, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Image, ground-truth mask and label of a record, decoded as the Ray predictor does."""
-    return load_any_record(record, cfg, keep_grey=True)
-
-
 class LocalPredictor:
     """Chains in this process: the plain one and, with TTA, the same models under `FlipTTA`."""
 
@@ -208,7 +203,8 @@ class LocalPredictor:
         for rec in records:
             t0 = time.perf_counter()
             try:
-                loaded.append((load_sample(rec, self.cfg), None, time.perf_counter() - t0))
+                sample = load_any_record(rec, self.cfg, keep_grey=True)
+                loaded.append((sample, None, time.perf_counter() - t0))
             except Exception as exc:  # a bad file is an error row, not a crash
                 loaded.append((None, _error_text(exc, rec.image_uri), time.perf_counter() - t0))
         ok = [i for i, (s, _, _) in enumerate(loaded) if s is not None]
@@ -391,7 +387,7 @@ def case_pictures(cases: Sequence[Mapping[str, Any]], records: Sequence[Record],
     for c in cases:
         if c["id"] not in masks:
             continue
-        sample = load_sample(by_id[c["id"]], cfg)
+        sample = load_any_record(by_id[c["id"]], cfg, keep_grey=True)
         out.append({**c, "image": sample["image"], "truth": sample["mask"],
                     "pred": masks[c["id"]]})
     return out
