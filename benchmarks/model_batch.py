@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from medseg_core.models import build_model  # noqa: E402
+from pipelines.train import classifier_model  # noqa: E402
 
 MODELS = {"unet": "model/unet.yaml", "classifier": "classifier/cnn.yaml"}
 
@@ -61,7 +62,10 @@ def main() -> None:
     results: dict[tuple[str, bool, int], float] = {}
     for name, path in MODELS.items():
         torch.manual_seed(0)
-        model = build_model(yaml.safe_load((ROOT / "pipelines" / "conf" / path).read_text()))
+        model_cfg = yaml.safe_load((ROOT / "pipelines" / "conf" / path).read_text())
+        if name == "classifier":  # BUSI's three classes
+            model_cfg = classifier_model(model_cfg, ("normal", "benign", "malignant"))
+        model = build_model(model_cfg)
         model = model.eval().to(args.device)
         for channels_last in (False, True):
             fmt = torch.channels_last if channels_last else torch.contiguous_format

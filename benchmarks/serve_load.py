@@ -51,6 +51,7 @@ from medseg_core.inference import Chain, Classifier, Segmenter  # noqa: E402
 from medseg_core.io import decode_image, encode_png  # noqa: E402
 from medseg_core.models import build_model  # noqa: E402
 from medseg_core.synthetic import make_sample  # noqa: E402
+from pipelines.train import classifier_model  # noqa: E402
 
 MODELS = ("Segmenter", "Classifier")
 
@@ -91,8 +92,9 @@ def make_bundles(root: Path, input_size: int) -> tuple[str, str]:
     """Untrained bundles with the project's default architectures (pipelines/conf)."""
     conf = ROOT / "pipelines" / "conf"
     seg_cfg = yaml.safe_load((conf / "model" / "unet.yaml").read_text())
-    cls_cfg = yaml.safe_load((conf / "classifier" / "cnn.yaml").read_text())
     data = yaml.safe_load((conf / "data" / "synthetic.yaml").read_text())
+    cls_cfg = classifier_model(yaml.safe_load((conf / "classifier" / "cnn.yaml").read_text()),
+                               data["class_names"])
     torch.manual_seed(0)
     common = dict(input_size=[input_size, input_size], mean=data["mean"], std=data["std"],
                   class_names=data["class_names"])

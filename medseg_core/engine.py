@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg_core.inference import model_masks
 from medseg_core.metrics import ClassificationMeter, SegmentationMeter
 from medseg_core.transforms import augment_batch, normalize_batch
 
@@ -37,10 +38,21 @@ class StepConfig:
     channels_last: bool = False
     augment: dict[str, Any] | None = None  # cfg for transforms.augment_batch (on device)
     threshold: float = 0.5
-    # classifier only: a frozen segmenter whose thresholded masks stand in for the truth, for a
+    # classifier only: a frozen segmenter whose masks stand in for the truth, for a
     # `mask_prob` fraction of the training samples and for every validation sample
-    mask_model: nn.Module | None = None
+    mask_model: FrozenSegmenter | None = None
     mask_prob: float = 0.0
+
+
+@dataclass
+class FrozenSegmenter:
+    """A trained segmenter whose masks the classifier stage sees instead of the truth, made as
+    the inference chain makes them (its bundle's threshold, flip and keep_largest)."""
+
+    model: nn.Module
+    threshold: float = 0.5
+    flip: bool = False
+    keep_largest: bool = False
 
 
 def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -76,12 +88,37 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "p
     return min_factor + (1.0 - min_factor) * decay
 
 
+SCHEDULES = ("poly", "cosine", "constant")
+
+
+def check_scheduler(cfg: dict[str, Any]) -> tuple[str, float]:
+    """`{schedule, warmup_steps | warmup_fraction, power}` checked up front (a misspelt schedule
+    would otherwise fail only when warm-up ends); returns the schedule and the power."""
+    schedule = cfg.get("schedule", "poly")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"train.scheduler.schedule must be one of {list(SCHEDULES)}, "
+                         f"got {schedule!r}")
+    power = float(cfg.get("power", 0.9))
+    if not power > 0:
+        raise ValueError(f"train.scheduler.power must be > 0, got {power}")
+    steps = cfg.get("warmup_steps")
+    if steps is not None and (int(steps) != float(steps) or int(steps) < 0):
+        raise ValueError(f"train.scheduler.warmup_steps must be a whole number >= 0, got {steps}")
+    fraction = float(cfg.get("warmup_fraction", 0.0) or 0.0)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError("train.scheduler.warmup_fraction must be in [0, 1) (the fraction of "
+                         f"all steps spent warming up), got {fraction}")
+    return schedule, power
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any],
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step scheduler from `{schedule, warmup_steps | warmup_fraction, power}`."""
-    warmup = int(cfg.get("warmup_steps") or round(float(cfg.get("warmup_fraction", 0.0)) * total_steps))
-    schedule = cfg.get("schedule", "poly")
-    power = float(cfg.get("power", 0.9))
+    """Per-step scheduler from `{schedule, warmup_steps | warmup_fraction, power}`
+    (`warmup_steps`, when set, wins; 0 means no warm-up)."""
+    schedule, power = check_scheduler(cfg)
+    steps = cfg.get("warmup_steps")
+    warmup = int(steps) if steps is not None else \
+        round(float(cfg.get("warmup_fraction", 0.0) or 0.0) * total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, power)
     )
@@ -99,10 +136,12 @@ def _inputs(batch: Batch, step: StepConfig) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def predicted_masks(images: torch.Tensor, step: StepConfig) -> torch.Tensor:
-    """`step.mask_model`'s thresholded masks (B, 1, H, W) float for normalised `images`."""
-    with torch.no_grad(), _autocast(step):
-        logits = step.mask_model(images)
-    return (torch.sigmoid(logits.float()) > step.threshold).float()
+    """`step.mask_model`'s masks (B, 1, H, W) float for normalised `images`."""
+    seg = step.mask_model
+    with torch.no_grad():
+        masks = model_masks(seg.model, images, seg.threshold, seg.flip, seg.keep_largest,
+                            autocast=lambda: _autocast(step))
+    return masks[:, None].float()
 
 
 def _training_masks(images: torch.Tensor, masks: torch.Tensor, step: StepConfig,

@@ -63,6 +63,34 @@ def check_threshold(value: Any) -> float | None:
     return t
 
 
+def foreground_probabilities(model: torch.nn.Module, x: torch.Tensor, flip: bool = False,
+                             autocast: Any = nullcontext) -> torch.Tensor:
+    """A segmentation model's foreground probabilities (B, H, W) float32 for normalised images
+    (B, C, H, W) (its first output where it gives several); with ``flip``, the mean of the
+    image's and its mirror image's. ``autocast`` makes the context the model runs in."""
+
+    def once(t: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            out = model(t)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return torch.sigmoid(out[:, 0].float())
+
+    probs = once(x)
+    if flip:
+        probs = (probs + once(x.flip(-1)).flip(-1)) / 2
+    return probs
+
+
+def model_masks(model: torch.nn.Module, x: torch.Tensor, threshold: float, flip: bool = False,
+                largest: bool = False, autocast: Any = nullcontext) -> torch.Tensor:
+    """Masks (B, H, W) bool at the model's resolution for normalised images, as ``Segmenter``
+    decides them there: probability (flip-averaged) above ``threshold``, and with ``largest``
+    only the largest component."""
+    mask = foreground_probabilities(model, x, flip, autocast) > threshold
+    return keep_largest(mask) if largest else mask
+
+
 def _check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
     if isinstance(images, np.ndarray) and images.ndim != 4:
         raise TypeError("pass a list of images (or an (N,H,W,C) array), not a single image")
@@ -224,21 +252,11 @@ class Segmenter(_Runner):
                 f"{shape[0]}x{shape[1]} image: tile inference would run the model over {work} "
                 f"pixels, more than {self.max_work_pixels}")
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            out = self.model(x)
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return torch.sigmoid(out[:, 0].float())
-
     def _probabilities(self, batch: np.ndarray) -> torch.Tensor:
         """uint8 (B,H,W,C) -> foreground probabilities (B,H,W) float32 on the device
         (with ``flip``: the mean of the image's and its mirror image's)."""
-        x = self._normalize(batch)
-        probs = self._forward(x)
-        if self.flip:
-            probs = (probs + self._forward(x.flip(-1)).flip(-1)) / 2
-        return probs
+        return foreground_probabilities(self.model, self._normalize(batch), self.flip,
+                                        self._autocast)
 
     def _predict_resize(self, images: list[np.ndarray]) -> list[np.ndarray]:
         results: list[np.ndarray] = []

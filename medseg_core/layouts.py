@@ -118,6 +118,9 @@ class Listing:
     records: list[Record]
     skipped: list[Skipped] = field(default_factory=list)
     class_names: tuple[str, ...] = ()
+    # with list_records(stamps=True): URI -> "size:modification" of every file of the records
+    # (mtime locally, the ETag on object storage), to tell a file replaced under its name
+    stamps: dict[str, str] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,12 +166,13 @@ class _Archive:
     """An fsspec filesystem rooted at the archive URL; builds URIs back with the protocol."""
 
     def __init__(self, url: str, storage_options: dict | None,
-                 max_bytes: int | None = DEFAULT_MAX_BYTES):
+                 max_bytes: int | None = DEFAULT_MAX_BYTES, stamps: bool = False):
         self.url = url
         self.storage_options = storage_options or {}
         self.max_bytes = max_bytes
         self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
         self.keep_protocol = "://" in url
+        self.stamps: dict[str, str] | None = {} if stamps else None  # full path -> stamp
 
     def path(self, sub: str = "") -> str:
         sub = _norm_dir(sub)
@@ -187,11 +191,25 @@ class _Archive:
         base = self.path(sub)
         if isinstance(self.fs, LocalFileSystem):
             found = _walk_local(base, recursive)
+            if self.stamps is not None:
+                for p in found:
+                    try:
+                        st = os.stat(p)
+                    except OSError:  # gone, or a dangling link: its read will say so
+                        continue
+                    self.stamps[p] = f"{st.st_size}:{st.st_mtime_ns}"
         else:
             try:
-                found = self.fs.find(base, maxdepth=None if recursive else 1, withdirs=False)
+                infos = self.fs.find(base, maxdepth=None if recursive else 1, withdirs=False,
+                                     detail=True)
             except (FileNotFoundError, NotADirectoryError):
-                found = []
+                infos = {}
+            found = list(infos)
+            if self.stamps is not None:
+                for p, info in infos.items():
+                    changed = next((info[k] for k in ("ETag", "etag", "LastModified", "mtime",
+                                                      "last_modified") if info.get(k)), "")
+                    self.stamps[p] = f"{info.get('size')}:{changed}"
         prefix = base.rstrip("/") + "/"
         out = []
         for p in found:
@@ -679,6 +697,7 @@ def list_records(
     strict: bool = True,
     check_sizes: bool = False,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    stamps: bool = False,
     **options,
 ) -> Listing:
     """List the records of the archive at ``url`` in the named layout (see :data:`LAYOUTS`).
@@ -686,12 +705,14 @@ def list_records(
     ``options`` go to the layout class. ``check_sizes`` reads image and mask headers (not
     pixels) and treats a size mismatch as a problem. With ``strict`` the first problem raises
     :class:`LayoutError`; otherwise problems come back in ``Listing.skipped``. ``max_bytes``
-    bounds the listing files a layout reads (a labels CSV); None: no bound.
+    bounds the listing files a layout reads (a labels CSV); None: no bound. ``stamps`` fills
+    ``Listing.stamps`` from the listing itself (a ``stat`` per local file, nothing more on
+    object storage).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout '{layout}', expected one of {sorted(LAYOUTS)}")
     lay = LAYOUTS[layout](**options)
-    arc = _Archive(url, storage_options, max_bytes)
+    arc = _Archive(url, storage_options, max_bytes, stamps=stamps)
     records, problems = lay.scan(arc)
     if not records and not problems:
         problems.append(Skipped(url, f"no image files found for layout '{layout}'"))
@@ -717,7 +738,10 @@ def list_records(
         first = problems[0]
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise LayoutError(f"{first.path}: {first.reason}{more}")
-    return Listing(records=records, skipped=problems, class_names=lay.class_names)
+    found = arc.stamps or {}
+    by_uri = {arc.uri(p): v for p, v in found.items()} if arc.keep_protocol else found
+    kept = {u: by_uri[u] for r in records for u in (r.image_uri, *r.mask_uris) if u in by_uri}
+    return Listing(records=records, skipped=problems, class_names=lay.class_names, stamps=kept)
 
 
 def decode_record(

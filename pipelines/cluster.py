@@ -44,10 +44,12 @@ def cluster_resources() -> dict[str, float]:
 
 def task_slots(num_cpus: float = 1, num_gpus: float = 0, *,
                resources: dict[str, float] | None = None, exclude_cpus: float = 0) -> int:
-    """How many tasks or actors asking for `num_cpus` (or `num_gpus`, which then decides) fit
-    in `resources` (default: `cluster_resources()`) at once, leaving `exclude_cpus` aside."""
+    """How many tasks or actors asking for `num_cpus` and `num_gpus` each fit in `resources`
+    (default: `cluster_resources()`) at once, leaving `exclude_cpus` aside: the fewer of what
+    the CPUs and the GPUs allow (four 0.25-GPU actors of 3 CPUs do not fit one GPU and 4 CPUs)."""
     resources = cluster_resources() if resources is None else resources
-    if num_gpus and num_gpus > 0:
-        return max(1, int(resources.get("GPU", 1) // num_gpus))
     cpus = resources.get("CPU", 1) - (exclude_cpus or 0)
-    return max(1, int(cpus // max(num_cpus or 1, 1e-3)))
+    fits = int(cpus // max(num_cpus or 1, 1e-3))
+    if num_gpus and num_gpus > 0:
+        fits = min(fits, int(resources.get("GPU", 1) // num_gpus))
+    return max(1, fits)

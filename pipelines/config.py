@@ -23,11 +23,27 @@ PATH_KEYS = ("data.url", "data.report", "train.classifier_masks.segmenter", "eva
              "bundles.segmenter", "bundles.classifier")
 
 
+# YAML 1.1 spellings of a boolean: Hydra (YAML 1.2) reads `overwrite=no` as the string "no",
+# which Python takes as true
+_BOOLEAN_WORDS = {"yes", "no", "on", "off", "true", "false"}
+
+
+def _refuse_boolean_words(node: Any, where: str = "") -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            name = f"{where}.{key}" if where else str(key)
+            if isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS:
+                raise ValueError(f"{name}={value!r} is a string, not a boolean: write "
+                                 f"{name}=true or {name}=false")
+            _refuse_boolean_words(value, name)
+
+
 def resolve(cfg: DictConfig) -> dict[str, Any]:
     """The config as a plain dict, with local paths made absolute: Ray workers run in their
     own working directory, so a relative `./outputs` would land inside Ray's session. A
     required setting left at `???` is an error naming it (it would otherwise become a path
-    called `???`)."""
+    called `???`), and so is a setting spelt `no`, `off`, `yes`, `on` or a quoted `"false"`:
+    a string, which would act as true."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"required setting(s) not given: {', '.join(missing)}; set them on "
@@ -35,6 +51,7 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("output_dir") is not None:
         cfg.output_dir = _absolute(cfg.output_dir)  # before interpolations that use it
     out = OmegaConf.to_container(cfg, resolve=True)
+    _refuse_boolean_words(out)
     for dotted in PATH_KEYS:
         *parents, key = dotted.split(".")
         node = out

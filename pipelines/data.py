@@ -42,9 +42,10 @@ Dataset (or over its Train shards: all workers share one execution per epoch) is
 epoch k, differs from the other epochs, reshuffles the records without any all-to-all shuffle,
 and is reproducible for the same seed whatever order, batching or process decodes the samples
 (and equal to `RecordDataset.set_epoch(k)` in-process). Caveats: other executions of the *same*
-Dataset object (`count()`, `schema()`, `take()`) advance the counter too, and a Train worker
-group restarted by `FailureConfig` within one fit restarts it at `data.epoch_offset` (a rerun
-that resumes a run adds the resume epoch to `data.epoch_offset`: `pipelines/train_ray.py`).
+Dataset object (`count()`, `schema()`, `take()`) advance the counter too, and a new Dataset
+counts from `data.epoch_offset` again: Ray Train builds the train Dataset anew at every worker
+group start (the first, and each restart by `FailureConfig`), with the resume epoch added to
+`data.epoch_offset` (`pipelines/train_ray.resumed_train_dataset`).
 Loops that own their epoch number pin it instead with `train_epoch_dataset(ds, epoch, cfg)`. With ``trainer.gpu_augment`` the train rows are only
 resized and augmentation happens on the device.
 
@@ -55,10 +56,13 @@ differs from its image, or a file that vanished after listing: with ``data.stric
 default) the record is dropped, a warning naming the file is logged where it happened, and the
 problem goes to the run's report (`data.report`, JSON). Raw archives are checked once on the
 driver before the splits (every image and mask decoded, mask sizes compared; hashed for the
-splits at the same time; cached under ``output_dir/cache``) when the splits group
-near-duplicates (the default) or the caller asks (`load_records(cfg, check=True)`: the
-in-process trainer does), so a bad record is dropped before splitting, as packing drops it
-(evaluation of ``split=all`` does not check: a bad record becomes an error row there).
+splits at the same time; cached under ``output_dir/cache``, per record by its files'
+sizes and modification times or ETags) when the splits group near-duplicates (the default:
+a bad record is dropped before splitting, as packing drops it) or the caller asks
+(`load_splits(cfg, check=True)`: the in-process trainer does; with grouping off the split is
+then of the listing, and a bad record leaves its split after it, so that Ray's tasks and
+evaluation, which find it where they read it, split alike). Evaluation of ``split=all`` does
+not check: a bad record becomes an error row there.
 Problems found on the driver (listing, checking) are recorded directly; problems found in Ray tasks are sent to one small ledger actor
 per report, and the task waits for the acknowledgement before its block is emitted, so once an
 epoch has been consumed the report holds every record it dropped (deduplicated by file and
@@ -105,6 +109,7 @@ from medseg_core.io import (
     decode_image,
     image_size,
     is_local,
+    object_fs,
     read_limited,
 )
 from medseg_core.layouts import (
@@ -235,7 +240,7 @@ def _task_credentials(data_cfg: Mapping[str, Any], url: str) -> EnvCredentials |
 
 def _fs(uri: str, so: dict | None, env: EnvCredentials | None = None):
     opts = env.apply(so) if (env is not None and _is_s3(uri)) else so
-    return fsspec.core.url_to_fs(uri, **(opts or {}))
+    return object_fs(uri, opts)
 
 
 def fetch_many(uris: Sequence[str], so: dict | None, env: EnvCredentials | None = None,
@@ -505,13 +510,14 @@ def ensure_dataset(data_cfg: dict[str, Any]) -> str:
     return url
 
 
-def list_archive(data_cfg: dict[str, Any], strict: bool | None = None) -> Listing:
-    """List the archive once with its layout."""
+def list_archive(data_cfg: dict[str, Any], strict: bool | None = None,
+                 stamps: bool = False) -> Listing:
+    """List the archive once with its layout (`stamps`: see `list_records`)."""
     url = ensure_dataset(data_cfg)
     return list_records(
         url, data_cfg["layout"], storage_options=storage_options(data_cfg),
         strict=bool(data_cfg.get("strict", True) if strict is None else strict),
-        max_bytes=_max_bytes(data_cfg), **(data_cfg.get("options") or {}),
+        max_bytes=_max_bytes(data_cfg), stamps=stamps, **(data_cfg.get("options") or {}),
     )
 
 
@@ -523,26 +529,38 @@ def image_phash(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIX
 def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
                    max_pixels: int | None = DEFAULT_MAX_PIXELS,
                    max_bytes: int | None = DEFAULT_MAX_BYTES, threads: int = 8,
-                   cache_dir: str | None = None) -> tuple[list[int | None], list[Problem]]:
+                   cache_dir: str | None = None, cache_name: str = "",
+                   stamps: Mapping[str, str] | None = None
+                   ) -> tuple[list[int | None], list[Problem]]:
     """Check every record (its image and masks decode, each mask is the image's size) and hash
     its image, in a thread pool (Pillow decodes without the GIL).
 
     A bad record gives None and a Problem naming the bad file (or raises when `strict`), so it
-    is dropped before the splits, as packing drops it. Hashes are cached by id under
-    `cache_dir`, for these files under these limits (a record kept under a larger limit is
-    checked again under a smaller one); failures are not (a repaired file is retried).
+    is dropped before the splits, as packing drops it. Good records are cached under
+    `cache_dir` (one file per `cache_name`, the archive, and limits: a record kept under a
+    larger limit is checked again under a smaller one), each under a digest of its files'
+    URIs and `stamps` (`Listing.stamps`: size and mtime or ETag), so a file replaced or
+    damaged under its name is checked again, and a record added or removed leaves the others
+    cached. Failures are not cached (a repaired file is retried).
     """
+    stamps = stamps or {}
+
+    def digest(rec: Record) -> str:
+        files = "\n".join(f"{u}\t{stamps.get(u, '')}" for u in (rec.image_uri, *rec.mask_uris))
+        return hashlib.sha256(files.encode(errors="surrogateescape")).hexdigest()[:20]
+
     cache: dict[str, Any] = {}
     url = None
     if cache_dir:
-        names = "\n".join([f"max_pixels={max_pixels} max_bytes={max_bytes}",
-                           *(u for r in records for u in (r.image_uri, *r.mask_uris))])
-        key = hashlib.sha256(names.encode(errors="surrogateescape")).hexdigest()[:16]
-        url = f"{cache_dir.rstrip('/')}/phash-v3-{key}.json"
+        name = f"{cache_name}\nmax_pixels={max_pixels} max_bytes={max_bytes}"
+        key = hashlib.sha256(name.encode(errors="surrogateescape")).hexdigest()[:16]
+        url = f"{cache_dir.rstrip('/')}/phash-v4-{key}.json"
         fs, path = fsspec.core.url_to_fs(url)
         if fs.exists(path):
             with fs.open(path, "r") as f:
-                cache = json.load(f)
+                stored = json.load(f)
+            cache = {r.id: stored[r.id][1] for r in records
+                     if isinstance(stored.get(r.id), list) and stored[r.id][0] == digest(r)}
     todo = [r for r in records if r.id not in cache]
 
     def one(rec: Record) -> tuple[str, Any]:
@@ -550,11 +568,11 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
             image, *masks = record_bytes(
                 rec, fetch_many([rec.image_uri, *rec.mask_uris], so, threads=1,
                                 max_bytes=max_bytes))
-            digest = image_phash(image, rec.image_uri, max_pixels)
+            phash_ = image_phash(image, rec.image_uri, max_pixels)
             if masks:
                 w, h = image_size(image, rec.image_uri)
                 decode_masks(rec, masks, (h, w), max_pixels=max_pixels)
-            return rec.id, str(digest)
+            return rec.id, str(phash_)
         except BAD_INPUT_ERRORS as e:
             if strict:
                 raise
@@ -569,7 +587,8 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
             if is_local(fs):
                 fs.makedirs(posixpath.dirname(path), exist_ok=True)
             with fs.open(path, "w") as f:
-                json.dump({k: v for k, v in cache.items() if not isinstance(v, dict)}, f)
+                json.dump({r.id: [digest(r), cache[r.id]] for r in records
+                           if not isinstance(cache[r.id], dict)}, f)
     hashes: list[int | None] = []
     problems = []
     for rec in records:
@@ -611,16 +630,10 @@ def split_records(records: list[Record], hashes: list[int] | None,
         seed=int(split_cfg.get("seed", 0)), max_distance=int(split_cfg.get("dedup_distance", 6)))
 
 
-def load_records(cfg: dict[str, Any], check: bool | None = None
-                 ) -> tuple[list[Record], list[int] | None]:
-    """The archive's usable records (and split hashes when dedup is on and they are checked);
-    problems recorded.
-
-    Raw archives are listed with their layout, then checked and hashed (`checked_hashes`,
-    cached under output_dir/cache) when `check`, which defaults to what the splits need:
-    dedup on. Unchecked, bad records are found where they are read. Packed archives give
-    records and hashes from their manifest and Parquet shards (packing checked them).
-    """
+def _checked_listing(cfg: dict[str, Any], check: bool | None
+                     ) -> tuple[list[Record], list[int] | None, set[str]]:
+    """Records, split hashes (dedup on) and the ids of records found bad but not dropped
+    (checked with dedup off); problems recorded. See `load_records`."""
     data_cfg = cfg["data"]
     strict = bool(data_cfg.get("strict", True))
     dedup = int(data_cfg["split"].get("dedup_distance", 6)) >= 0
@@ -633,30 +646,53 @@ def load_records(cfg: dict[str, Any], check: bool | None = None
             raise BadRecordError(f"{p.path}: {p.reason} (left out when the archive was packed; "
                                  "data.strict=true)")
         record_problems(cfg, problems)
-        return records, (hashes if dedup else None)
-    listing = list_archive(data_cfg)
+        return records, (hashes if dedup else None), set()
+    checking = dedup if check is None else check
+    listing = list_archive(data_cfg, stamps=checking)
     problems = [Problem("listing", s.path, s.reason) for s in listing.skipped]
     records = listing.records
     hashes: list[int] | None = None
-    if dedup if check is None else check:
+    bad_ids: set[str] = set()
+    if checking:
         cache = f"{cfg['output_dir'].rstrip('/')}/cache" if cfg.get("output_dir") else None
         maybe, bad = checked_hashes(
-            records, so, strict=strict, cache_dir=cache,
-            max_pixels=_max_pixels(data_cfg), max_bytes=_max_bytes(data_cfg),
-            threads=int(_read_cfg(data_cfg)["io_threads"]))
+            records, so, strict=strict, cache_dir=cache, cache_name=str(data_cfg["url"]),
+            stamps=listing.stamps, max_pixels=_max_pixels(data_cfg),
+            max_bytes=_max_bytes(data_cfg), threads=int(_read_cfg(data_cfg)["io_threads"]))
         problems += bad
-        keep = [i for i, h in enumerate(maybe) if h is not None]
-        records = [records[i] for i in keep]
-        hashes = [int(maybe[i]) for i in keep] if dedup else None  # type: ignore[arg-type]
+        if dedup:  # a bad record has no hash to group it by: dropped before the split
+            keep = [i for i, h in enumerate(maybe) if h is not None]
+            records = [records[i] for i in keep]
+            hashes = [int(maybe[i]) for i in keep]  # type: ignore[arg-type]
+        else:
+            bad_ids = {r.id for r, h in zip(records, maybe) if h is None}
     record_problems(cfg, problems)
-    return records, hashes
+    return records, hashes, bad_ids
+
+
+def load_records(cfg: dict[str, Any], check: bool | None = None
+                 ) -> tuple[list[Record], list[int] | None]:
+    """The archive's usable records (and split hashes when dedup is on and they are checked);
+    problems recorded.
+
+    Raw archives are listed with their layout, then checked and hashed (`checked_hashes`,
+    cached under output_dir/cache) when `check`, which defaults to what the splits need:
+    dedup on. Unchecked, bad records are found where they are read. Packed archives give
+    records and hashes from their manifest and Parquet shards (packing checked them).
+    """
+    records, hashes, bad = _checked_listing(cfg, check)
+    return [r for r in records if r.id not in bad], hashes
 
 
 def load_splits(cfg: dict[str, Any], check: bool = False) -> dict[str, list[Record]]:
     """List + check + split, driven by the composed Hydra config (`cfg["data"]`); `check`
-    checks the records even when the splits do not need it (dedup off)."""
-    records, hashes = load_records(cfg, True if check else None)
-    return split_records(records, hashes, cfg["data"]["split"])
+    checks the records even when the splits do not need it (dedup off). Then the split is
+    of the archive as listed, and the bad records leave their split after it: every reader
+    of the archive, checked (the in-process trainer) or not (Ray tasks, evaluation), gets the
+    same splits; dropped first, one bad file moved other records between splits."""
+    records, hashes, bad = _checked_listing(cfg, True if check else None)
+    splits = split_records(records, hashes, cfg["data"]["split"])
+    return {name: [r for r in part if r.id not in bad] for name, part in splits.items()}
 
 
 # ----------------------------------------------------------------------------------------------

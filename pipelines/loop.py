@@ -30,6 +30,7 @@ from medseg_core.checkpoint import (
     save_train_state,
 )
 from medseg_core.engine import (
+    FrozenSegmenter,
     StepConfig,
     build_optimizer,
     build_scheduler,
@@ -112,9 +113,10 @@ class StageSpec:
             self.predicted_masks > 0 or self.validate_masks == "predicted")
 
 
-def load_mask_segmenter(spec: StageSpec, device: torch.device) -> nn.Module:
+def load_mask_segmenter(spec: StageSpec, device: torch.device) -> FrozenSegmenter:
     """The frozen segmenter (`spec.mask_segmenter`) whose masks the classifier stage trains or
-    validates on."""
+    validates on, with its bundle's threshold and post-processing (`inference.flip`,
+    `inference.keep_largest`), so they are the masks the inference chain gives the classifier."""
     try:
         bundle = load_bundle(spec.mask_segmenter, map_location=device)
     except BundleError as exc:
@@ -129,7 +131,13 @@ def load_mask_segmenter(spec: StageSpec, device: torch.device) -> nn.Module:
                          f"{cfg.get('mean')}/{cfg.get('std')}, the classifier with "
                          f"{own['mean']}/{own['std']}")
     model = bundle.model.to(device).eval().requires_grad_(False)
-    return model.to(memory_format=torch.channels_last) if spec.channels_last else model
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    inference = cfg.get("inference") or {}
+    threshold = cfg.get("threshold")
+    return FrozenSegmenter(model, 0.5 if threshold is None else float(threshold),
+                           flip=bool(inference.get("flip", False)),
+                           keep_largest=bool(inference.get("keep_largest", False)))
 
 
 def epoch_metrics(spec: StageSpec, ctx: WorkerContext, model: nn.Module,
@@ -144,6 +152,7 @@ def epoch_metrics(spec: StageSpec, ctx: WorkerContext, model: nn.Module,
         tj_sum = float(np.sum(thresholded_jaccard(per_image))) if len(per_image) else 0.0
         n = float(len(per_image))
         total = ctx.all_sum(np.array([*counts, loss_sum, n, tj_sum], dtype=np.float64))
+        _require_validation(total[5])
         agg = metrics_from_counts(total[:4].astype(np.int64))
         out = {f"val_{k}": float(agg[k]) for k in
                ("dice", "iou", "sensitivity", "specificity", "precision")}
@@ -154,9 +163,18 @@ def epoch_metrics(spec: StageSpec, ctx: WorkerContext, model: nn.Module,
     num_classes = int(spec.model.get("num_classes", 3))
     cm = validate_classifier(model, ctx.val_batches(), step, num_classes).confusion
     total = ctx.all_sum(cm.astype(np.float64).ravel()).reshape(cm.shape)
+    _require_validation(total.sum())
     agg = ClassificationMeter.from_state({"confusion": total}).aggregate()
     return {"val_accuracy": float(agg["accuracy"]), "val_macro_f1": float(agg["macro_f1"]),
             "val_images": float(total.sum())}
+
+
+def _require_validation(images: float) -> None:
+    """Scores of no images (every validation record unreadable) would read as a perfect Dice
+    and pick that epoch as the best for good."""
+    if images <= 0:
+        raise RuntimeError("no validation image could be read: every record of the validation "
+                           "split was dropped as bad input (see the warnings and data.report)")
 
 
 def score_key(spec: StageSpec) -> str:

@@ -31,6 +31,7 @@ from medseg_core.io import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     encode_mask_png,
+    object_fs,
     read_limited,
 )
 from medseg_core.layouts import Record, decode_record
@@ -107,9 +108,9 @@ class _Reader:
         return dict(so or {})
 
     def read(self, uri: str) -> bytes:
-        protocol = fsspec.utils.get_protocol(uri)
+        protocol = uri.partition("://")[0] if "://" in uri else "file"
         if protocol not in self._fs:
-            self._fs[protocol] = fsspec.core.url_to_fs(uri, **self.options(uri))[0]
+            self._fs[protocol] = object_fs(uri, self.options(uri))[0]
         fs = self._fs[protocol]
         return read_limited(fs, fs._strip_protocol(uri), self.max_bytes, uri)
 

@@ -91,6 +91,7 @@ from pipelines.predict import RESULT_FIELDS, ChainPredictor, predict_records, ro
 FORMAT = "medseg-segment-batch/1"
 RESULTS_DIR = "results"
 MASKS_DIR = "masks"
+QUARANTINE_DIR = "quarantine"  # unreadable result parts, moved out of results/
 RUNS_DIR = "runs"
 MANIFEST = "manifest.json"
 PARTITION = "predicted_class"
@@ -179,6 +180,7 @@ class Output:
         self.root = self.root.rstrip("/")
         self.local = is_local(self.fs)
         self._dirs: set[str] = set()
+        self.quarantined: list[dict[str, str]] = []
 
     def path(self, rel: str) -> str:
         parts = rel.split("/")
@@ -199,8 +201,22 @@ class Output:
         target = f"{folder}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}" if atomic else path
         with open(target, "wb") as f:
             f.write(data)
+            if atomic:  # on disk before the rename: a power cut must not commit an empty part
+                f.flush()
+                os.fsync(f.fileno())
         if atomic:
             os.replace(target, path)
+
+    def quarantine(self, rel: str, reason: str) -> None:
+        """Move an unreadable result part out of ``results/`` (kept for inspection, named in
+        the manifest), so its images are processed again instead of every run failing on it."""
+        dst = f"{QUARANTINE_DIR}/{rel.replace('/', '__')}"
+        if self.local:
+            os.makedirs(posixpath.dirname(self.path(dst)), exist_ok=True)
+            os.replace(self.path(rel), self.path(dst))
+        else:
+            self.fs.mv(self.path(rel), self.path(dst))
+        self.quarantined.append({"part": rel, "moved_to": dst, "reason": reason})
 
     def read(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
@@ -219,7 +235,9 @@ class Output:
             if not p.startswith(self.root + "/"):
                 continue
             rel = p[len(self.root) + 1:]
-            if not any(part.startswith(".") for part in rel.split("/")):
+            # hidden and temporary files, and "folder" placeholders (empty objects named
+            # `x/` that S3 consoles and sync tools create)
+            if not any(part.startswith(".") or not part for part in rel.split("/")):
                 out.append(rel)
         return sorted(out)
 
@@ -359,14 +377,29 @@ def _is_part(rel: str) -> bool:
 
 
 def _read_parts(out: Output, parts: Sequence[str], columns: Sequence[str] | None,
-                threads: int = 16) -> pa.Table:
-    """Rows of the given parts (all or some columns) + ``_part`` and the partition column."""
+                threads: int = 16, unreadable: list[tuple[str, str | None]] | None = None
+                ) -> pa.Table:
+    """Rows of the given parts (all or some columns) + ``_part`` and the partition column.
+    With ``unreadable``, a part that cannot be read as a results part (truncated, empty, of
+    another schema) is left out and added there with the reason, instead of raising (one gone
+    meanwhile, with None)."""
 
-    def one(rel: str) -> pa.Table:
-        table = pq.read_table(pa.BufferReader(out.read(rel)), columns=list(columns)
-                              if columns else None)
-        if columns is None:
-            table = table.cast(PART_SCHEMA)
+    def one(rel: str) -> pa.Table | None:
+        try:
+            table = pq.read_table(pa.BufferReader(out.read(rel)), columns=list(columns)
+                                  if columns else None)
+            if columns is None:
+                table = table.cast(PART_SCHEMA)
+        except FileNotFoundError:
+            if unreadable is None:
+                raise
+            unreadable.append((rel, None))
+            return None
+        except (pa.ArrowException, OSError, ValueError) as e:
+            if unreadable is None:
+                raise
+            unreadable.append((rel, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
+            return None
         n = table.num_rows
         table = table.append_column("_part", pa.array([rel] * n, pa.string()))
         return table.append_column(PARTITION, pa.array([_partition_of(rel)] * n, pa.string()))
@@ -378,7 +411,9 @@ def _read_parts(out: Output, parts: Sequence[str], columns: Sequence[str] | None
         empty = empty.append_column("_part", pa.array([], pa.string()))
         return empty.append_column(PARTITION, pa.array([], pa.string()))
     with ThreadPoolExecutor(min(threads, len(parts))) as pool:
-        tables = list(pool.map(one, parts))
+        tables = [t for t in pool.map(one, parts) if t is not None]
+    if not tables:
+        return _read_parts(out, [], columns)
     return pa.concat_tables(tables)
 
 
@@ -387,8 +422,16 @@ class State:
 
     def __init__(self, out: Output, columns: Sequence[str] = INDEX_COLUMNS) -> None:
         self.columns = tuple(columns)
-        self.parts = [p for p in out.list(RESULTS_DIR) if _is_part(p)]
-        self.rows = _read_parts(out, self.parts, self.columns)
+        parts = [p for p in out.list(RESULTS_DIR) if _is_part(p)]
+        unreadable: list[tuple[str, str | None]] = []
+        self.rows = _read_parts(out, parts, self.columns, unreadable=unreadable)
+        for rel, reason in unreadable:
+            if reason is not None:
+                print(f"[segment_batch] result part {rel} is unreadable ({reason}): moved to "
+                      f"{QUARANTINE_DIR}/, its images will be processed again", flush=True)
+                out.quarantine(rel, reason)
+        left_out = {rel for rel, _ in unreadable}
+        self.parts = [p for p in parts if p not in left_out]
         self.masks = set(out.list(MASKS_DIR))
 
     def rescan(self, out: Output) -> State:
@@ -605,9 +648,58 @@ def list_input(cfg: Mapping[str, Any], so: dict | None) -> Listing:
                         **dict(cfg.get("layout_options") or {}))
 
 
+def _whole(value: Any, name: str, low: int, none: bool = False) -> None:
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be a whole number >= {low}{' or null' if none else ''}, "
+                         f"got {value!r}")
+
+
+def check_settings(cfg: Mapping[str, Any]) -> None:
+    """Refuse bad settings before anything is read or deleted (`overwrite=true` would otherwise
+    empty the output before Ray refused a bad batch setting)."""
+    batch, storage = cfg["batch"], cfg.get("storage") or {}
+    for name, value in (("overwrite", cfg.get("overwrite", False)),
+                        ("retry_errors", cfg.get("retry_errors", False)),
+                        ("ground_truth", cfg.get("ground_truth", True)),
+                        ("batch.hausdorff", batch.get("hausdorff", True)),
+                        ("storage.anonymous", storage.get("anonymous", False)),
+                        ("storage.forward_credentials", storage.get("forward_credentials", True))):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    _whole(cfg.get("limit"), "limit", 0, none=True)
+    _whole(cfg.get("compact_rows", 0), "compact_rows", 0)
+    _whole(cfg.get("compact_min_parts", 0), "compact_min_parts", 0)
+    _whole(batch.get("batch_size"), "batch.batch_size", 1)
+    for key in ("io_threads", "torch_threads", "model_batch_size", "max_pixels", "max_bytes",
+                "max_tasks_in_flight_per_actor"):
+        _whole(batch.get(key), f"batch.{key}", 1, none=True)
+    _whole(batch.get("mask_threshold", 127), "batch.mask_threshold", 0)
+    if batch.get("mask_threshold", 127) > 254:
+        raise ValueError(f"batch.mask_threshold must be at most 254 (pixels above it are "
+                         f"foreground), got {batch['mask_threshold']}")
+    c = batch.get("concurrency")
+    if c is not None:
+        if isinstance(c, int) and not isinstance(c, bool):
+            _whole(c, "batch.concurrency", 1)
+        elif not (isinstance(c, (list, tuple)) and len(c) == 2
+                  and all(isinstance(v, int) and not isinstance(v, bool) for v in c)
+                  and 1 <= c[0] <= c[1]):
+            raise ValueError("batch.concurrency must be null, a number of actors >= 1 or "
+                             f"[min, max] with 1 <= min <= max, got {c!r}")
+    for key, zero_ok in (("num_cpus", False), ("num_gpus", True)):
+        value = batch.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value < 0 or (value == 0 and not zero_ok)):
+            raise ValueError(f"batch.{key} must be a number {'>= 0' if zero_ok else '> 0'}, "
+                             f"got {value!r}")
+
+
 def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Run the job on a plain config dict (as composed from pipelines/conf/segment_batch.yaml);
     returns the manifest."""
+    check_settings(cfg)
     threshold = check_threshold(cfg.get("threshold"))
     started = time.time()
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
@@ -637,9 +729,12 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     retried = {i for i, e in zip(state.ids, state.rows.column("error").to_pylist())
                if e is not None} if cfg.get("retry_errors") else set()
     done = set(state.ids) - retried
-    pending = [r for r in listing.records if r.id not in done]
+    # new images first: with a limit, retried errors (often files that stay corrupt) must not
+    # take every night's whole share
+    pending = [r for r in listing.records if r.id not in done and r.id not in retried] + \
+        [r for r in listing.records if r.id in retried]
     limit = cfg.get("limit")
-    todo = pending if limit is None else pending[: max(0, int(limit))]
+    todo = pending if limit is None else pending[:limit]
     print(f"[segment_batch] {len(listing.records)} images in {valid_text(input_url)} "
           f"({len(listing.skipped)} files skipped by the layout), "
           f"{len(listing.records) - len(pending)} already done, "
@@ -704,6 +799,7 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "orphan_masks_removed": len(orphans),
             "temporary_files_removed": len(leftovers),
             "parts_merged": merged,
+            "unreadable_parts_quarantined": out.quarantined[:LIST_CAP],
         },
         "totals": _totals(state, class_names),
         "segmentation": _segmentation_summary(state),
@@ -774,7 +870,7 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
         batch_size=int(batch["batch_size"]),
         concurrency=_pool_size(batch, len(todo)),
         num_gpus=num_gpus,
-        num_cpus=float(batch.get("num_cpus") or 1),
+        num_cpus=1.0 if batch.get("num_cpus") is None else float(batch["num_cpus"]),
         threshold=threshold,
         predictor=CommittingPredictor,
         predictor_kwargs={
@@ -782,7 +878,7 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
             "output": out.url,
             "output_options": so,
             "run_id": run_id,
-            "io_threads": int(batch.get("io_threads") or 8),
+            "io_threads": 8 if batch.get("io_threads") is None else int(batch["io_threads"]),
             "torch_threads": batch.get("torch_threads"),
             "hausdorff": bool(batch.get("hausdorff", True)),
             "with_truth": bool(cfg.get("ground_truth", True)),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from medseg_core.checkpoint import load_bundle, save_bundle
 from medseg_core.dataset import RecordDataset, collate
+from medseg_core.engine import check_scheduler
 from medseg_core.inference import Segmenter
 from medseg_core.layouts import Record
 from medseg_core.metrics import SegmentationMeter
@@ -59,6 +60,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def classifier_model(model: Mapping[str, Any], class_names: Sequence[str]) -> dict[str, Any]:
+    """The `classifier` config with `num_classes` from the class names when null; a number
+    that disagrees with them is refused."""
+    model, names = dict(model), list(class_names)
+    if model.get("num_classes") is None:
+        model["num_classes"] = len(names)
+    elif int(model["num_classes"]) != len(names):
+        raise ValueError(f"classifier.num_classes={model['num_classes']} but data.class_names "
+                         f"has {len(names)} ({', '.join(names)}): set "
+                         f"classifier.num_classes={len(names)} (or null)")
+    return model
+
+
 def stage_spec(cfg: dict[str, Any], stage: str) -> StageSpec:
     """Plain settings of one stage from the composed config."""
     if stage not in STAGES:
@@ -86,9 +100,20 @@ def stage_spec(cfg: dict[str, Any], stage: str) -> StageSpec:
     if validate not in ("truth", "predicted"):
         raise ValueError("train.classifier_masks.validate must be truth or predicted, "
                          f"got {validate!r}")
+    model = dict(cfg["model"] if seg else cfg["classifier"])
+    group = "model" if seg else "classifier"
+    channels = int(data["channels"])
+    if int(model.get("in_channels", channels)) != channels:
+        raise ValueError(f"{group}.in_channels={model['in_channels']} but data.channels="
+                         f"{channels}: set one to the other")
+    if not seg:
+        if not data["class_names"]:
+            raise ValueError(f"the classifier stage needs labelled data, and data={data['name']} "
+                             "has no data.class_names: train stages=[segmenter]")
+        model = classifier_model(model, data["class_names"])
     return StageSpec(
         stage=stage,
-        model=dict(cfg["model"] if seg else cfg["classifier"]),
+        model=model,
         epochs=int(train["epochs"] if seg else train["classifier_epochs"]),
         optimizer=dict(train["optimizer"] if seg else train["classifier_optimizer"]),
         scheduler=dict(train["scheduler"]),
@@ -212,17 +237,15 @@ def test_dice(seg_uri: str, records: list[Record], cfg: dict[str, Any], device: 
     return segmentation_scores(seg_uri, records, cfg, {"one": over}, device)["one"]
 
 
-def run_local(cfg: dict[str, Any], splits: dict[str, list[Record]]) -> dict[str, str]:
-    bundles = {}
-    for stage in cfg["stages"]:
-        log = RunLog(run_dir(cfg), stage)
-        ctx = LocalContext(cfg, splits, log)
-        print(f"[{stage}] training in-process on {ctx.device}: {len(splits['train'])} train, "
-              f"{len(splits['val'])} val images", flush=True)
-        fit_stage(stage_spec(cfg, stage), ctx)
-        log.close()
-        bundles[stage] = log.best
-    return bundles
+def run_local(cfg: dict[str, Any], splits: dict[str, list[Record]], stage: str) -> str:
+    """Train one stage in-process; returns its best bundle."""
+    log = RunLog(run_dir(cfg), stage)
+    ctx = LocalContext(cfg, splits, log)
+    print(f"[{stage}] training in-process on {ctx.device}: {len(splits['train'])} train, "
+          f"{len(splits['val'])} val images", flush=True)
+    fit_stage(stage_spec(cfg, stage), ctx)
+    log.close()
+    return log.best
 
 
 # inference options chosen after training: name -> (flip, keep_largest), cheapest first
@@ -312,7 +335,28 @@ def check_settings(cfg: dict[str, Any]) -> None:
         raise ValueError(f"stages must be a non-empty list of {list(STAGES)}, e.g. "
                          f"stages=[segmenter]; got {stages!r}")
     postprocess_mode(cfg)
-    split_mode(cfg["data"].get("split"))
+    split = cfg["data"].get("split") or {}
+    if split_mode(split) == "ratio" and not float(list(split.get("ratios", (0.8, 0.1, 0.1)))[1]) > 0:
+        raise ValueError("data.split.ratios gives the validation split no share: the best "
+                         f"epoch and early stopping are chosen on it; got {split.get('ratios')}")
+    check_scheduler(cfg["train"]["scheduler"])
+    # bad augmentation ranges raise here rather than in the read tasks
+    build_transforms({"size": list(cfg["data"]["image_size"]), **dict(cfg["data"]["augment"])},
+                     train=True)
+    for stage in stages:
+        spec = stage_spec(cfg, stage)
+        key = "epochs" if stage == "segmenter" else "classifier_epochs"
+        if spec.epochs < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {spec.epochs}")
+        if spec.early_stopping_patience < 0:
+            raise ValueError("train.early_stopping_patience must be >= 0 (0 = off), got "
+                             f"{spec.early_stopping_patience}")
+        if spec.grad_clip is not None and not float(spec.grad_clip) > 0:
+            # clip_grad_norm_ with a negative norm flips every gradient
+            raise ValueError(f"train.grad_clip must be > 0 or null (off), got {spec.grad_clip}")
+        if not 0.0 < spec.threshold < 1.0:
+            raise ValueError(f"train.threshold must be strictly between 0 and 1, got "
+                             f"{spec.threshold}")
 
 
 def run(cfg: dict[str, Any]) -> dict[str, str]:
@@ -321,14 +365,21 @@ def run(cfg: dict[str, Any]) -> dict[str, str]:
     # the in-process trainer's DataLoader cannot drop a bad record: check them all first
     splits = load_splits(cfg, check=backend == "local")
     print("split sizes: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()), flush=True)
+    if not splits["val"]:
+        raise ValueError(f"the validation split is empty ({len(splits['train'])} train records): "
+                         "the best epoch and early stopping are chosen on it; use more data or "
+                         "a larger data.split.ratios[1]")
     if backend == "local":
-        bundles = run_local(cfg, splits)
+        train_stage = run_local
     else:  # "ray" (check_settings refused any other)
-        from pipelines.train_ray import run_ray
-
-        bundles = run_ray(cfg, splits)
-    if "segmenter" in bundles:
-        choose_postprocess(bundles["segmenter"], splits["val"], cfg)
+        from pipelines.train_ray import run_ray as train_stage
+    bundles = {}
+    for stage in cfg["stages"]:
+        bundles[stage] = train_stage(cfg, splits, stage)
+        if stage == "segmenter":
+            # before the classifier stage: the masks it trains on are made with the options
+            # the chain will use
+            choose_postprocess(bundles[stage], splits["val"], cfg)
     summarize(cfg, bundles, splits)
     data_report(cfg)  # the complete bad-input report on disk, and a warning naming the files
     return bundles

@@ -8,12 +8,14 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 import torch.distributed as dist
+from ray.data import Dataset
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -142,51 +144,62 @@ def storage(cfg: dict[str, Any]) -> str:
     return base if "://" in base else os.path.abspath(base)
 
 
-def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]]) -> dict[str, str]:
-    """Train each configured stage with a TorchTrainer; returns the best bundle of each."""
+def resumed_train_dataset(cfg: dict[str, Any], stage: str,
+                          records: list[Record]) -> Callable[[], Dataset]:
+    """The train split's Dataset as a factory. Ray Train calls it at every worker-group start:
+    the first, and each restart after a worker failure (`FailureConfig`). Each time, its
+    augmentation and shuffle epochs start at the epoch the stage resumes at (the next epoch
+    of its latest bundle), so neither a rerun nor a restarted group replays the first epochs'
+    draws: a Dataset built once would count its passes from `data.epoch_offset` again in every
+    new group."""
+
+    def build() -> Dataset:
+        resume = RunLog(run_dir(cfg), stage).resume_epoch()
+        data = {**cfg["data"], "epoch_offset": int(cfg["data"].get("epoch_offset", 0)) + resume}
+        return build_datasets({**cfg, "data": data}, {"train": records})["train"]
+
+    return build
+
+
+def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]], stage: str) -> str:
+    """Train one stage with a TorchTrainer; returns its best bundle."""
     trainer = cfg["trainer"]
     init_ray(trainer)
     world = int(trainer["num_workers"])
-    bundles = {}
     path = storage(cfg)
-    for stage in cfg["stages"]:
-        spec = stage_spec(cfg, stage)
-        parts: dict[str, list[Record]] = {"train": splits["train"]}
-        parts.update({f"val_{r}": splits["val"][r::world] for r in range(world)})
-        # a rerun resumes at the latest bundle's next epoch: its augmentation epochs go on
-        # from there instead of replaying the first ones
-        resume_epoch = RunLog(run_dir(cfg), stage).resume_epoch()
-        data_cfg = {**cfg["data"], "epoch_offset": int(cfg["data"].get("epoch_offset", 0))
-                    + resume_epoch}
-        datasets = build_datasets({**cfg, "data": data_cfg}, parts)
-        if trainer.get("cache_data"):
-            # decode once into the object store: small archives, benchmarks (CPU augmentation
-            # is then fixed; trainer.gpu_augment stays random per epoch)
-            datasets = {name: ds.materialize() for name, ds in datasets.items()}
-        steps = expected_steps(len(splits["train"]), world, int(cfg["train"]["batch_size"]))
-        print(f"[{stage}] Ray Train: {world} worker(s), {len(splits['train'])} train / "
-              f"{len(splits['val'])} val images, {steps} steps per epoch", flush=True)
-        result = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": cfg, "stage": stage, "steps_per_epoch": steps},
-            scaling_config=scaling_config(trainer),
-            run_config=RunConfig(
-                name=f"{cfg['run_name']}-{stage}",
-                storage_path=path,
-                failure_config=FailureConfig(max_failures=int(trainer.get("max_failures", 3))),
-                checkpoint_config=CheckpointConfig(
-                    num_to_keep=int(trainer.get("num_to_keep", 2)),
-                    checkpoint_score_attribute=score_key(spec),
-                    checkpoint_score_order="max",
-                ),
+    spec = stage_spec(cfg, stage)
+    vals = {f"val_{r}": splits["val"][r::world] for r in range(world)}
+    datasets: dict[str, Any] = build_datasets(cfg, vals)
+    if trainer.get("cache_data"):
+        # decode once into the object store: small archives, benchmarks (CPU augmentation
+        # is then fixed; trainer.gpu_augment stays random per epoch)
+        datasets["train"] = resumed_train_dataset(cfg, stage, splits["train"])()
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    else:
+        datasets["train"] = resumed_train_dataset(cfg, stage, splits["train"])
+    steps = expected_steps(len(splits["train"]), world, int(cfg["train"]["batch_size"]))
+    print(f"[{stage}] Ray Train: {world} worker(s), {len(splits['train'])} train / "
+          f"{len(splits['val'])} val images, {steps} steps per epoch", flush=True)
+    result = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "stage": stage, "steps_per_epoch": steps},
+        scaling_config=scaling_config(trainer),
+        run_config=RunConfig(
+            name=f"{cfg['run_name']}-{stage}",
+            storage_path=path,
+            failure_config=FailureConfig(max_failures=int(trainer.get("max_failures", 3))),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=int(trainer.get("num_to_keep", 2)),
+                checkpoint_score_attribute=score_key(spec),
+                checkpoint_score_order="max",
             ),
-            datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=["train"]),
-        ).fit()
-        if result.error:
-            raise result.error
-        bundles[stage] = RunLog(run_dir(cfg), stage).best
-    return bundles
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    ).fit()
+    if result.error:
+        raise result.error
+    return RunLog(run_dir(cfg), stage).best
 
 
 def expected_steps(n_train: int, world: int, batch_size: int) -> int:

@@ -18,6 +18,7 @@ Three deployments, composed through deployment handles:
 
 import asyncio
 import base64
+import json
 import logging
 import math
 import os
@@ -277,6 +278,29 @@ def encode_mask(mask: np.ndarray, fmt: MaskFormat | str) -> dict[str, Any]:
         return {"format": "rle", "size": size, "counts": rle_encode(mask)["counts"]}
     return {"format": "png", "size": size,
             "data": base64.b64encode(encode_mask_png(mask)).decode("ascii")}
+
+
+def response_body(mask: np.ndarray, cls: Mapping[str, Any], fmt: MaskFormat,
+                  shape: tuple[int, ...], threshold: float | None, versions: dict[str, str],
+                  timings: dict[str, float], t0: float) -> bytes:
+    """The JSON of a prediction (`PredictResponse`); `timings` gets `postprocess_ms` and
+    `total_ms`, from `t0`, the request's start."""
+    t4 = time.perf_counter()
+    result = summarize_prediction(mask, np.asarray(cls["probabilities"]), cls["names"])
+    encoded = encode_mask(result["mask"], fmt)
+    t5 = time.perf_counter()
+    return json.dumps({
+        "label": result["label"],
+        "label_name": result["label_name"],
+        "probabilities": result["probabilities"],
+        "mask": encoded,
+        "lesion_area_fraction": result["lesion_area_fraction"],
+        "bbox": result["bbox"],
+        "image_size": [int(shape[0]), int(shape[1])],
+        "threshold": threshold,
+        "model_versions": versions,
+        "timings": {**timings, "postprocess_ms": _ms(t4, t5), "total_ms": _ms(t0, t5)},
+    }, allow_nan=False, separators=(",", ":")).encode()
 
 
 async def gather_model_infos(calls: Mapping[str, Callable[[], Awaitable[Any]]],
@@ -557,7 +581,9 @@ class Ingress:
         t0 = time.perf_counter()
         data = await self._read_image_bytes(request)
         t1 = time.perf_counter()
-        async with self.pixels.hold(self._budgeted_pixels(data)):
+        # Pillow walks a header's chunks in Python: off the event loop, as decoding is
+        pixels = await asyncio.to_thread(self._budgeted_pixels, data)
+        async with self.pixels.hold(pixels):
             t_wait = time.perf_counter()
             image = await asyncio.to_thread(self._decode, data)
             del data
@@ -570,30 +596,19 @@ class Ingress:
             versions = {"segmenter": seg["version"], "classifier": cls["version"]}
             self.readiness.observe(versions)
             fmt = mask_format or MaskFormat(self.settings.default_mask_format)
-            result = summarize_prediction(seg["mask"], np.asarray(cls["probabilities"]),
-                                          cls["names"])
-            mask = await asyncio.to_thread(encode_mask, result["mask"], fmt)
-            t5 = time.perf_counter()
-        body = {
-            "label": result["label"],
-            "label_name": result["label_name"],
-            "probabilities": result["probabilities"],
-            "mask": mask,
-            "lesion_area_fraction": result["lesion_area_fraction"],
-            "bbox": result["bbox"],
-            "image_size": [int(image.shape[0]), int(image.shape[1])],
-            "threshold": threshold,
-            "model_versions": versions,
-            "timings": {"read_ms": _ms(t0, t1), "pixel_wait_ms": _ms(t1, t_wait),
-                        "decode_ms": _ms(t_wait, t2),
-                        "segment_ms": _ms(t2, t3), "classify_ms": _ms(t3, t4),
-                        "segment_replica_ms": seg["replica_ms"],
-                        "segment_model_ms": seg["model_ms"],
-                        "classify_replica_ms": cls["replica_ms"],
-                        "classify_model_ms": cls["model_ms"],
-                        "postprocess_ms": _ms(t4, t5), "total_ms": _ms(t0, t5)},
-        }
-        return JSONResponse(body)
+            timings = {"read_ms": _ms(t0, t1), "pixel_wait_ms": _ms(t1, t_wait),
+                       "decode_ms": _ms(t_wait, t2),
+                       "segment_ms": _ms(t2, t3), "classify_ms": _ms(t3, t4),
+                       "segment_replica_ms": seg["replica_ms"],
+                       "segment_model_ms": seg["model_ms"],
+                       "classify_replica_ms": cls["replica_ms"],
+                       "classify_model_ms": cls["model_ms"]}
+            # the mask's encoding and the JSON (an RLE of a fragmented large mask runs to
+            # millions of numbers) off the event loop, and within the image's budget
+            body = await asyncio.to_thread(
+                response_body, seg["mask"], cls, fmt, image.shape, threshold, versions,
+                timings, t0)
+        return Response(body, media_type="application/json")
 
     @app.get("/healthz", summary="Ready when both model bundles are loaded",
              response_model=HealthResponse, responses={503: _ERRORS[503]})

@@ -46,6 +46,11 @@ class PixelBudget:
         try:
             yield
         finally:
-            async with self._cond:
-                self.free += n
-                self._cond.notify_all()
+            # given back before any await: a cancellation while waiting for the lock below
+            # (a client gone mid-release) must not lose these pixels for good
+            self.free += n
+            await asyncio.shield(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()

@@ -98,3 +98,14 @@ def test_entry_points_join_a_cluster_started_with_ray_start(tmp_path_factory):
     finally:
         _kill_cluster(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_task_slots_count_what_both_cpus_and_gpus_allow():
+    from pipelines.cluster import task_slots
+
+    assert task_slots(3, 0.25, resources={"CPU": 4.0, "GPU": 1.0}) == 1  # 3 CPUs each
+    assert task_slots(3, 0.25, resources={"CPU": 16.0, "GPU": 1.0}) == 4
+    assert task_slots(1, 0.25, resources={"CPU": 16.0, "GPU": 2.0}) == 8
+    assert task_slots(1, 0, resources={"CPU": 2.0}) == 2
+    assert task_slots(1, 0, resources={"CPU": 8.0}, exclude_cpus=6) == 2
+    assert task_slots(4, 0, resources={"CPU": 2.0}) == 1  # at least one

@@ -360,6 +360,57 @@ def test_the_check_cache_holds_per_limits(synthetic_archive, tmp_path):
     assert checked_hashes(records, None, strict=False, cache_dir=cache)[0] == first
 
 
+def test_the_check_cache_follows_each_files_contents(synthetic_archive, tmp_path, monkeypatch):
+    """A file damaged or replaced under its name after a run is checked again (the in-process
+    trainer crashed on it, and a replaced image kept its old split hash), and a record added
+    to the archive leaves the others cached."""
+    import os
+
+    import pipelines.data as data
+
+    arc = copy_archive(synthetic_archive, tmp_path / "arc")
+    cfg = make_cfg(tmp_path, str(arc))
+    decoded: list[str] = []
+    real = data.image_phash
+    monkeypatch.setattr(data, "image_phash",
+                        lambda blob, name, *a: decoded.append(name) or real(blob, name, *a))
+
+    def check() -> tuple[dict[str, int | None], list]:
+        listing = data.list_archive(cfg["data"], stamps=True)
+        hashes, problems = data.checked_hashes(
+            listing.records, None, strict=False, cache_dir=str(tmp_path / "cache"),
+            cache_name=str(arc), stamps=listing.stamps)
+        return {r.id: h for r, h in zip(listing.records, hashes)}, problems
+
+    first, _ = check()
+    n = len(first)
+    assert len(decoded) == n
+    decoded.clear()
+    assert check()[0] == first and decoded == []  # all cached
+
+    damaged = arc / "benign" / "benign (1).png"
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    replaced = arc / "normal" / "normal (2).png"
+    other = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    stat = replaced.stat()
+    replaced.write_bytes(encode_png(other))
+    os.utime(replaced, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # even within one tick
+    added = arc / "malignant" / "malignant (99).png"
+    added.write_bytes(encode_png(other))
+    (arc / "malignant" / "malignant (99)_mask.png").write_bytes(
+        encode_mask_png(np.zeros((64, 64), np.uint8)))
+    decoded.clear()
+    hashes, problems = check()
+    assert sorted(decoded) == sorted(str(p) for p in (damaged, replaced, added))
+    assert [p.path for p in problems] == [str(damaged)]
+    assert hashes["benign/benign (1)"] is None
+    assert hashes["normal/normal (2)"] == hashes["malignant/malignant (99)"] != first[
+        "normal/normal (2)"]
+    assert {k: v for k, v in hashes.items() if k in first and k not in (
+        "benign/benign (1)", "normal/normal (2)")} == {
+        k: v for k, v in first.items() if k not in ("benign/benign (1)", "normal/normal (2)")}
+
+
 @pytest.mark.ray
 @pytest.mark.s3
 @pytest.mark.parametrize("dedup", [False, True], ids=["found-in-ray-tasks", "found-by-hashing"])
@@ -440,6 +491,21 @@ def test_read_from_s3_like_a_user(ray_cluster, s3, synthetic_archive, tmp_path, 
     assert data_report(cfg, warn=False)["dropped"] == 0
     secret = s3.env["AWS_SECRET_ACCESS_KEY"]
     assert secret not in json.dumps(cfg) and secret not in Path(cfg["data"]["report"]).read_text()
+
+    # the listing stamps each object (size and ETag): one overwritten under its name, here
+    # with garbage, is checked again rather than taken from the check cache
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    listing = list_archive(cfg["data"], stamps=True)
+    uris = {u for r in listing.records for u in (r.image_uri, *r.mask_uris)}
+    assert set(listing.stamps) == uris and all(":" in v for v in listing.stamps.values())
+    victim = remote_splits["val"][0]
+    s3.client().put_object(Bucket="medseg-data", Key=victim.image_uri.removeprefix(
+        "s3://medseg-data/"), Body=b"not an image any more")
+    assert list_archive(cfg["data"], stamps=True).stamps[victim.image_uri] != \
+        listing.stamps[victim.image_uri]
+    after = load_splits(cfg)
+    assert victim.id not in {r.id for v in after.values() for r in v}
+    assert data_report(cfg, warn=False)["dropped"] == 1
 
 
 def _plasma_mib() -> float:

@@ -517,3 +517,18 @@ def test_bounded_reads_over_http_take_an_unsatisfiable_range_as_an_empty_file():
             read_bytes(f"{base}/missing.png")
     finally:
         server.shutdown()
+
+
+def test_file_names_holding_a_double_colon_are_read_literally(tmp_path):
+    """fsspec reads '::' in a URL as a chain of filesystems: `/x/a::b.png` opened `/x/a`."""
+    from medseg_core.io import object_fs, read_bytes
+    from pipelines.data import fetch_many
+
+    (tmp_path / "a").write_bytes(b"the wrong file")
+    target = tmp_path / "a::b.png"
+    target.write_bytes(b"the right file")
+    assert read_bytes(str(target)) == b"the right file"
+    assert read_bytes(f"file://{target}") == b"the right file"
+    assert fetch_many([str(target)], None)[str(target)] == b"the right file"
+    fs, path = object_fs("s3://bucket/x::y.png", {"anon": True})
+    assert (fs.protocol[0], path) == ("s3", "bucket/x::y.png")

@@ -113,13 +113,13 @@ def test_segmenter_keeps_the_largest_lesion_at_original_size(tmp_path, mode):
 def test_flip_averages_the_image_and_its_mirror(tmp_path):
     seg = Segmenter(load_bundle(_bundle(tmp_path)), flip=True)
     # a stand-in model that looks left (a running sum along x): mirroring changes its output
-    seg._forward = lambda x: x[:, 0].cumsum(-1)
+    seg.model = lambda x: x[:, :1].cumsum(-1)  # logits
     image = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
     x = seg._normalize(image)[:, 0]
-    expected = (x.cumsum(-1) + x.flip(-1).cumsum(-1).flip(-1)) / 2
+    expected = (torch.sigmoid(x.cumsum(-1)) + torch.sigmoid(x.flip(-1).cumsum(-1)).flip(-1)) / 2
     assert torch.allclose(seg._probabilities(image), expected)
     seg.flip = False
-    assert torch.allclose(seg._probabilities(image), x.cumsum(-1))
+    assert torch.allclose(seg._probabilities(image), torch.sigmoid(x.cumsum(-1)))
 
 
 def test_choose_postprocess_sets_the_bundle_from_validation_dice(tmp_path, synthetic_archive):

@@ -235,6 +235,37 @@ def test_threshold_outside_0_1_is_refused_at_start_up(tmp_path):
         check_threshold(True)
 
 
+def test_bad_settings_are_refused_before_anything_is_deleted(tmp_path):
+    """`overwrite=true` empties the output first: every setting is checked before that (a bad
+    batch setting was refused by Ray only after the deletion), and `overwrite=no` (a string,
+    so true) deleted everything."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    kept = [tmp_path / "out" / "results" / "predicted_class=benign" / "part-x.parquet",
+            tmp_path / "out" / "masks" / "benign" / "x.png"]
+    for f in kept:
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"committed")
+    base = [f"input={tmp_path / 'in'}", "bundles.segmenter=/nonexistent/seg",
+            f"output={tmp_path / 'out'}"]
+    for bad, message in ((["overwrite=no"], "overwrite='no' is a string"),
+                         (["overwrite=off"], "overwrite='off' is a string"),
+                         (["overwrite='false'"], "overwrite='false' is a string"),
+                         (["overwrite=1"], "overwrite must be true or false"),
+                         (["overwrite=true", "storage.forward_credentials=no"], "is a string"),
+                         (["overwrite=true", "batch.batch_size=0"], "batch.batch_size must be"),
+                         (["overwrite=true", "batch.concurrency=[2,1]"], "concurrency must be"),
+                         (["overwrite=true", "batch.num_gpus=-1"], "num_gpus must be"),
+                         (["overwrite=true", "batch.io_threads=0"], "io_threads must be"),
+                         (["overwrite=true", "batch.max_pixels=0"], "max_pixels must be"),
+                         (["overwrite=true", "limit=-1"], "limit must be"),
+                         (["overwrite=true", "limit=2.5"], "limit must be"),
+                         (["overwrite=true", "limit=true"], "limit must be")):
+        with pytest.raises(ValueError, match=message):
+            run_job([*base, *bad])
+        assert all(f.read_bytes() == b"committed" for f in kept), bad
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole job on a real S3-compatible server
 
@@ -251,9 +282,16 @@ def test_s3_archive_with_corrupt_files_gives_exact_outputs(s3, ray_cluster, tmp_
     (local / "benign" / "ünïcode 名前 (1).png").write_bytes(encode_png(image))
     (local / "benign" / "ünïcode 名前 (1)_mask.png").write_bytes(
         encode_mask_png(np.ones(image.shape[:2], np.uint8)))
+    # '::' is fsspec's URL-chain separator: read first, it broke the actor's S3 reader for
+    # every later image
+    (local / "benign" / "0::colon (1).png").write_bytes(encode_png(image))
+    (local / "benign" / "0::colon (1)_mask.png").write_bytes(
+        encode_mask_png(np.ones(image.shape[:2], np.uint8)))
     for bucket in ("medseg-in", "medseg-models", "medseg-out"):
         s3.create_bucket(bucket)
     s3.upload_dir(local, "s3://medseg-in/archive")
+    # a "folder" placeholder, as S3 consoles and sync tools make: the sweep took it for a mask
+    s3.client().put_object(Bucket="medseg-out", Key="nightly/masks/benign/", Body=b"")
     seg_uri, cls_uri = save_bundles("s3://medseg-models/v1", storage_options=s3.storage_options)
 
     # credentials only in the environment (the Ray workers never see it: forwarded in memory)
@@ -272,7 +310,7 @@ def test_s3_archive_with_corrupt_files_gives_exact_outputs(s3, ray_cluster, tmp_
 
     rows = read_results("s3://medseg-out/nightly/results", filesystem=fs)
     by_id = {r["id"]: r for r in rows}
-    assert len(rows) == len(by_id) == len(records) == 14
+    assert len(rows) == len(by_id) == len(records) == 15
     assert set(by_id) == {r.id for r in records}
     labels = {r.id: r.label for r in records}
     seg_counts = []
@@ -296,7 +334,8 @@ def test_s3_archive_with_corrupt_files_gives_exact_outputs(s3, ray_cluster, tmp_
         assert f"s3://medseg-in/archive/{name}" in row["error"]
         assert row["label"] == -1 and np.isnan(row["dice"])
 
-    keys = {k.removeprefix("medseg-out/") for k in fs.find("medseg-out")}
+    keys = {k.removeprefix("medseg-out/") for k in fs.find("medseg-out")
+            if not k.endswith("/")}  # the placeholder stays
     masks = {k.removeprefix("nightly/") for k in keys if k.startswith("nightly/masks/")}
     assert masks == {r["mask_path"] for r in rows if r["error"] is None}
     assert all(k.startswith("nightly/") for k in keys)
@@ -307,25 +346,25 @@ def test_s3_archive_with_corrupt_files_gives_exact_outputs(s3, ray_cluster, tmp_
     assert stored == manifest
     expected_classes = Counter(out["label_name"] for out in ref.values())
     totals = manifest["totals"]
-    assert totals["images"] == 14 and totals["errors"] == 4 and totals["masks"] == 10
+    assert totals["images"] == 15 and totals["errors"] == 4 and totals["masks"] == 11
     assert totals["counts_by_class"] == {**dict.fromkeys(CLASS_NAMES, 0), **expected_classes,
                                          "error": 4}
     assert sorted(e["id"] for e in totals["error_list"]) == sorted(bad)
-    assert manifest["run"]["processed"] == 14 and manifest["run"]["errors"] == 4
+    assert manifest["run"]["processed"] == 15 and manifest["run"]["errors"] == 4
     assert manifest["run"]["complete"] and manifest["run"]["images_per_s"] > 0
     assert manifest["bundles"]["segmenter"]["version"] == "seg-v1"
     assert manifest["bundles"]["classifier"]["version"] == "cls-v1"
     summed = np.sum(seg_counts, axis=0)
     seg = manifest["segmentation"]
-    assert seg["images"] == 10 and seg["counts"] == [int(c) for c in summed]
+    assert seg["images"] == 11 and seg["counts"] == [int(c) for c in summed]
     assert seg["dice"] == pytest.approx(metrics_from_counts(summed)["dice"])
     assert seg["iou"] == pytest.approx(metrics_from_counts(summed)["iou"])
     assert "medsegtest" not in json.dumps(manifest)  # no credentials anywhere
 
     again = run_job(overrides)  # idempotent: nothing to do, nothing rewritten
-    assert again["run"]["processed"] == 0 and again["run"]["already_done"] == 14
+    assert again["run"]["processed"] == 0 and again["run"]["already_done"] == 15
     fs.invalidate_cache()
-    after = {k.removeprefix("medseg-out/") for k in fs.find("medseg-out")}
+    after = {k.removeprefix("medseg-out/") for k in fs.find("medseg-out") if not k.endswith("/")}
     assert after - keys == {f"nightly/runs/{again['run_id']}.json"}
 
 
@@ -380,7 +419,8 @@ def test_limit_rerun_repair_and_overwrite_keep_exactly_once(ray_cluster, bundles
     repaired = run_job([*base, "retry_errors=true"])
     assert repaired["repair"] == {"duplicate_rows_removed": len(dup_ids),
                                   "rows_without_mask_removed": 1, "orphan_masks_removed": 1,
-                                  "temporary_files_removed": 1, "parts_merged": 0}
+                                  "temporary_files_removed": 1, "parts_merged": 0,
+                                  "unreadable_parts_quarantined": []}
     # processed again: the image whose mask was lost, and the errors (retry_errors)
     assert repaired["run"]["processed"] == 1 + len(bad)
     assert repaired["run"]["errors_retried"] == len(bad) and kept["run"]["errors_retried"] == 0
@@ -399,6 +439,33 @@ def test_limit_rerun_repair_and_overwrite_keep_exactly_once(ray_cluster, bundles
     assert merged["run"]["processed"] == 0 and merged["repair"]["parts_merged"] > 0
     assert len(parts) == len({p.split("/")[1] for p in parts})  # one part per class left
     assert canonical(check_exactly_once(out, ids)) == canonical(after)  # same rows
+
+    # a part left empty (a power cut before the data reached the disk, a partial copy) is
+    # moved out of results/ and its images processed again; every run failed on it before
+    victim = sorted(p for p in local_files(out, "results") if "=error" not in p)[0]
+    lost_ids = {r["id"] for r in read_results(str(out / victim))}
+    (out / victim).write_bytes(b"")
+    healed = run_job(base)
+    assert healed["run"]["processed"] == len(lost_ids)
+    [q] = healed["repair"]["unreadable_parts_quarantined"]
+    assert q["part"] == victim and "ArrowInvalid" in q["reason"]
+    assert (out / q["moved_to"]).exists() and q["moved_to"].startswith("quarantine/")
+    assert canonical([{k: v for k, v in r.items() if k not in ("run_id", "processed_at",
+                                                               "seconds")}
+                      for r in check_exactly_once(out, ids)]) == canonical(
+        [{k: v for k, v in r.items() if k not in ("run_id", "processed_at", "seconds")}
+         for r in after])
+
+    # with a limit, new images come before retried errors, which would otherwise take it
+    for i in range(2):
+        image = sample_image(np.random.default_rng(20 + i))
+        (archive / "benign" / f"zz new {i}.png").write_bytes(encode_png(image))
+        (archive / "benign" / f"zz new {i}_mask.png").write_bytes(
+            encode_mask_png(np.zeros(image.shape[:2], np.uint8)))
+    news = run_job([*base, "retry_errors=true", "limit=2"])
+    assert news["run"]["processed"] == 2 and news["run"]["errors_retried"] == 0
+    assert {r["id"]: r["error"] for r in check_exactly_once(out)
+            if r["run_id"] == news["run_id"]} == {"benign/zz new 0": None, "benign/zz new 1": None}
 
 
 @pytest.mark.ray
@@ -452,8 +519,8 @@ def test_malicious_names_stay_inside_the_output(ray_cluster, bundles, tmp_path, 
     rng = np.random.default_rng(6)
     folder = tmp_path / "in"
     (folder / "deep" / "er").mkdir(parents=True)
-    names = ["a b.png", "ünïcode 名前.png", "x..evil.png", "-rf --no-preserve-root.png",
-             "%2e%2e%2fx.png", "deep/er/x y.png"]
+    names = ["0::colon.png", "a b.png", "ünïcode 名前.png", "x..evil.png",
+             "-rf --no-preserve-root.png", "%2e%2e%2fx.png", "deep/er/x y.png"]
     for name in names:
         (folder / name).write_bytes(encode_png(sample_image(rng)))
     real = str(folder / "a b.png")

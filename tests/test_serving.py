@@ -276,6 +276,22 @@ def test_the_pixel_budget_bounds_the_images_in_flight():
         release.set()
         await hog
         assert budget.free == 100
+
+        # a request cancelled while giving its pixels back, the budget's lock busy meanwhile
+        # (a waiter being woken): the pixels still come back
+        release.clear()
+        leaving = asyncio.create_task(request("leaving", 100))
+        await asyncio.sleep(0.01)
+        async with budget._cond:
+            release.set()
+            await asyncio.sleep(0.01)  # `leaving` now waits for the lock to hand its share back
+            leaving.cancel()
+            await asyncio.sleep(0.01)
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert budget.free == 100
+        async with budget.hold(100):
+            pass
         with pytest.raises(ValueError):
             PixelBudget(0, 1.0)
 

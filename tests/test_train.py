@@ -518,13 +518,13 @@ class _EverywhereSegmenter(torch.nn.Module):
 
 
 def _seen_masks(prob: float, mask_model: torch.nn.Module | None, validate: bool = False):
-    from medseg_core.engine import StepConfig, train_epoch, validate_classifier
+    from medseg_core.engine import FrozenSegmenter, StepConfig, train_epoch, validate_classifier
 
     batches = [{"image": torch.randint(0, 255, (16, 8, 8, 3), dtype=torch.uint8),
                 "mask": torch.zeros(16, 8, 8, dtype=torch.uint8),
                 "label": torch.randint(0, 3, (16,))} for _ in range(4)]
     model = _SpyClassifier()
-    step = StepConfig(mask_model=mask_model, mask_prob=prob)
+    step = StepConfig(mask_model=mask_model and FrozenSegmenter(mask_model), mask_prob=prob)
     if validate:
         validate_classifier(model, batches, step, num_classes=3)
     else:
@@ -546,6 +546,67 @@ def test_classifier_trains_on_the_fraction_of_predicted_masks_asked_for():
     # validation sees the segmenter's masks whenever one is given, the truth otherwise
     assert set(_seen_masks(0.0, full, validate=True).tolist()) == {1.0}
     assert set(_seen_masks(0.0, None, validate=True).tolist()) == {0.0}
+
+
+def _median_segmenter(folder: Path, images: np.ndarray, flip: bool, largest: bool) -> str:
+    """A random U-Net bundle thresholded at the median of its probabilities on `images`, so
+    its masks hold several components, with the given post-processing."""
+    from medseg_core.checkpoint import load_bundle, save_bundle
+    from medseg_core.inference import Segmenter
+    from medseg_core.models import build_model
+
+    torch.manual_seed(3)
+    spec = {"name": "unet", "widths": [4, 8]}
+    cfg = {"task": "segmentation", "input_size": [32, 32], "in_channels": 3, "mean": [0.5] * 3,
+           "std": [0.25] * 3, "threshold": 0.5, "class_names": None,
+           "inference": {"mode": "resize", "flip": flip, "keep_largest": largest}}
+    uri = save_bundle(str(folder), build_model(spec), {"model": spec, **cfg})
+    probs = np.stack(Segmenter(load_bundle(uri), "cpu", 8).predict_proba(list(images)))
+    return save_bundle(str(folder), load_bundle(uri).model,
+                       {"model": spec, **cfg, "threshold": float(np.median(probs))})
+
+
+@pytest.mark.parametrize("flip,largest", [(False, False), (True, True)])
+def test_the_classifier_stage_sees_the_masks_the_chain_makes(tmp_path, flip, largest):
+    """Predicted training masks follow the segmenter bundle's threshold, flip and
+    keep_largest, as `Segmenter` (the chain) makes them; they thresholded the raw logits at
+    train.threshold."""
+    from medseg_core.checkpoint import load_bundle
+    from medseg_core.engine import StepConfig, _inputs, predicted_masks
+    from medseg_core.inference import Segmenter
+    from pipelines.loop import load_mask_segmenter
+    from pipelines.train import stage_spec
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    seg = _median_segmenter(tmp_path / "seg", images, flip, largest)
+    spec = stage_spec(config(tmp_path, f"train.classifier_masks.segmenter={seg}",
+                             "train.classifier_masks.predicted=1.0", "data.mean=[0.5,0.5,0.5]",
+                             "data.std=[0.25,0.25,0.25]"), "classifier")
+    frozen = load_mask_segmenter(spec, torch.device("cpu"))
+    step = StepConfig(mean=(0.5,) * 3, std=(0.25,) * 3, mask_model=frozen)
+    x, _, _ = _inputs({"image": torch.from_numpy(images),
+                       "mask": torch.zeros(4, 32, 32, dtype=torch.uint8)}, step)
+    got = predicted_masks(x, step)[:, 0].numpy().astype(np.uint8)
+    want = np.stack(Segmenter(load_bundle(seg), "cpu", 8).predict(list(images)))
+    assert 0.2 < want.mean() < 0.8, want.mean()  # neither empty nor full
+    np.testing.assert_array_equal(got, want)
+
+
+def test_the_classifier_trains_on_the_segmenter_post_processed_as_chosen(tmp_path, monkeypatch):
+    """The post-processing is chosen right after the segmenter stage, so the classifier stage
+    (here on predicted masks) loads the bundle with it; it was chosen after both stages."""
+    import pipelines.loop as loop
+
+    seen = []
+    real = loop.load_mask_segmenter
+    monkeypatch.setattr(loop, "load_mask_segmenter",
+                        lambda spec, device: seen.append(real(spec, device)) or seen[-1])
+    from pipelines.train import run
+
+    run(config(tmp_path, "trainer=local", "train.epochs=1", "train.classifier_epochs=1",
+               "run_name=order", "train.postprocess=flip+largest",
+               "train.classifier_masks.predicted=1.0"))
+    assert [(s.flip, s.keep_largest) for s in seen] == [(True, True)]
 
 
 def test_classifier_masks_settings_are_checked(tmp_path):
@@ -707,7 +768,23 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("stages=segmenter", "stages must be"),
                          ("train.postprocess=larges", "train.postprocess must be"),
                          ("trainer.backend=dask", "unknown trainer.backend"),
-                         ("data.split.mode=kfld", "data.split.mode must be")):
+                         ("data.split.mode=kfld", "data.split.mode must be"),
+                         # found only when warm-up ended, or never
+                         ("train.scheduler.schedule=cosin", "schedule must be one of"),
+                         ("train.scheduler.warmup_fraction=2.0", "warmup_fraction must be"),
+                         ("train.scheduler.power=-0.9", "power must be > 0"),
+                         ("+train.scheduler.warmup_steps=-1", "warmup_steps must be"),
+                         ("train.grad_clip=-1.0", "grad_clip must be > 0"),
+                         ("train.threshold=1.5", "train.threshold must be strictly"),
+                         ("train.epochs=0", "train.epochs must be >= 1"),
+                         ("train.classifier_epochs=0", "train.classifier_epochs must be"),
+                         ("train.early_stopping_patience=-3", "early_stopping_patience must"),
+                         ("data.augment.scale=[1.1,0.9]", "scale_range must be"),
+                         ("data.split.ratios=[0.9,0,0.1]", "validation split no share"),
+                         # crashed on the first classifier batch, after the whole segmenter
+                         ("classifier.num_classes=7", "classifier.num_classes=7 but"),
+                         ("data.channels=1", "model.in_channels=3 but data.channels=1"),
+                         ("data.class_names=[]", "the classifier stage needs labelled data")):
         # the archive does not exist: reading it would fail with another error
         cfg = config(tmp_path, bad, f"data.url={tmp_path / 'nothing'}")
         with pytest.raises(ValueError, match=message):
@@ -769,9 +846,69 @@ def test_local_training_drops_a_record_with_a_bad_mask(tmp_path, synthetic_archi
         splits = load_splits(cfg, check=True)
     assert "benign/benign (2)" not in {r.id for v in splits.values() for r in v}
     assert sum(len(v) for v in splits.values()) == 14
+    # the split of the listing, as Ray's tasks and evaluation (unchecked) split it: the bad
+    # record leaves its split, the others stay where they are
+    unchecked = load_splits(cfg)
+    assert {k: [r.id for r in v if r.id != "benign/benign (2)"] for k, v in unchecked.items()} \
+        == {k: [r.id for r in v] for k, v in splits.items()}
     from pipelines.train import run
 
     with pytest.warns(UserWarning, match=r"benign \(2\)_mask\.png"):
         run(cfg)
     report = json.loads(Path(cfg["data"]["report"]).read_text())
     assert report["dropped"] == 1 and report["entries"][0]["path"].endswith("benign (2)_mask.png")
+
+
+def test_warmup_steps_zero_means_no_warm_up():
+    from medseg_core.engine import build_scheduler
+
+    for cfg, first in (({"schedule": "constant", "warmup_steps": 0, "warmup_fraction": 0.5}, 1.0),
+                       ({"schedule": "constant", "warmup_fraction": 0.5}, 0.1)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        build_scheduler(opt, cfg, total_steps=20)
+        assert opt.param_groups[0]["lr"] == pytest.approx(first), cfg
+
+
+def test_an_empty_validation_split_is_refused(tmp_path):
+    from pipelines.train import run
+
+    # one image per class: nothing is left for validation
+    with pytest.raises(ValueError, match="the validation split is empty"):
+        run(config(tmp_path, "trainer=local", "data.generate.n_per_class=1"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_restarted_worker_group_gets_the_resume_epochs_augmentation(tmp_path, ray_cluster):
+    """Ray Train builds the train Dataset at every worker-group start: after a failure the
+    rebuilt Dataset's first pass is the augmentation epoch the loop resumes at, not epoch 0."""
+    from medseg_core.checkpoint import save_bundle
+    from medseg_core.models import build_model
+    from pipelines.data import load_splits, train_epoch_dataset
+    from pipelines.runlog import RunLog
+    from pipelines.train import run_dir
+    from pipelines.train_ray import resumed_train_dataset
+
+    cfg = config(tmp_path, "trainer=ray", "run_name=restart", "data.generate.n_per_class=4",
+                 "data.shuffle=false")
+    records = load_splits(cfg)["train"]
+    build = resumed_train_dataset(cfg, "segmenter", records)
+
+    def first_pass(ds) -> set[bytes]:
+        return {im.tobytes() for b in ds.iter_batches(batch_size=64, batch_format="numpy")
+                for im in b["image"]}
+
+    first = build()
+    assert first_pass(first) == first_pass(train_epoch_dataset(first, 0))
+    # epochs 0 and 1 done, as a worker reports them before failing in epoch 2
+    spec = {"name": "unet", "widths": [4, 8]}
+    bundle = save_bundle(str(tmp_path / "e1"), build_model(spec), {
+        "model": spec, "task": "segmentation", "input_size": [64, 64], "in_channels": 3,
+        "mean": [0.5] * 3, "std": [0.5] * 3, "threshold": 0.5, "class_names": None,
+        "inference": {}}, metrics={"train_state": {"epoch": 1, "best": 0.5}})
+    log = RunLog(run_dir(cfg), "segmenter")
+    log.record({"epoch": 1.0, "val_dice": 0.5, "is_best": 1.0}, bundle, [])
+    log.close()
+    restarted = build()
+    seen = first_pass(restarted)
+    assert seen == first_pass(train_epoch_dataset(restarted, 2))
+    assert seen != first_pass(train_epoch_dataset(restarted, 0))
