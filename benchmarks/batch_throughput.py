@@ -16,6 +16,11 @@ as over a nightly archive) with the same bundles: the default classic U-Net
   the same files as the loop. Its images/s is N / the wall time of the whole call, actor
   start-up included; the steady rate after the first committed batch is printed too.
 
+- bound (``--bound``, CPU only): the same plain loop in one process per core, one torch thread
+  each, the files dealt out round-robin, all started together once warmed up. It writes
+  nothing and pays no Ray, so no job of one actor per core can beat it: ``bound / loop`` is
+  the most ``batch_vs_loop`` can reach on this machine, measured in the same run.
+
 Ray workers run at the loop's priority (``RAY_worker_niceness=0``; Ray's default is nice 15,
 which matters only on a machine shared with other work). Both paths are warmed first (files
 read once into the page cache; the loop predicts two images; a 4-image job run starts and
@@ -56,6 +61,7 @@ from medseg_core.io import decode_image, read_bytes  # noqa: E402
 from medseg_core.layouts import list_records  # noqa: E402
 from medseg_core.models import build_model  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
+from pipelines.train import classifier_model  # noqa: E402
 
 CONF = ROOT / "pipelines" / "conf"
 
@@ -79,6 +85,9 @@ def parse_args() -> argparse.Namespace:
                    help="CPUs per actor (default: the batch config's)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads per actor (default: the batch config's)")
+    p.add_argument("--bound", action="store_true",
+                   help="also time one plain loop per core (1 torch thread each): the most "
+                        "any one-actor-per-core job can reach")
     p.add_argument("--io-threads", type=int, default=None,
                    help="reads/decodes in flight per actor (default: the batch config's)")
     return p.parse_args()
@@ -87,7 +96,8 @@ def parse_args() -> argparse.Namespace:
 def make_bundles(folder: Path) -> tuple[str, str]:
     data = yaml.safe_load((CONF / "data" / "busi_full.yaml").read_text())
     seg_model = yaml.safe_load((CONF / "model" / "unet.yaml").read_text())
-    cls_model = yaml.safe_load((CONF / "classifier" / "cnn.yaml").read_text())
+    cls_model = classifier_model(yaml.safe_load((CONF / "classifier" / "cnn.yaml").read_text()),
+                                 data["class_names"])
     common = {"input_size": data["image_size"], "mean": data["mean"], "std": data["std"]}
     torch.manual_seed(0)
     seg = save_bundle(str(folder / "seg"), build_model(seg_model),
@@ -115,6 +125,40 @@ def loop(chain: Chain, records: list) -> float:
     for rec in records:
         chain.predict([decode_image(read_bytes(rec.image_uri), keep_grey=True)])  # as the job
     return time.perf_counter() - start
+
+
+def _bound_worker(seg: str, cls: str, uris: list[str], barrier, queue) -> None:
+    torch.set_num_threads(1)
+    chain = Chain.from_uris(seg, cls)
+    for uri in uris[:2]:  # warm-up, as the loop's
+        chain.predict([decode_image(read_bytes(uri), keep_grey=True)])
+    barrier.wait()
+    start = time.perf_counter()
+    for uri in uris:
+        chain.predict([decode_image(read_bytes(uri), keep_grey=True)])
+    queue.put(time.perf_counter() - start)
+
+
+def bound(seg: str, cls: str, records: list, procs: int) -> float:
+    """Seconds for `procs` processes, each a plain loop with one torch thread over every
+    procs-th record, started together: from the common start to the last one's end."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # fork would copy torch's thread pools
+    barrier, queue = ctx.Barrier(procs + 1), ctx.Queue()
+    uris = [r.image_uri for r in records]
+    workers = [ctx.Process(target=_bound_worker, args=(seg, cls, uris[i::procs], barrier, queue))
+               for i in range(procs)]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for _ in workers:
+        queue.get()
+    seconds = time.perf_counter() - start
+    for w in workers:
+        w.join()
+    return seconds
 
 
 def batch_kind(args: argparse.Namespace) -> str:
@@ -168,6 +212,7 @@ def main() -> None:
         job_s = time.perf_counter() - start
         assert manifest["run"]["processed"] == n, manifest["run"]
         loop_s += loop(chain, records[half:])
+        bound_s = bound(seg, cls, records, cores) if args.bound and not args.gpu else None
 
         loop_ips, job_ips = n / loop_s, n / job_s
         b = cfg["batch"]
@@ -186,6 +231,11 @@ def main() -> None:
         r = manifest["run"]
         print(f"| job, steady state (after the first batch, {r['first_commit_seconds']:.1f} s "
               f"of pool start-up) | {n} | | {r['steady_images_per_s']:.2f} |")
+        if bound_s is not None:
+            print(f"| bound: {cores} plain loops, one per core, 1 torch thread each | {n} | "
+                  f"{bound_s:.1f} | {n / bound_s:.2f} |")
+            print(f"\nat most batch_vs_loop={loop_s / bound_s:.2f} for one actor per core "
+                  "(bound / loop)")
         print()
         print(f"RESULT batch_vs_loop={job_ips / loop_ips:.2f}")
     finally:
