@@ -79,8 +79,12 @@ class BootstrapConfig:
     max_elements: int = 2_000_000  # weights per chunk (resamples x images)
 
     def __post_init__(self) -> None:
-        if self.samples < 1:
-            raise ValueError(f"bootstrap samples must be >= 1, got {self.samples}")
+        for name in ("samples", "seed", "max_elements"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or \
+                    value < (0 if name == "seed" else 1):
+                raise ValueError(f"bootstrap {name} must be a whole number >= "
+                                 f"{0 if name == 'seed' else 1}, got {value!r}")
         if not 0.0 < self.confidence < 1.0:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
 
@@ -402,6 +406,10 @@ def classification_summary(true: Sequence[int] | np.ndarray, pred: Sequence[int]
 CASE_METRIC_COLUMNS = ("hd95", "lesion_area_fraction", "seconds", "height", "width")
 
 
+# case metrics where less is better: a distance, a time
+LOWER_IS_BETTER = frozenset({"hd95", "seconds"})
+
+
 def check_case_metric(metric: str) -> str:
     """``metric`` when `select_cases` can rank images by it, else ValueError (checked before
     any prediction, rather than after an hour of it)."""
@@ -432,7 +440,7 @@ def select_cases(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str] =
                              "or a column of the rows")
         values = np.array([np.nan if _missing(r.get(metric)) else float(r[metric])
                            for r in ok], dtype=np.float64)
-    higher_is_better = metric != "hd95"
+    higher_is_better = metric not in LOWER_IS_BETTER
     score = np.where(np.isfinite(values), values, -np.inf if higher_is_better else np.inf)
     if not higher_is_better:
         score = -score

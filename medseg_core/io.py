@@ -131,9 +131,14 @@ def _to_uint8(im: Image.Image) -> np.ndarray:
         np.nan_to_num(a, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
         if not (lo >= 0.0 and hi <= 1.0):
-            if hi > lo:
+            with np.errstate(over="ignore"):
+                fits = bool(np.isfinite(np.float32(hi) - np.float32(lo)))
+            if hi > lo and fits:
                 a -= np.float32(lo)
                 a *= np.float32(255.0 / (hi - lo))
+                np.clip(a, 0.0, 255.0, out=a)
+            elif hi > lo:  # a range beyond float32's (values near +-3.4e38)
+                a = ((a.astype(np.float64) - lo) * (255.0 / (hi - lo))).astype(np.float32)
             else:
                 a[...] = 0.0
         else:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -28,11 +30,33 @@ PATH_KEYS = ("data.url", "data.report", "train.classifier_masks.segmenter", "eva
 _BOOLEAN_WORDS = {"yes", "no", "on", "off", "true", "false"}
 
 
+@functools.cache
+def boolean_settings() -> frozenset[str]:
+    """Names of the settings that are true/false in some file of pipelines/conf."""
+    import yaml
+
+    names: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, bool):
+                    names.add(str(key))
+                walk(value)
+
+    for path in Path(CONF_DIR).rglob("*.yaml"):
+        walk(yaml.safe_load(path.read_text()))
+    return frozenset(names)
+
+
 def _refuse_boolean_words(node: Any, where: str = "") -> None:
+    """A boolean setting given as a word (`no`, `off`, a quoted "false"): a string, which would
+    act as true. Other settings (names, paths, env_vars) may hold any word."""
     if isinstance(node, dict):
         for key, value in node.items():
             name = f"{where}.{key}" if where else str(key)
-            if isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS:
+            if (isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS
+                    and str(key) in boolean_settings()):
                 raise ValueError(f"{name}={value!r} is a string, not a boolean: write "
                                  f"{name}=true or {name}=false")
             _refuse_boolean_words(value, name)
@@ -42,8 +66,8 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     """The config as a plain dict, with local paths made absolute: Ray workers run in their
     own working directory, so a relative `./outputs` would land inside Ray's session. A
     required setting left at `???` is an error naming it (it would otherwise become a path
-    called `???`), and so is a setting spelt `no`, `off`, `yes`, `on` or a quoted `"false"`:
-    a string, which would act as true."""
+    called `???`), and so is a boolean setting spelt `no`, `off`, `yes`, `on` or a quoted
+    `"false"`: a string, which would act as true."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"required setting(s) not given: {', '.join(missing)}; set them on "

@@ -119,6 +119,7 @@ from medseg_core.layouts import (
     decode_masks,
     decode_record,
     list_records,
+    valid_text,
 )
 from medseg_core.splits import phash
 from medseg_core.splits import split_records as core_split_records
@@ -232,7 +233,9 @@ class EnvCredentials:
         return out
 
 
-def _task_credentials(data_cfg: Mapping[str, Any], url: str) -> EnvCredentials | None:
+def task_credentials(data_cfg: Mapping[str, Any], url: str) -> EnvCredentials | None:
+    """This process's AWS_* environment, to forward to read tasks (an s3:// URL, and
+    `data.forward_credentials`)."""
     if _is_s3(url) and data_cfg.get("forward_credentials", True):
         return EnvCredentials.capture()
     return None
@@ -309,7 +312,7 @@ class Problem:
     @classmethod
     def of(cls, stage: str, e: BaseException, rec: Record, split: str | None = None) -> Problem:
         """The problem of a record that raised `e`, blaming the file the error names."""
-        path = _blamed_path(e, rec)
+        path = blamed_path(e, rec)
         return cls(stage, path, _reason(e, path), rec.id, split)
 
 
@@ -512,13 +515,25 @@ def ensure_dataset(data_cfg: dict[str, Any]) -> str:
 
 def list_archive(data_cfg: dict[str, Any], strict: bool | None = None,
                  stamps: bool = False) -> Listing:
-    """List the archive once with its layout (`stamps`: see `list_records`)."""
+    """List the archive once with its layout (`stamps`: see `list_records`). The layout's
+    labels index its class names: `data.class_names` (what training, bundles and reports call
+    them) must be those, in that order, or LayoutError (reordered, every label was named
+    after another class)."""
     url = ensure_dataset(data_cfg)
-    return list_records(
+    listing = list_records(
         url, data_cfg["layout"], storage_options=storage_options(data_cfg),
         strict=bool(data_cfg.get("strict", True) if strict is None else strict),
         max_bytes=_max_bytes(data_cfg), stamps=stamps, **(data_cfg.get("options") or {}),
     )
+    named = [str(c) for c in data_cfg.get("class_names") or []]
+    labels = [str(c) for c in listing.class_names]
+    if named and labels and named != labels:
+        compact = json.dumps(labels).replace(" ", "")
+        raise LayoutError(f"{valid_text(url)}: layout {data_cfg['layout']} labels records by "
+                          f"class names {labels}, but data.class_names is {named}: set "
+                          f"data.class_names={compact}, or data.options.class_names to the "
+                          "same list as data.class_names to label them in that order")
+    return listing
 
 
 def image_phash(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> int:
@@ -639,8 +654,9 @@ def _checked_listing(cfg: dict[str, Any], check: bool | None
     dedup = int(data_cfg["split"].get("dedup_distance", 6)) >= 0
     so = storage_options(data_cfg)
     if is_packed(data_cfg):
-        records, hashes, problems = list_packed(str(data_cfg["url"]), so, strict,
-                                                data_cfg.get("class_names") or None)
+        records, hashes, problems = list_packed(
+            str(data_cfg["url"]), so, strict, data_cfg.get("class_names") or None,
+            channels=int(data_cfg.get("channels", 3)), image_size=data_cfg.get("image_size"))
         if strict and problems:  # left out when it was packed: strict means the same as raw
             p = problems[0]
             raise BadRecordError(f"{p.path}: {p.reason} (left out when the archive was packed; "
@@ -745,8 +761,26 @@ def parse_packed_uri(uri: str) -> tuple[str, int, int]:
     return shard, int(rg), int(row)
 
 
+def _rows_with_masks(pf: Any) -> list[bool]:
+    """Which rows of a packed shard hold a mask (an images-only archive packs none), from each
+    row group's null count in the footer; only a row group with and without masks is read."""
+    md = pf.metadata
+    col = pf.schema_arrow.get_field_index("mask")
+    out: list[bool] = []
+    for rg in range(md.num_row_groups):
+        n = md.row_group(rg).num_rows
+        stats = md.row_group(rg).column(col).statistics
+        nulls = stats.null_count if stats is not None and stats.has_null_count else None
+        if nulls in (0, n):
+            out += [nulls == 0] * n
+        else:
+            out += pf.read_row_group(rg, columns=["mask"]).column("mask").is_valid().to_pylist()
+    return out
+
+
 def list_packed(url: str, so: dict | None = None, strict: bool = False,
-                class_names: Sequence[str] | None = None
+                class_names: Sequence[str] | None = None, channels: int | None = None,
+                image_size: Sequence[int] | None = None
                 ) -> tuple[list[Record], list[int], list[Problem]]:
     """Records, split hashes and problems of a packed archive, without decoding: those packing
     reported, and one per record of a shard that cannot be read (truncated, overwritten), which
@@ -768,6 +802,18 @@ def list_packed(url: str, so: dict | None = None, strict: bool = False,
                           f"{packed_names}, but data.class_names is {list(class_names)}: set "
                           f"data.class_names={json.dumps(packed_names).replace(' ', '')} "
                           "(same order) so that the labels keep their meaning")
+    if (channels is not None and manifest.get("encoding") == "raw"
+            and int(manifest.get("channels", channels)) != int(channels)):
+        # raw arrays cannot be decoded to another channel count: every row would be dropped
+        raise LayoutError(f"{_manifest_url(url)}: the pack holds raw {manifest['channels']}-"
+                          f"channel arrays, but data.channels is {channels}: set data.channels="
+                          f"{manifest['channels']} or repack")
+    resized = manifest.get("resize_to")
+    if resized and image_size is not None and [int(v) for v in resized] != \
+            [int(v) for v in image_size]:
+        warnings.warn(f"{_manifest_url(url)}: the pack was resized to {resized} and is read at "
+                      f"data.image_size={list(image_size)}: every row is resized a second time",
+                      stacklevel=2)
     records: list[Record] = []
     hashes: list[int] = []
     lost: list[Problem] = []
@@ -776,7 +822,9 @@ def list_packed(url: str, so: dict | None = None, strict: bool = False,
         fs, path = _fs(shard_uri, so)
         try:
             with fs.open(path, "rb") as f:
-                table = pq.read_table(f, columns=["id", "label", "phash"])
+                pf = pq.ParquetFile(f)
+                table = pf.read(columns=["id", "label", "phash"])
+                masked = _rows_with_masks(pf)
         except (*BAD_INPUT_ERRORS, pa.ArrowInvalid, OSError) as e:
             if not (isinstance(e, BAD_INPUT_ERRORS) or corrupt_parquet(e)):
                 raise  # the storage failed (network, permissions), not the shard's bytes
@@ -793,7 +841,10 @@ def list_packed(url: str, so: dict | None = None, strict: bool = False,
         row = 0
         for rg, n in enumerate(shard["row_groups"]):
             for r in range(n):
-                records.append(Record(ids[row], packed_uri(shard_uri, rg, r), (), int(labels[row])))
+                uri = packed_uri(shard_uri, rg, r)
+                # mask_uris: the row itself where it holds a mask, as a raw record names its files
+                records.append(Record(ids[row], uri, (uri,) if masked[row] else (),
+                                      int(labels[row])))
                 hashes.append(int(ph[row]))
                 row += 1
     problems = [Problem("pack", s["path"], s["reason"], s.get("id"))
@@ -907,7 +958,8 @@ def decode_raw_batch(batch: Mapping[str, Sequence[Any]], spec: DecodeSpec,
     return _finish(spec, samples)
 
 
-def _blamed_path(e: BaseException, rec: Record) -> str:
+def blamed_path(e: BaseException, rec: Record) -> str:
+    """The file of `rec` an error message starts with (its image when none)."""
     msg = str(e)
     for u in (*rec.mask_uris, rec.image_uri):
         if msg.startswith(f"{u}: "):
@@ -1139,7 +1191,8 @@ class _Pipeline:
 _PIPELINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _spec(cfg: dict[str, Any], split: str, train: bool, ledger: Any) -> DecodeSpec:
+def _spec(cfg: dict[str, Any], split: str, train: bool, ledger: Any,
+          credentials: EnvCredentials | None = None) -> DecodeSpec:
     data = cfg["data"]
     gpu_aug = bool((cfg.get("trainer") or {}).get("gpu_augment", False))
     aug = dict(data.get("augment") or {}) if (train and not gpu_aug) else None
@@ -1150,7 +1203,7 @@ def _spec(cfg: dict[str, Any], split: str, train: bool, ledger: Any) -> DecodeSp
         seed=int(cfg.get("seed", 0)), split=split, strict=bool(data.get("strict", False)),
         max_pixels=_max_pixels(data), max_bytes=_max_bytes(data),
         threshold=int(data.get("mask_threshold", 127)), storage_options=storage_options(data),
-        credentials=_task_credentials(data, url),
+        credentials=credentials or task_credentials(data, url),
         ledger=ledger, epoch_offset=int(data.get("epoch_offset", 0)),
         io_threads=int(_read_cfg(data)["io_threads"]),
         shuffle_rows=bool(train and data.get("shuffle", False)),
@@ -1195,12 +1248,13 @@ def _set_backpressure(ds: Dataset, read_ahead: float | None) -> None:
 
 def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str = "train",
                   train: bool | None = None, epoch: int | None = None,
-                  ledger: Any = None) -> Dataset:
+                  ledger: Any = None, credentials: EnvCredentials | None = None) -> Dataset:
     """One split as a Ray Dataset of {image, mask, label} rows (see the module docstring).
 
     `train` (default: split name starts with "train") turns on augmentation (unless
     trainer.gpu_augment) and data.shuffle. `epoch` pins the augmentation epoch; None derives it
-    from the execution count of the returned Dataset.
+    from the execution count of the returned Dataset. `credentials`: those to hand the read
+    tasks, captured earlier (default: this process's, per `data.forward_credentials`).
     """
     import ray
     from ray.data import TaskPoolStrategy
@@ -1211,7 +1265,7 @@ def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str 
     if ledger is None:
         ledger = problem_ledger(cfg)
     read = _read_cfg(data)
-    spec = _spec(cfg, split, train, ledger)
+    spec = _spec(cfg, split, train, ledger, credentials)
     if records and PACKED_MARK in records[0].image_uri:
         kind, items = "packed", _packed_items(records)
         per_task = max(1, int(read["packed_batch_size"]))

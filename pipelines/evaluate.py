@@ -64,9 +64,9 @@ from pipelines import CONF_DIR
 from pipelines.cluster import connect
 from pipelines.config import resolve
 from pipelines.data import (
-    PACKED_MARK,
     _max_bytes,
     _max_pixels,
+    blamed_path,
     is_packed,
     load_any_record,
     load_records,
@@ -103,19 +103,25 @@ def select_records(cfg: dict[str, Any]) -> list[Record]:
             raise ValueError(f"split {split!r} does not exist with data.split.mode="
                              f"{cfg['data']['split'].get('mode')!r} (have {sorted(splits)})")
         records = list(splits[split])
-    if ev.get("limit"):
-        records = records[: int(ev["limit"])]
+    limit = ev.get("limit")
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"evaluate.limit must be null (all) or a whole number >= 1, "
+                             f"got {limit!r}")
+        records = records[:limit]
     if not records:
         raise ValueError(f"split {split!r} of {cfg['data']['url']} has no images")
     return records
 
 
-def choose_backend(backend: str, n_images: int, auto_min_images: int = 2000) -> str:
-    """local or ray; ``auto`` is ray from ``auto_min_images`` images on."""
+def choose_backend(backend: str, n_images: int, auto_min_images: int = 2000,
+                   packed: bool = False) -> str:
+    """local or ray; ``auto`` is ray from ``auto_min_images`` images on, local for a packed
+    archive (which the Ray backend does not read)."""
     if backend not in BACKENDS:
         raise ValueError(f"evaluate.backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "ray" if n_images >= int(auto_min_images) else "local"
+        return "ray" if n_images >= int(auto_min_images) and not packed else "local"
     return backend
 
 
@@ -126,7 +132,14 @@ def tta_flips(ev: Mapping[str, Any]) -> tuple[str, ...] | None:
         return FLIPS if tta else None
     if not tta.get("enabled"):
         return None
-    return tuple(str(f) for f in (tta.get("flips") or FLIPS))
+    flips = tta.get("flips")
+    if flips is None:
+        return FLIPS
+    flips = tuple(str(f) for f in flips)
+    if not flips or any(f not in FLIPS for f in flips):
+        raise ValueError(f"evaluate.tta.flips must name at least one of {list(FLIPS)}, got "
+                         f"{list(flips)}")
+    return flips
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,7 +219,10 @@ class LocalPredictor:
                 sample = load_any_record(rec, self.cfg, keep_grey=True)
                 loaded.append((sample, None, time.perf_counter() - t0))
             except Exception as exc:  # a bad file is an error row, not a crash
-                loaded.append((None, _error_text(exc, rec.image_uri), time.perf_counter() - t0))
+                # a missing file is named (a mask, not its image), as the Ray backend does
+                uri = blamed_path(exc, rec) if isinstance(exc, FileNotFoundError) else \
+                    rec.image_uri
+                loaded.append((None, _error_text(exc, uri), time.perf_counter() - t0))
         ok = [i for i, (s, _, _) in enumerate(loaded) if s is not None]
         result = {}
         for variant, chain in self.chains.items():
@@ -226,7 +242,7 @@ class LocalPredictor:
                                           seconds=seconds, versions=versions))
                     outputs.append(None)
                     continue
-                truth = sample["mask"] if rec.mask_uris or PACKED_MARK in rec.image_uri else None
+                truth = sample["mask"] if rec.mask_uris else None  # packed: the row's own
                 try:
                     row = prediction_row(rec.id, rec.image_uri, out, truth=truth,
                                          true_label=rec.label, seconds=seconds + share,
@@ -497,11 +513,12 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     ev, data = cfg["evaluate"], cfg["data"]
     check_threshold(ev.get("threshold"))
     check_case_metric(str((ev.get("cases") or {}).get("metric", "dice")))
+    boot = BootstrapConfig.from_dict(ev.get("bootstrap"))  # all checked before any prediction
+    flips = tta_flips(ev)
     class_names = checked_class_names(cfg)
     records = select_records(cfg)
     backend = choose_backend(str(ev.get("backend", "local")), len(records),
-                             int(ev.get("auto_ray_min_images", 2000)))
-    flips = tta_flips(ev)
+                             int(ev.get("auto_ray_min_images", 2000)), is_packed(data))
     print(f"[evaluate] {len(records)} images of split {ev['split']!r} of {data['url']} "
           f"({backend}{', TTA ' + '/'.join(flips) if flips else ''})", flush=True)
 
@@ -510,7 +527,6 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     else:
         variants = predict_local(records, cfg, flips)
     main = variants["tta" if flips else "plain"]
-    boot = BootstrapConfig.from_dict(ev.get("bootstrap"))
     cases_cfg = ev.get("cases") or {}
     summary = summarize(main, class_names, baseline_rows=variants["plain"] if flips else None,
                         bootstrap_config=boot, case_metric=str(cases_cfg.get("metric", "dice")),

@@ -163,18 +163,19 @@ def epoch_metrics(spec: StageSpec, ctx: WorkerContext, model: nn.Module,
     num_classes = int(spec.model.get("num_classes", 3))
     cm = validate_classifier(model, ctx.val_batches(), step, num_classes).confusion
     total = ctx.all_sum(cm.astype(np.float64).ravel()).reshape(cm.shape)
-    _require_validation(total.sum())
+    _require_validation(total.sum(), "with a label ")
     agg = ClassificationMeter.from_state({"confusion": total}).aggregate()
     return {"val_accuracy": float(agg["accuracy"]), "val_macro_f1": float(agg["macro_f1"]),
             "val_images": float(total.sum())}
 
 
-def _require_validation(images: float) -> None:
+def _require_validation(images: float, kind: str = "") -> None:
     """Scores of no images (every validation record unreadable) would read as a perfect Dice
     and pick that epoch as the best for good."""
     if images <= 0:
-        raise RuntimeError("no validation image could be read: every record of the validation "
-                           "split was dropped as bad input (see the warnings and data.report)")
+        raise RuntimeError(f"no validation image {kind}could be read: every such record of the "
+                           "validation split was dropped as bad input (see the warnings and "
+                           "data.report)")
 
 
 def score_key(spec: StageSpec) -> str:

@@ -69,13 +69,13 @@ from pipelines.data import (
     _fs,
     _max_bytes,
     _max_pixels,
-    _task_credentials,
     fetch_many,
     image_phash,
     list_archive,
     record_bytes,
     record_problems,
     storage_options,
+    task_credentials,
 )
 
 ENCODINGS = ("file", "png", "raw")
@@ -211,6 +211,17 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
     for key, value in (("shard_size", shard_size), ("row_group_rows", group_rows)):
         if value < 1:
             raise ValueError(f"pack.{key} must be at least 1, got {value}")
+    # all checked before the old pack's manifest goes: a bad setting must not destroy it
+    if resize_to and not (len(resize_to) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in resize_to)):
+        raise ValueError(f"pack.resize_to must be null or [height, width] of whole numbers >= 1, "
+                         f"got {resize_to}")
+    level = pack.get("compress_level", 1)
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
+        raise ValueError(f"pack.compress_level must be a whole number from 0 to 9, got {level!r}")
+    backend = pack.get("backend", "ray")
+    if backend not in ("ray", "local"):
+        raise ValueError(f"pack.backend must be ray or local, got {backend!r}")
     strict = bool(data.get("strict", False))
     listing = list_archive(data, strict=strict)
     problems = [Problem("listing", s.path, s.reason) for s in listing.skipped]
@@ -224,7 +235,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         "channels": int(data.get("channels", 3)), "max_pixels": _max_pixels(data),
         "max_bytes": _max_bytes(data),
         "mask_threshold": int(data.get("mask_threshold", 127)), "strict": strict, "storage_options": so,
-        "credentials": (_task_credentials(data, str(data["url"])) or _task_credentials(data, out)
+        "credentials": (task_credentials(data, str(data["url"])) or task_credentials(data, out)
                         or EnvCredentials()),
         "out_storage_options": _out_options(cfg, out),
         "io_threads": int((data.get("read") or {}).get("io_threads", 8)),
@@ -235,7 +246,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         mfs.rm(mpath)
     shards = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
     t0 = time.time()
-    if pack.get("backend", "ray") == "local":
+    if backend == "local":
         summaries = [pack_shard(i, s, spec) for i, s in enumerate(shards)]
     else:
         import ray

@@ -386,15 +386,17 @@ def _read_parts(out: Output, parts: Sequence[str], columns: Sequence[str] | None
 
     def one(rel: str) -> pa.Table | None:
         try:
-            table = pq.read_table(pa.BufferReader(out.read(rel)), columns=list(columns)
-                                  if columns else None)
-            if columns is None:
-                table = table.cast(PART_SCHEMA)
+            blob = out.read(rel)  # a failed read (timeout, 503) raises: the part is not bad
         except FileNotFoundError:
             if unreadable is None:
                 raise
             unreadable.append((rel, None))
             return None
+        try:  # the bytes are in memory: whatever fails now is in them
+            table = pq.read_table(pa.BufferReader(blob), columns=list(columns)
+                                  if columns else None)
+            if columns is None:
+                table = table.cast(PART_SCHEMA)
         except (pa.ArrowException, OSError, ValueError) as e:
             if unreadable is None:
                 raise
@@ -660,17 +662,17 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
     """Refuse bad settings before anything is read or deleted (`overwrite=true` would otherwise
     empty the output before Ray refused a bad batch setting)."""
     batch, storage = cfg["batch"], cfg.get("storage") or {}
-    for name, value in (("overwrite", cfg.get("overwrite", False)),
-                        ("retry_errors", cfg.get("retry_errors", False)),
-                        ("ground_truth", cfg.get("ground_truth", True)),
-                        ("batch.hausdorff", batch.get("hausdorff", True)),
-                        ("storage.anonymous", storage.get("anonymous", False)),
-                        ("storage.forward_credentials", storage.get("forward_credentials", True))):
-        if not isinstance(value, bool):
+    for name, value in (("overwrite", cfg.get("overwrite")),
+                        ("retry_errors", cfg.get("retry_errors")),
+                        ("ground_truth", cfg.get("ground_truth")),
+                        ("batch.hausdorff", batch.get("hausdorff")),
+                        ("storage.anonymous", storage.get("anonymous")),
+                        ("storage.forward_credentials", storage.get("forward_credentials"))):
+        if value is not None and not isinstance(value, bool):  # null: the default
             raise ValueError(f"{name} must be true or false, got {value!r}")
     _whole(cfg.get("limit"), "limit", 0, none=True)
-    _whole(cfg.get("compact_rows", 0), "compact_rows", 0)
-    _whole(cfg.get("compact_min_parts", 0), "compact_min_parts", 0)
+    _whole(cfg.get("compact_rows"), "compact_rows", 0, none=True)
+    _whole(cfg.get("compact_min_parts"), "compact_min_parts", 0, none=True)
     _whole(batch.get("batch_size"), "batch.batch_size", 1)
     for key in ("io_threads", "torch_threads", "model_batch_size", "max_pixels", "max_bytes",
                 "max_tasks_in_flight_per_actor"):

@@ -369,6 +369,13 @@ def run(cfg: dict[str, Any]) -> dict[str, str]:
         raise ValueError(f"the validation split is empty ({len(splits['train'])} train records): "
                          "the best epoch and early stopping are chosen on it; use more data or "
                          "a larger data.split.ratios[1]")
+    if "classifier" in cfg["stages"]:
+        for part in ("train", "val"):
+            if not any(r.label >= 0 for r in splits[part]):
+                raise ValueError(f"the classifier stage needs labelled records, and none of the "
+                                 f"{len(splits[part])} {part} records has a label (a layout "
+                                 "labels them from its folders or a labels CSV, e.g. "
+                                 "data.options.labels_csv): train stages=[segmenter]")
     if backend == "local":
         train_stage = run_local
     else:  # "ray" (check_settings refused any other)

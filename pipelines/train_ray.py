@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +29,7 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from medseg_core.layouts import Record
 from pipelines.cluster import connect
-from pipelines.data import build_datasets
+from pipelines.data import build_dataset, build_datasets, problem_ledger, task_credentials
 from pipelines.loop import broadcast_buffers, fit_stage, score_key
 from pipelines.runlog import RunLog, join
 from pipelines.train import format_epoch, run_dir, stage_spec
@@ -153,10 +154,22 @@ def resumed_train_dataset(cfg: dict[str, Any], stage: str,
     draws: a Dataset built once would count its passes from `data.epoch_offset` again in every
     new group."""
 
+    # taken here, on the driver: Ray Train calls the factory in its controller actor, whose
+    # environment need not hold the driver's AWS_* credentials (data.forward_credentials)
+    credentials = task_credentials(cfg["data"], str(cfg["data"]["url"]))
+    ledger = problem_ledger(cfg)
+    first = RunLog(run_dir(cfg), stage).resume_epoch()
+
     def build() -> Dataset:
-        resume = RunLog(run_dir(cfg), stage).resume_epoch()
+        try:
+            resume = RunLog(run_dir(cfg), stage).resume_epoch()
+        except Exception as e:  # the run directory unreadable from the controller's node
+            warnings.warn(f"resume epoch not readable here ({type(e).__name__}); the data "
+                          f"goes on from epoch {first}", stacklevel=2)
+            resume = first
         data = {**cfg["data"], "epoch_offset": int(cfg["data"].get("epoch_offset", 0)) + resume}
-        return build_datasets({**cfg, "data": data}, {"train": records})["train"]
+        return build_dataset(records, {**cfg, "data": data}, split="train", ledger=ledger,
+                             credentials=credentials)
 
     return build
 

@@ -300,7 +300,7 @@ def response_body(mask: np.ndarray, cls: Mapping[str, Any], fmt: MaskFormat,
         "threshold": threshold,
         "model_versions": versions,
         "timings": {**timings, "postprocess_ms": _ms(t4, t5), "total_ms": _ms(t0, t5)},
-    }, allow_nan=False, separators=(",", ":")).encode()
+    }, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 async def gather_model_infos(calls: Mapping[str, Callable[[], Awaitable[Any]]],

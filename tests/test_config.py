@@ -33,3 +33,23 @@ def test_local_paths_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
     assert job["bundles"] == {"segmenter": str(tmp_path / "seg"), "classifier": None}
     packed = load_config(["pack.out=p"], config_name="pack")
     assert os.path.isabs(packed["pack"]["out"]) and os.path.isabs(packed["data"]["url"])
+
+
+def test_boolean_settings_spelt_as_words_are_refused_and_other_words_kept():
+    """Hydra reads `overwrite=no` as the string "no", which acts as true: refused for the
+    settings that are booleans, while names, paths and env_vars may hold any word."""
+    from pipelines.config import load_config
+
+    for overrides, name in ((["data.shuffle=off"], "config"), (["trainer.cache_data=yes"], "config"),
+                            (["data.strict='false'"], "config"),
+                            (["overwrite=no", "input=x", "output=y", "bundles.segmenter=z"],
+                             "segment_batch")):
+        with pytest.raises(ValueError, match="is a string, not a boolean: write"):
+            load_config(overrides, config_name=name)
+    cfg = load_config(["run_name=on", "data.shuffle=false"])
+    assert cfg["run_name"] == "on" and cfg["data"]["shuffle"] is False
+    job = load_config(["input=no", "output=off", "bundles.segmenter=z",
+                       '+ray_runtime_env={env_vars:{TOKENIZERS_PARALLELISM:"false"}}'],
+                      config_name="segment_batch")
+    assert job["ray_runtime_env"]["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+    assert job["input"].endswith("/no")

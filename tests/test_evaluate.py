@@ -187,9 +187,81 @@ def test_class_names_must_match_the_classifier_bundle(workspace) -> None:
 
     root, archive = workspace
     cfg = eval_config(root, archive, "data.class_names=[benign,malignant,normal]",
+                      "+data.options.class_names=[benign,malignant,normal]",
                       "evaluate.split=all", f"evaluate.out={root / 'eval-names'}")
     with pytest.raises(ValueError, match=r"predicts classes \['normal', 'benign', 'malignant'\]"):
         evaluate(cfg)
+
+
+def test_class_names_must_be_the_layouts(workspace) -> None:
+    """The layout labels each record by its own class names: other data.class_names (here
+    reordered) named every label after another class, in reports and bundles alike."""
+    from medseg_core.layouts import LayoutError
+    from pipelines.evaluate import evaluate
+    from pipelines.train import run
+
+    root, archive = workspace
+    names = "data.class_names=[benign,malignant,normal]"
+    with pytest.raises(LayoutError, match=r"labels records by class names \['normal', 'benign', "
+                       r"'malignant'\], but data.class_names is \['benign'"):
+        evaluate(eval_config(root, archive, names, "evaluate.split=all", "evaluate.classifier=null",
+                             f"evaluate.out={root / 'eval-names2'}"))
+    with pytest.raises(LayoutError, match="data.class_names=\\[\"normal\",\"benign\""):
+        from pipelines.config import load_config
+
+        run(load_config([f"output_dir={root / 'train-names'}", f"data.url={archive}", names]))
+
+
+def test_a_packed_archive_without_masks_has_no_ground_truth(workspace) -> None:
+    """A pack of an images-only archive holds no masks: its rows are scored against nothing,
+    as the raw archive's are (a missing packed mask decoded as an empty truth, and Dice 0 was
+    reported for every image)."""
+    from pipelines.config import load_config
+    from pipelines.evaluate import evaluate
+    from pipelines.pack import pack_archive
+
+    root, archive = workspace
+    images = root / "images-only"
+    for f in Path(archive).glob("*/*.png"):
+        if "_mask" not in f.name:
+            (images / f.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, images / f.parent.name / f.name)
+    common = ["data.layout=images", "data.class_names=[]", "data.split.dedup_distance=-1"]
+    pack_archive(load_config([f"output_dir={root}", f"data.url={images}", *common,
+                              f"pack.out={root / 'packed-images'}", "pack.backend=local"],
+                             config_name="pack"))
+    summaries = {}
+    for name, url, layout in (("raw", images, "images"), ("packed", root / "packed-images",
+                                                          "packed")):
+        summaries[name] = evaluate(eval_config(
+            root, str(url), *common, f"data.layout={layout}", "evaluate.split=all",
+            "evaluate.classifier=null", "evaluate.hausdorff=false",
+            f"evaluate.out={root / f'eval-{name}-images'}"))
+    raw, packed = summaries["raw"], summaries["packed"]
+    assert packed["n_images"] == raw["n_images"] == len(list(images.glob("*/*.png")))
+    assert packed["n_evaluated"] == raw["n_evaluated"] == 0
+    assert {e["error"] for e in packed["errors"]} == {e["error"] for e in raw["errors"]}
+
+
+def test_bad_settings_are_refused_before_any_prediction(workspace, monkeypatch) -> None:
+    """Bootstrap settings were checked only after every image was predicted; limit=0 meant all
+    and a negative one dropped the last images; no flips meant the default three."""
+    import pipelines.evaluate as ev
+
+    root, archive = workspace
+    monkeypatch.setattr(ev, "predict_local", lambda *a: pytest.fail("predicted first"))
+    for bad, message in (("evaluate.bootstrap.confidence=1.5", "confidence must be in"),
+                         ("evaluate.bootstrap.samples=0", "samples must be a whole number"),
+                         ("evaluate.bootstrap.samples=2.7", "samples must be a whole number"),
+                         ("evaluate.bootstrap.seed=-1", "seed must be a whole number"),
+                         ("evaluate.limit=0", "evaluate.limit must be"),
+                         ("evaluate.limit=-2", "evaluate.limit must be"),
+                         ("evaluate.tta.flips=[]", "tta.flips must name"),
+                         ("evaluate.tta.flips=[mirror]", "tta.flips must name")):
+        cfg = eval_config(root, archive, bad, "evaluate.tta.enabled=true", "evaluate.split=all",
+                          f"evaluate.out={root / 'eval-bad'}")
+        with pytest.raises(ValueError, match=message):
+            ev.evaluate(cfg)
 
 
 def test_split_is_the_training_split(workspace) -> None:
@@ -290,6 +362,7 @@ def test_choose_backend_and_training_log(tmp_path) -> None:
     assert choose_backend("auto", 10, 2000) == "local"
     assert choose_backend("auto", 2000, 2000) == "ray"
     assert choose_backend("local", 10**6) == "local"
+    assert choose_backend("auto", 10**6, 2000, packed=True) == "local"  # Ray reads no packs
     with pytest.raises(ValueError):
         choose_backend("spark", 1)
     run = make_run(tmp_path)
@@ -433,6 +506,9 @@ def test_select_cases_best_median_worst() -> None:
     with pytest.raises(ValueError, match="unknown case metric 'dcie'"):
         select_cases(rows, CLASS_NAMES, metric="dcie")
     assert select_cases(rows, CLASS_NAMES, metric="lesion_area_fraction")
+    timed = [{**r, "seconds": float(i)} for i, r in enumerate(rows[:5])]  # shrink4 slowest
+    assert {c["which"]: c["id"] for c in select_cases(timed, CLASS_NAMES, metric="seconds")} \
+        == {"best": "shrink0", "median": "shrink2", "worst": "shrink4"}
     # the entry point refuses it before reading a bundle or an image (none exist here)
     from pipelines.config import load_config
     from pipelines.evaluate import evaluate

@@ -144,6 +144,10 @@ def test_float_unit_range_and_arbitrary_range():
     # monotonic: ordering of pixels is preserved
     order = np.argsort(wide.ravel(), kind="stable")
     assert (np.diff(out.ravel()[order].astype(int)) >= 0).all()
+    # a range wider than float32 holds (no-data at -FLT_MAX, say): still 0 .. 255
+    extreme = np.array([[-3.4e38, 0.0], [1.0, 3.4e38]], np.float32)
+    out = decode_image(save(Image.fromarray(extreme), "TIFF"), 1)[:, :, 0]
+    assert out.tolist() == [[0, 128], [128, 255]]
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF"])

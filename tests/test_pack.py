@@ -88,6 +88,14 @@ def test_pre_resized_packs_match_resizing_on_read(ray_cluster, synthetic_archive
     dr = build_datasets(raw_cfg, load_splits(raw_cfg))["train"]
     dp = build_datasets(pk_cfg, load_splits(pk_cfg))["train"]
     assert digests(train_epoch_dataset(dr, 1)) == digests(train_epoch_dataset(dp, 1))
+    from medseg_core.layouts import LayoutError
+
+    if encoding == "raw":  # raw arrays hold 3 channels: read as 1, every row was dropped
+        with pytest.raises(LayoutError, match="raw 3-channel arrays, but data.channels is 1"):
+            load_splits(packed_cfg(tmp_path, out, "data.image_size=[40,40]", "data.channels=1"))
+    with pytest.warns(UserWarning, match=r"resized to \[40, 40\] and is read at "
+                      r"data.image_size=\[32, 32\]"):
+        load_splits(packed_cfg(tmp_path, out, "data.image_size=[32,32]"))
 
 
 def test_pack_leaves_out_bad_files_and_names_them(synthetic_archive, tmp_path):
@@ -270,14 +278,25 @@ def test_a_repack_replaces_every_shard_and_reads_back_its_own_records(synthetic_
                               load_any_record(raw[r.id], raw_cfg)["image"]), r.id
 
 
-@pytest.mark.parametrize("bad", ["pack.shard_size=0", "pack.row_group_rows=-1"])
-def test_pack_refuses_sizes_below_one_and_keeps_the_old_pack(tmp_path, synthetic_archive, bad):
+@pytest.mark.parametrize("bad,message", [
+    ("pack.shard_size=0", "must be at least 1"), ("pack.row_group_rows=-1", "must be at least 1"),
+    # these were refused only while encoding, after the old manifest was gone
+    ("pack.resize_to=[0,64]", "resize_to must be"), ("pack.compress_level=42", "compress_level"),
+    ("pack.backend=dask", "pack.backend must be")])
+def test_bad_pack_settings_are_refused_and_keep_the_old_pack(tmp_path, synthetic_archive, bad,
+                                                              message):
     out = tmp_path / "packed"
     pack(tmp_path, synthetic_archive, out, backend="local")
     before = (out / "manifest.json").read_bytes()
-    with pytest.raises(ValueError, match="must be at least 1"):
-        pack(tmp_path, synthetic_archive, out, bad.replace("pack.", "++pack."), backend="local")
+    shards = sorted(p.name for p in out.glob("shard-*"))
+    with pytest.raises(ValueError, match=message):
+        if bad.startswith("pack.backend="):
+            pack(tmp_path, synthetic_archive, out, backend=bad.split("=", 1)[1])
+        else:
+            pack(tmp_path, synthetic_archive, out, bad.replace("pack.", "++pack."),
+                 backend="local")
     assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in out.glob("shard-*")) == shards
 
 
 def corrupt_footer(whole: bytes) -> bytes:

@@ -266,6 +266,41 @@ def test_bad_settings_are_refused_before_anything_is_deleted(tmp_path):
         assert all(f.read_bytes() == b"committed" for f in kept), bad
 
 
+def test_a_part_that_fails_to_read_is_not_quarantined(tmp_path, monkeypatch):
+    """Only a part whose bytes do not parse is moved out of results/: a read that fails
+    (a timeout, a 503) raises, and the part stays where it is."""
+    import pyarrow.parquet as pq
+
+    import pipelines.segment_batch as job
+
+    part = tmp_path / "out" / "results" / "predicted_class=benign" / "part-x.parquet"
+    part.parent.mkdir(parents=True)
+    pq.write_table(job.PART_SCHEMA.empty_table(), part)
+    out = job.Output(str(tmp_path / "out"))
+    assert job.State(out).parts == ["results/predicted_class=benign/part-x.parquet"]
+
+    def timeout(self, rel):
+        raise TimeoutError("read timed out")
+
+    monkeypatch.setattr(job.Output, "read", timeout)
+    with pytest.raises(TimeoutError):
+        job.State(out)
+    assert part.exists() and not (tmp_path / "out" / "quarantine").exists()
+    monkeypatch.undo()
+    part.write_bytes(b"PAR1 not really")
+    state = job.State(out)
+    assert state.parts == [] and not part.exists()
+    assert [q["part"] for q in out.quarantined] == ["results/predicted_class=benign/part-x.parquet"]
+
+
+def test_null_settings_mean_their_defaults(tmp_path):
+    from pipelines.segment_batch import check_settings
+
+    check_settings(job_config([f"input={tmp_path}", "output=/x", "bundles.segmenter=/y",
+                               "compact_rows=null", "compact_min_parts=null",
+                               "storage.anonymous=null", "overwrite=null"]))
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole job on a real S3-compatible server
 

@@ -912,3 +912,58 @@ def test_a_restarted_worker_group_gets_the_resume_epochs_augmentation(tmp_path, 
     seen = first_pass(restarted)
     assert seen == first_pass(train_epoch_dataset(restarted, 2))
     assert seen != first_pass(train_epoch_dataset(restarted, 0))
+
+
+@pytest.mark.s3
+@pytest.mark.ray
+def test_the_train_dataset_factory_reads_with_the_drivers_credentials(tmp_path, s3, ray_cluster,
+                                                                       synthetic_archive,
+                                                                       monkeypatch):
+    """Ray Train calls the factory in its controller actor: the credentials it hands the read
+    tasks are the driver's, taken when the factory was made, not that process's (none)."""
+    import ray
+
+    from pipelines.data import data_report, load_splits
+    from pipelines.train_ray import resumed_train_dataset
+
+    s3.create_bucket("medseg-factory")
+    s3.upload_dir(synthetic_archive, "s3://medseg-factory/synthetic")
+    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.env["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.env["AWS_SECRET_ACCESS_KEY"])
+    cfg = config(tmp_path, "data.url=s3://medseg-factory/synthetic", "run_name=factory",
+                 f"data.endpoint_url={s3.endpoint}", "data.region=us-east-1")
+    records = load_splits(cfg)["train"]
+    build = resumed_train_dataset(cfg, "segmenter", records)
+
+    @ray.remote(num_cpus=0)
+    def in_another_process(factory):
+        import os
+
+        assert "AWS_SECRET_ACCESS_KEY" not in os.environ  # as in Ray Train's controller
+        return factory()
+
+    ds = ray.get(in_another_process.remote(build))
+    assert ds.count() == len(records)
+    assert data_report(cfg, warn=False)["dropped"] == 0
+
+
+def test_the_classifier_stage_without_labels_is_refused_before_training(tmp_path,
+                                                                         synthetic_archive):
+    """An image folder with no labels CSV labels every record -1 (unknown): a classifier stage
+    on no label was found only after the segmenter stage had trained."""
+    import shutil
+
+    from pipelines.train import run
+
+    folder = tmp_path / "folder"
+    for f in Path(synthetic_archive).glob("*/*.png"):
+        sub = "masks" if f.stem.endswith("_mask") else "images"
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        name = f"{f.parent.name}-{f.stem.removesuffix('_mask')}.png"
+        shutil.copy(f, folder / sub / name)
+    with pytest.raises(ValueError, match="the classifier stage needs labelled records"):
+        run(load_config([f"output_dir={tmp_path}", "data=folder", f"data.url={folder}",
+                         "trainer=local"]))
+    assert not (tmp_path / "runs").exists()
