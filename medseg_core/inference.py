@@ -10,7 +10,7 @@ runs both and summarises each lesion.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +61,15 @@ def check_threshold(value: Any) -> float | None:
         raise ValueError(f"threshold={value!r} is invalid: it must be a probability strictly "
                          "between 0 and 1, or null for the segmentation bundle's threshold")
     return t
+
+
+def mask_settings(config: Mapping[str, Any]) -> tuple[float, bool, bool]:
+    """A segmentation bundle's mask threshold (0.5 when unset), ``inference.flip`` and
+    ``inference.keep_largest``."""
+    inference = config.get("inference") or {}
+    threshold = config.get("threshold")
+    return (0.5 if threshold is None else float(threshold), bool(inference.get("flip", False)),
+            bool(inference.get("keep_largest", False)))
 
 
 def foreground_probabilities(model: torch.nn.Module, x: torch.Tensor, flip: bool = False,
@@ -202,9 +211,9 @@ class Segmenter(_Runner):
         super().__init__(bundle, device, batch_size, amp, channels_last)
         self.max_work_pixels = max_work_pixels
         inference = self.inference
-        self.keep_largest = bool(inference.get("keep_largest", False)) \
-            if keep_largest is None else keep_largest
-        self.flip = bool(inference.get("flip", False)) if flip is None else flip
+        self.threshold, own_flip, own_largest = mask_settings(self.config)
+        self.keep_largest = own_largest if keep_largest is None else keep_largest
+        self.flip = own_flip if flip is None else flip
         self.mode = mode or inference.get("mode", "resize")
         if self.mode not in MODES:
             raise ValueError(f"unknown inference mode {self.mode!r}; expected one of {MODES}")
@@ -213,8 +222,6 @@ class Segmenter(_Runner):
         self.tile_overlap: int | float = tile_overlap
         if not tile_overlap >= 0:
             raise ValueError(f"tile_overlap must be >= 0, got {tile_overlap}")
-        threshold = self.config.get("threshold")
-        self.threshold = 0.5 if threshold is None else float(threshold)
 
     @property
     def margins(self) -> tuple[int, int]:

@@ -738,8 +738,7 @@ def list_records(
         first = problems[0]
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise LayoutError(f"{first.path}: {first.reason}{more}")
-    found = arc.stamps or {}
-    by_uri = {arc.uri(p): v for p, v in found.items()} if arc.keep_protocol else found
+    by_uri = {arc.uri(p): v for p, v in (arc.stamps or {}).items()}
     kept = {u: by_uri[u] for r in records for u in (r.image_uri, *r.mask_uris) if u in by_uri}
     return Listing(records=records, skipped=problems, class_names=lay.class_names, stamps=kept)
 

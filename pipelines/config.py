@@ -25,6 +25,19 @@ PATH_KEYS = ("data.url", "data.report", "train.classifier_masks.segmenter", "eva
              "bundles.segmenter", "bundles.classifier")
 
 
+def check_whole(value: Any, name: str, low: int, high: int | None = None,
+                none: bool = False) -> None:
+    """A setting that must be a whole number from `low` (to `high`), or null with `none`:
+    ValueError naming it otherwise (a bool or 2.5 is not one)."""
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or \
+            (high is not None and value > high):
+        span = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be a whole number {span}{' or null' if none else ''}, "
+                         f"got {value!r}")
+
+
 # YAML 1.1 spellings of a boolean: Hydra (YAML 1.2) reads `overwrite=no` as the string "no",
 # which Python takes as true
 _BOOLEAN_WORDS = {"yes", "no", "on", "off", "true", "false"}

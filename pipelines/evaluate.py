@@ -62,7 +62,7 @@ from medseg_core.results import error_row, prediction_row
 from medseg_core.viz import confusion_matrix_image, plot_curves
 from pipelines import CONF_DIR
 from pipelines.cluster import connect
-from pipelines.config import resolve
+from pipelines.config import check_whole, resolve
 from pipelines.data import (
     _max_bytes,
     _max_pixels,
@@ -73,7 +73,7 @@ from pipelines.data import (
     load_splits,
     storage_options,
 )
-from pipelines.predict import ChainPredictor, predict_records, rows_to_table
+from pipelines.predict import ChainPredictor, error_text, predict_records, rows_to_table
 from pipelines.runlog import CURVE_KEYS, join
 
 SPLITS = ("test", "val", "train", "all")
@@ -104,10 +104,8 @@ def select_records(cfg: dict[str, Any]) -> list[Record]:
                              f"{cfg['data']['split'].get('mode')!r} (have {sorted(splits)})")
         records = list(splits[split])
     limit = ev.get("limit")
+    check_whole(limit, "evaluate.limit", 1, none=True)  # null: all
     if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"evaluate.limit must be null (all) or a whole number >= 1, "
-                             f"got {limit!r}")
         records = records[:limit]
     if not records:
         raise ValueError(f"split {split!r} of {cfg['data']['url']} has no images")
@@ -165,13 +163,6 @@ def _bundle_so(cfg: Mapping[str, Any], uri: str) -> dict | None:
 # In-process prediction
 
 
-def _error_text(exc: BaseException, uri: str) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0]
-    if isinstance(exc, FileNotFoundError):
-        return f"{uri}: file not found"
-    return f"{type(exc).__name__}: {text}" if uri in text else f"{type(exc).__name__}: {uri}: {text}"
-
-
 class LocalPredictor:
     """Chains in this process: the plain one and, with TTA, the same models under `FlipTTA`."""
 
@@ -222,7 +213,7 @@ class LocalPredictor:
                 # a missing file is named (a mask, not its image), as the Ray backend does
                 uri = blamed_path(exc, rec) if isinstance(exc, FileNotFoundError) else \
                     rec.image_uri
-                loaded.append((None, _error_text(exc, uri), time.perf_counter() - t0))
+                loaded.append((None, error_text(exc, uri), time.perf_counter() - t0))
         ok = [i for i, (s, _, _) in enumerate(loaded) if s is not None]
         result = {}
         for variant, chain in self.chains.items():
@@ -237,7 +228,7 @@ class LocalPredictor:
                 versions = chain.versions
                 if sample is None or out is None or isinstance(out, BaseException):
                     if error is None:
-                        error = _error_text(out, rec.image_uri) if out is not None else "no output"
+                        error = error_text(out, rec.image_uri) if out is not None else "no output"
                     rows.append(error_row(rec.id, rec.image_uri, error, true_label=rec.label,
                                           seconds=seconds, versions=versions))
                     outputs.append(None)
@@ -248,7 +239,7 @@ class LocalPredictor:
                                          true_label=rec.label, seconds=seconds + share,
                                          versions=versions, hausdorff=self.hausdorff)
                 except Exception as exc:
-                    row = error_row(rec.id, rec.image_uri, _error_text(exc, rec.image_uri),
+                    row = error_row(rec.id, rec.image_uri, error_text(exc, rec.image_uri),
                                     true_label=rec.label, seconds=seconds, versions=versions)
                 rows.append(row)
                 outputs.append(out)

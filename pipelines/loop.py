@@ -39,6 +39,7 @@ from medseg_core.engine import (
     validate_classifier,
     validate_segmenter,
 )
+from medseg_core.inference import mask_settings
 from medseg_core.losses import build_loss
 from medseg_core.metrics import ClassificationMeter, metrics_from_counts, thresholded_jaccard
 from medseg_core.models import build_model
@@ -133,11 +134,7 @@ def load_mask_segmenter(spec: StageSpec, device: torch.device) -> FrozenSegmente
     model = bundle.model.to(device).eval().requires_grad_(False)
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    inference = cfg.get("inference") or {}
-    threshold = cfg.get("threshold")
-    return FrozenSegmenter(model, 0.5 if threshold is None else float(threshold),
-                           flip=bool(inference.get("flip", False)),
-                           keep_largest=bool(inference.get("keep_largest", False)))
+    return FrozenSegmenter(model, *mask_settings(cfg))
 
 
 def epoch_metrics(spec: StageSpec, ctx: WorkerContext, model: nn.Module,

@@ -57,7 +57,7 @@ from medseg_core.io import encode_mask_png, encode_png, is_local
 from medseg_core.layouts import Record, decode_record
 from medseg_core.transforms import Resize, to_channels
 from pipelines import CONF_DIR
-from pipelines.config import resolve
+from pipelines.config import check_whole, resolve
 from pipelines.data import (
     BAD_INPUT_ERRORS,
     MANIFEST_NAME,
@@ -216,9 +216,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in resize_to)):
         raise ValueError(f"pack.resize_to must be null or [height, width] of whole numbers >= 1, "
                          f"got {resize_to}")
-    level = pack.get("compress_level", 1)
-    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
-        raise ValueError(f"pack.compress_level must be a whole number from 0 to 9, got {level!r}")
+    check_whole(pack.get("compress_level", 1), "pack.compress_level", 0, 9)
     backend = pack.get("backend", "ray")
     if backend not in ("ray", "local"):
         raise ValueError(f"pack.backend must be ray or local, got {backend!r}")

@@ -115,7 +115,7 @@ class _Reader:
         return read_limited(fs, fs._strip_protocol(uri), self.max_bytes, uri)
 
 
-def _error_text(exc: BaseException, uri: str) -> str:
+def error_text(exc: BaseException, uri: str) -> str:
     """One line naming the file; medseg_core errors already start with the file name."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, FileNotFoundError):
@@ -242,7 +242,7 @@ class ChainPredictor:
             self.chain.segmenter.check_work(sample["image"].shape)
             return sample, None, time.perf_counter() - start
         except Exception as exc:  # any unreadable or undecodable file is a row, not a crash
-            return None, _error_text(exc, uri), time.perf_counter() - start
+            return None, error_text(exc, uri), time.perf_counter() - start
 
     def _map(self, fn: Any, items: list[Any]) -> list[Any]:
         if self.io_threads <= 1 or len(items) <= 1:
@@ -296,7 +296,7 @@ class ChainPredictor:
             out = by_index.get(i)
             if sample is None or isinstance(out, BaseException) or out is None:
                 if error is None:
-                    error = _error_text(out, rec.image_uri) if out is not None else "no output"
+                    error = error_text(out, rec.image_uri) if out is not None else "no output"
                 r = error_row(rec.id, rec.image_uri, error, true_label=rec.label,
                               seconds=seconds, versions=self.versions)
                 r["mask_png"] = None
@@ -307,7 +307,7 @@ class ChainPredictor:
                                    versions=self.versions, hausdorff=self.hausdorff)
                 r["mask_png"] = encode_mask_png(out["mask"]) if self.with_masks else None
             except Exception as exc:
-                r = error_row(rec.id, rec.image_uri, _error_text(exc, rec.image_uri),
+                r = error_row(rec.id, rec.image_uri, error_text(exc, rec.image_uri),
                               true_label=rec.label, seconds=seconds, versions=self.versions)
                 r["mask_png"] = None
             r["seconds"] = seconds + share + (time.perf_counter() - t0)

@@ -84,7 +84,7 @@ from medseg_core.metrics import metrics_from_counts
 from medseg_core.results import error_row
 from pipelines import CONF_DIR
 from pipelines.cluster import connect
-from pipelines.config import resolve
+from pipelines.config import check_whole, resolve
 from pipelines.data import storage_options as _storage_options
 from pipelines.predict import RESULT_FIELDS, ChainPredictor, predict_records, rows_to_table
 
@@ -650,14 +650,6 @@ def list_input(cfg: Mapping[str, Any], so: dict | None) -> Listing:
                         **dict(cfg.get("layout_options") or {}))
 
 
-def _whole(value: Any, name: str, low: int, none: bool = False) -> None:
-    if value is None and none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be a whole number >= {low}{' or null' if none else ''}, "
-                         f"got {value!r}")
-
-
 def check_settings(cfg: Mapping[str, Any]) -> None:
     """Refuse bad settings before anything is read or deleted (`overwrite=true` would otherwise
     empty the output before Ray refused a bad batch setting)."""
@@ -670,21 +662,19 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
                         ("storage.forward_credentials", storage.get("forward_credentials"))):
         if value is not None and not isinstance(value, bool):  # null: the default
             raise ValueError(f"{name} must be true or false, got {value!r}")
-    _whole(cfg.get("limit"), "limit", 0, none=True)
-    _whole(cfg.get("compact_rows"), "compact_rows", 0, none=True)
-    _whole(cfg.get("compact_min_parts"), "compact_min_parts", 0, none=True)
-    _whole(batch.get("batch_size"), "batch.batch_size", 1)
+    check_whole(cfg.get("limit"), "limit", 0, none=True)
+    check_whole(cfg.get("compact_rows"), "compact_rows", 0, none=True)
+    check_whole(cfg.get("compact_min_parts"), "compact_min_parts", 0, none=True)
+    check_whole(batch.get("batch_size"), "batch.batch_size", 1)
     for key in ("io_threads", "torch_threads", "model_batch_size", "max_pixels", "max_bytes",
                 "max_tasks_in_flight_per_actor"):
-        _whole(batch.get(key), f"batch.{key}", 1, none=True)
-    _whole(batch.get("mask_threshold", 127), "batch.mask_threshold", 0)
-    if batch.get("mask_threshold", 127) > 254:
-        raise ValueError(f"batch.mask_threshold must be at most 254 (pixels above it are "
-                         f"foreground), got {batch['mask_threshold']}")
+        check_whole(batch.get(key), f"batch.{key}", 1, none=True)
+    # pixels above it are foreground: at 255 none would be
+    check_whole(batch.get("mask_threshold", 127), "batch.mask_threshold", 0, 254)
     c = batch.get("concurrency")
     if c is not None:
         if isinstance(c, int) and not isinstance(c, bool):
-            _whole(c, "batch.concurrency", 1)
+            check_whole(c, "batch.concurrency", 1)
         elif not (isinstance(c, (list, tuple)) and len(c) == 2
                   and all(isinstance(v, int) and not isinstance(v, bool) for v in c)
                   and 1 <= c[0] <= c[1]):
