@@ -160,6 +160,8 @@ class ChainPredictor:
             one image at a time is fastest, 16 on GPU).
         credentials: AWS_* values captured on the driver (`EnvCredentials`), applied to
             ``s3://`` reads; kept in memory only, never in configs or logs.
+        bundle_storage_options: fsspec options for the bundles where they differ from the
+            images' (another store, other access); None: ``storage_options``.
     """
 
     def __init__(
@@ -181,6 +183,7 @@ class ChainPredictor:
         mask_threshold: int = 127,
         model_batch_size: int | None = None,
         credentials: EnvCredentials | None = None,
+        bundle_storage_options: dict | None = None,
     ) -> None:
         import torch
 
@@ -191,12 +194,14 @@ class ChainPredictor:
             torch.set_num_threads(int(torch_threads))
         self.reader = _Reader(storage_options, credentials, max_bytes)
         bs = int(model_batch_size or (1 if str(device).startswith("cpu") else 16))
+        bundles = (self.reader if bundle_storage_options is None
+                   else _Reader(bundle_storage_options, credentials, max_bytes))
         segmenter = Segmenter(
-            load_bundle(seg_uri, storage_options=self.reader.options(seg_uri) or None), device, bs
+            load_bundle(seg_uri, storage_options=bundles.options(seg_uri) or None), device, bs
         )
         classifier = None
         if cls_uri is not None:
-            bundle = load_bundle(cls_uri, storage_options=self.reader.options(cls_uri) or None)
+            bundle = load_bundle(cls_uri, storage_options=bundles.options(cls_uri) or None)
             classifier = Classifier(bundle, device, bs)
         self.chain = Chain(segmenter, classifier)
         self.versions = self.chain.versions

@@ -539,29 +539,61 @@ def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
-def _nested(a: str, b: str, so: dict | None) -> bool:
-    """Whether URL ``a`` equals or lies inside ``b`` (same filesystem)."""
+def _nested(a: str, b: str, so_a: dict | None, so_b: dict | None = None) -> bool:
+    """Whether URL ``a`` equals or lies inside ``b`` (same filesystem: protocol and, on object
+    storage, endpoint)."""
+    so_b = so_a if so_b is None else so_b
+
     def proto(url: str) -> str:
         p = fsspec.utils.get_protocol(url)
         return {"s3a": "s3", "local": "file"}.get(p, p)
 
-    def path(url: str) -> str:
+    def endpoint(so: dict | None) -> Any:
+        return ((so or {}).get("client_kwargs") or {}).get("endpoint_url")
+
+    def path(url: str, so: dict | None) -> str:
         fs, p = fsspec.core.url_to_fs(url, **(so or {}))
         # a symlink must not hide that one folder is inside the other
         return os.path.realpath(p) if "file" in fs.protocol else p.rstrip("/")
 
-    if proto(a) != proto(b):
+    if proto(a) != proto(b) or endpoint(so_a) != endpoint(so_b):
         return False
-    path_a, path_b = path(a), path(b)
+    path_a, path_b = path(a, so_a), path(b, so_b)
     return path_a == path_b or path_a.startswith(path_b + "/")
 
 
-def storage_options(cfg: Mapping[str, Any], urls: Sequence[str]) -> dict | None:
-    """fsspec options from ``cfg.storage`` (endpoint, region, anonymous, storage_options) for the
-    job's URLs; credential keys are refused (they come from the environment)."""
+STORAGE_ROLES = ("input", "output", "bundles")
+_STORAGE_KEYS = ("endpoint_url", "region", "anonymous", "storage_options")
+
+
+def storage_options(cfg: Mapping[str, Any], role: str, url: str) -> dict | None:
+    """fsspec options for one of the job's URLs (`role`: input, output or bundles):
+    ``cfg.storage`` (endpoint, region, anonymous, storage_options) with the non-null values of
+    ``cfg.storage.<role>`` over it, for a URL on another store or with other access (a public
+    archive read unsigned, results written with the environment's credentials); credential
+    keys are refused (environment only)."""
     storage = dict(cfg.get("storage") or {})
-    s3 = [u for u in urls if fsspec.utils.get_protocol(u) in ("s3", "s3a")]
-    return _storage_options(storage, s3[0] if s3 else (urls[0] if urls else ""))
+    merged = {k: storage.get(k) for k in _STORAGE_KEYS}
+    merged.update({k: v for k, v in dict(storage.get(role) or {}).items() if v is not None})
+    return _storage_options(merged, url)
+
+
+def check_storage(cfg: Mapping[str, Any]) -> None:
+    storage = dict(cfg.get("storage") or {})
+    for role in STORAGE_ROLES:
+        over = storage.get(role)
+        if over is None:
+            continue
+        if not isinstance(over, Mapping):
+            raise ValueError(f"storage.{role} must be a mapping of {', '.join(_STORAGE_KEYS)}, "
+                             f"got {over!r}")
+        unknown = sorted(set(over) - set(_STORAGE_KEYS))
+        if unknown:
+            raise ValueError(f"storage.{role}: unknown setting(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(_STORAGE_KEYS)})")
+        anon = over.get("anonymous")
+        if anon is not None and not isinstance(anon, bool):
+            raise ValueError(f"storage.{role}.anonymous must be true or false, got {anon!r}")
 
 
 def bundle_info(uri: str | None, so: dict | None) -> dict[str, Any] | None:
@@ -662,6 +694,7 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
                         ("storage.forward_credentials", storage.get("forward_credentials"))):
         if value is not None and not isinstance(value, bool):  # null: the default
             raise ValueError(f"{name} must be true or false, got {value!r}")
+    check_storage(cfg)
     check_whole(cfg.get("limit"), "limit", 0, none=True)
     check_whole(cfg.get("compact_rows"), "compact_rows", 0, none=True)
     check_whole(cfg.get("compact_min_parts"), "compact_min_parts", 0, none=True)
@@ -700,12 +733,18 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     seg_uri, cls_uri = str(bundles["segmenter"]), bundles.get("classifier")
     cls_uri = str(cls_uri) if cls_uri else None
     batch = dict(cfg["batch"])
-    so = storage_options(cfg, [input_url, output_url, seg_uri, cls_uri or ""])
-    if _nested(output_url, input_url, so) or _nested(input_url, output_url, so):
+    so_in = storage_options(cfg, "input", input_url)
+    so_out = storage_options(cfg, "output", output_url)
+    # one set for both bundles: that of the one on object storage, if any
+    so_bundles = storage_options(cfg, "bundles", next(
+        (u for u in (seg_uri, cls_uri) if u and fsspec.utils.get_protocol(u) in ("s3", "s3a")),
+        seg_uri))
+    if _nested(output_url, input_url, so_out, so_in) or _nested(input_url, output_url, so_in,
+                                                                 so_out):
         raise ValueError(f"output {output_url} and input {input_url} must not contain each other "
                          "(the job would read its own masks as input)")
-    out = Output(output_url, so)
-    seg_info, cls_info = bundle_info(seg_uri, so), bundle_info(cls_uri, so)
+    out = Output(output_url, so_out)
+    seg_info, cls_info = bundle_info(seg_uri, so_bundles), bundle_info(cls_uri, so_bundles)
     class_names = cls_info["class_names"] if cls_info else []
 
     if cfg.get("overwrite"):
@@ -714,7 +753,7 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
         out.delete_tree(RESULTS_DIR)
         out.delete_tree(MASKS_DIR)
 
-    listing = list_input(cfg, so)
+    listing = list_input(cfg, so_in)
     state, repaired = repair(out, State(out))
     # retried errors: their rows stay until the image is committed again (`repair` then keeps
     # the new row)
@@ -734,7 +773,8 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     progress = Progress()
     if todo:
-        _process(cfg, batch, todo, seg_uri, cls_uri, so, out, run_id, progress, threshold)
+        _process(cfg, batch, todo, seg_uri, cls_uri, (so_in, so_bundles), out, run_id,
+                 progress, threshold)
     processed, run_errors, seconds = progress.counts, progress.errors, progress.seconds
 
     state, repaired_end = repair(out, State(out, SUMMARY_COLUMNS), retried)
@@ -846,9 +886,10 @@ class Progress:
 
 
 def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record], seg_uri: str,
-             cls_uri: str | None, so: dict | None, out: Output, run_id: str,
+             cls_uri: str | None, so: tuple[dict | None, dict | None], out: Output, run_id: str,
              progress: Progress, threshold: float | None) -> None:
-    """Predict and commit ``todo`` on the actor pool, streaming into ``progress``."""
+    """Predict and commit ``todo`` on the actor pool, streaming into ``progress``; ``so``: the
+    storage options of the input and of the bundles."""
     connect(cfg.get("ray_address"), cfg.get("ray_num_cpus"), cfg.get("ray_runtime_env") or None)
     num_gpus = float(batch.get("num_gpus") or 0)
     device = str(batch.get("device") or "auto")
@@ -858,7 +899,7 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
         todo,
         seg_uri=seg_uri,
         cls_uri=cls_uri,
-        storage_options=so,
+        storage_options=so[0],
         batch_size=int(batch["batch_size"]),
         concurrency=_pool_size(batch, len(todo)),
         num_gpus=num_gpus,
@@ -868,7 +909,8 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
         predictor_kwargs={
             "device": device,
             "output": out.url,
-            "output_options": so,
+            "output_options": out.storage_options,
+            "bundle_storage_options": so[1],
             "run_id": run_id,
             "io_threads": 8 if batch.get("io_threads") is None else int(batch["io_threads"]),
             "torch_threads": batch.get("torch_threads"),

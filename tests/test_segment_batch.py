@@ -260,10 +260,33 @@ def test_bad_settings_are_refused_before_anything_is_deleted(tmp_path):
                          (["overwrite=true", "batch.max_pixels=0"], "max_pixels must be"),
                          (["overwrite=true", "limit=-1"], "limit must be"),
                          (["overwrite=true", "limit=2.5"], "limit must be"),
-                         (["overwrite=true", "limit=true"], "limit must be")):
+                         (["overwrite=true", "limit=true"], "limit must be"),
+                         (["overwrite=true", "+storage.input.endpoint=http://x"],
+                          "storage.input: unknown setting"),
+                         (["overwrite=true", "storage.output.anonymous=1"],
+                          "storage.output.anonymous must be true or false")):
         with pytest.raises(ValueError, match=message):
             run_job([*base, *bad])
         assert all(f.read_bytes() == b"committed" for f in kept), bad
+
+
+def test_each_url_gets_the_storage_settings_of_its_role():
+    from pipelines.segment_batch import storage_options
+
+    cfg = job_config(["input=s3://public/archive", "output=s3://mine/nightly",
+                      "bundles.segmenter=s3://mine/seg", "storage.endpoint_url=http://shared",
+                      "storage.input.anonymous=true",
+                      "storage.output.endpoint_url=http://results", "storage.region=eu-west-1"])
+    so_in = storage_options(cfg, "input", "s3://public/archive")
+    so_out = storage_options(cfg, "output", "s3://mine/nightly")
+    so_bundles = storage_options(cfg, "bundles", "s3://mine/seg")
+    assert so_in == {"anon": True, "client_kwargs": {"endpoint_url": "http://shared",
+                                                     "region_name": "eu-west-1"}}
+    assert so_out == {"client_kwargs": {"endpoint_url": "http://results",
+                                        "region_name": "eu-west-1"}}
+    assert so_bundles == {"client_kwargs": {"endpoint_url": "http://shared",
+                                            "region_name": "eu-west-1"}}
+    assert storage_options(cfg, "input", "/local/archive") is None
 
 
 def test_a_part_that_fails_to_read_is_not_quarantined(tmp_path, monkeypatch):
@@ -408,6 +431,43 @@ def test_s3_archive_with_corrupt_files_gives_exact_outputs(s3, ray_cluster, tmp_
 
 
 @pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.ray
+def test_input_and_output_on_different_object_stores(s3, ray_cluster, bundles, tmp_path,
+                                                     monkeypatch):
+    """A hospital archive on one S3-compatible store, results on another: each URL is read or
+    written with its own `storage.<role>` endpoint (with one shared endpoint the results went
+    to the input's store, where SeaweedFS made the bucket on the first write)."""
+    import s3fs
+    from s3server import start_moto
+
+    local = make_busi_archive(tmp_path / "busi", per_class=1, seed=3)
+    s3.create_bucket("medseg-two-in")
+    s3.upload_dir(local, "s3://medseg-two-in/archive")
+    other = start_moto()
+    try:
+        other.create_bucket("medseg-two-out")
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            monkeypatch.setenv(key, s3.env[key])
+        base = ["input=s3://medseg-two-in/archive", "layout=busi",
+                f"bundles.segmenter={bundles[0]}", f"bundles.classifier={bundles[1]}",
+                "output=s3://medseg-two-out/nightly", "batch.batch_size=4"]
+        manifest = run_job([*base, f"storage.input.endpoint_url={s3.endpoint}",
+                            f"storage.output.endpoint_url={other.endpoint}"])
+        records = list_records(str(local), "busi").records
+        assert manifest["run"]["processed"] == len(records) == 3
+        assert manifest["totals"]["errors"] == 0
+        rows = read_results("s3://medseg-two-out/nightly/results",
+                            filesystem=s3fs.S3FileSystem(**other.storage_options))
+        assert sorted(r["id"] for r in rows) == sorted(r.id for r in records)
+        assert all(r["source"].startswith("s3://medseg-two-in/archive/") for r in rows)
+        in_fs = s3fs.S3FileSystem(**s3.storage_options)
+        assert not any("nightly" in k for k in in_fs.find("medseg-two-in"))
+        assert not in_fs.exists("medseg-two-out/nightly")
+    finally:
+        other.stop()
+
+
 def test_limit_rerun_repair_and_overwrite_keep_exactly_once(ray_cluster, bundles, tmp_path):
     archive = make_busi_archive(tmp_path / "busi", per_class=4, seed=2)
     bad = add_corrupt_files(archive)
