@@ -162,7 +162,7 @@ def _protocol(url: str) -> str:
     return fsspec.utils.get_protocol(url)
 
 
-def _is_s3(url: str) -> bool:
+def is_s3(url: str) -> bool:
     return _protocol(url) in ("s3", "s3a")
 
 
@@ -183,7 +183,7 @@ def storage_options(data_cfg: Mapping[str, Any], url: str | None = None) -> dict
     so = copy.deepcopy(dict(data_cfg.get("storage_options") or {}))
     _check_no_credentials(so)
     url = url or str(data_cfg.get("url") or "")
-    if _is_s3(url):
+    if is_s3(url):
         client = dict(so.get("client_kwargs") or {})
         if data_cfg.get("endpoint_url"):
             client.setdefault("endpoint_url", str(data_cfg["endpoint_url"]))
@@ -236,13 +236,13 @@ class EnvCredentials:
 def task_credentials(data_cfg: Mapping[str, Any], url: str) -> EnvCredentials | None:
     """This process's AWS_* environment, to forward to read tasks (an s3:// URL, and
     `data.forward_credentials`)."""
-    if _is_s3(url) and data_cfg.get("forward_credentials", True):
+    if is_s3(url) and data_cfg.get("forward_credentials", True):
         return EnvCredentials.capture()
     return None
 
 
 def _fs(uri: str, so: dict | None, env: EnvCredentials | None = None):
-    opts = env.apply(so) if (env is not None and _is_s3(uri)) else so
+    opts = env.apply(so) if (env is not None and is_s3(uri)) else so
     return object_fs(uri, opts)
 
 

@@ -37,7 +37,7 @@ from medseg_core.io import (
 from medseg_core.layouts import Record, decode_record
 from medseg_core.results import COUNT_KEYS, METRIC_KEYS, error_row, prediction_row
 from pipelines.cluster import task_slots
-from pipelines.data import EnvCredentials
+from pipelines.data import EnvCredentials, is_s3
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -87,10 +87,6 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Ta
 # Reading
 
 
-def _is_s3(uri: str) -> bool:
-    return fsspec.utils.get_protocol(uri) in ("s3", "s3a")
-
-
 class _Reader:
     """Reads whole files by URI with fsspec (one filesystem object per protocol)."""
 
@@ -103,7 +99,7 @@ class _Reader:
 
     def options(self, uri: str) -> dict:
         so = self.storage_options
-        if self.credentials is not None and _is_s3(uri):
+        if self.credentials is not None and is_s3(uri):
             so = self.credentials.apply(so)
         return dict(so or {})
 
@@ -408,7 +404,7 @@ def predict_records(
         "torch_threads": None,
     }
     uris = [seg_uri, cls_uri or "", *extra_uris, *(r.image_uri for r in records)]
-    if forward_credentials and any(_is_s3(u) for u in uris):
+    if forward_credentials and any(is_s3(u) for u in uris):
         kwargs["credentials"] = EnvCredentials.capture()
     kwargs.update(predictor_kwargs or {})
     ds = records_dataset(records, rows_per_block(len(records), batch_size))

@@ -85,6 +85,7 @@ from medseg_core.results import error_row
 from pipelines import CONF_DIR
 from pipelines.cluster import connect
 from pipelines.config import check_whole, resolve
+from pipelines.data import is_s3
 from pipelines.data import storage_options as _storage_options
 from pipelines.predict import RESULT_FIELDS, ChainPredictor, predict_records, rows_to_table
 
@@ -352,7 +353,7 @@ class CommittingPredictor(ChainPredictor):
         super().__init__(seg_uri, cls_uri, **kwargs)
         creds = kwargs.get("credentials")
         options = output_options
-        if creds is not None and fsspec.utils.get_protocol(output) in ("s3", "s3a"):
+        if creds is not None and is_s3(output):
             options = creds.apply(output_options)
         self.out = Output(output, options)
         self.run_id = run_id
@@ -539,11 +540,9 @@ def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
-def _nested(a: str, b: str, so_a: dict | None, so_b: dict | None = None) -> bool:
+def _nested(a: str, b: str, so_a: dict | None, so_b: dict | None) -> bool:
     """Whether URL ``a`` equals or lies inside ``b`` (same filesystem: protocol and, on object
-    storage, endpoint)."""
-    so_b = so_a if so_b is None else so_b
-
+    storage, endpoint); ``so_a``, ``so_b``: their storage options."""
     def proto(url: str) -> str:
         p = fsspec.utils.get_protocol(url)
         return {"s3a": "s3", "local": "file"}.get(p, p)
@@ -579,6 +578,7 @@ def storage_options(cfg: Mapping[str, Any], role: str, url: str) -> dict | None:
 
 
 def check_storage(cfg: Mapping[str, Any]) -> None:
+    """`storage.<role>`: a mapping of the shared storage keys only."""
     storage = dict(cfg.get("storage") or {})
     for role in STORAGE_ROLES:
         over = storage.get(role)
@@ -591,9 +591,6 @@ def check_storage(cfg: Mapping[str, Any]) -> None:
         if unknown:
             raise ValueError(f"storage.{role}: unknown setting(s) {', '.join(unknown)} "
                              f"(known: {', '.join(_STORAGE_KEYS)})")
-        anon = over.get("anonymous")
-        if anon is not None and not isinstance(anon, bool):
-            raise ValueError(f"storage.{role}.anonymous must be true or false, got {anon!r}")
 
 
 def bundle_info(uri: str | None, so: dict | None) -> dict[str, Any] | None:
@@ -686,15 +683,17 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
     """Refuse bad settings before anything is read or deleted (`overwrite=true` would otherwise
     empty the output before Ray refused a bad batch setting)."""
     batch, storage = cfg["batch"], cfg.get("storage") or {}
+    check_storage(cfg)
     for name, value in (("overwrite", cfg.get("overwrite")),
                         ("retry_errors", cfg.get("retry_errors")),
                         ("ground_truth", cfg.get("ground_truth")),
                         ("batch.hausdorff", batch.get("hausdorff")),
                         ("storage.anonymous", storage.get("anonymous")),
-                        ("storage.forward_credentials", storage.get("forward_credentials"))):
+                        ("storage.forward_credentials", storage.get("forward_credentials")),
+                        *((f"storage.{role}.anonymous", (storage.get(role) or {}).get("anonymous"))
+                          for role in STORAGE_ROLES)):
         if value is not None and not isinstance(value, bool):  # null: the default
             raise ValueError(f"{name} must be true or false, got {value!r}")
-    check_storage(cfg)
     check_whole(cfg.get("limit"), "limit", 0, none=True)
     check_whole(cfg.get("compact_rows"), "compact_rows", 0, none=True)
     check_whole(cfg.get("compact_min_parts"), "compact_min_parts", 0, none=True)
@@ -737,8 +736,7 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     so_out = storage_options(cfg, "output", output_url)
     # one set for both bundles: that of the one on object storage, if any
     so_bundles = storage_options(cfg, "bundles", next(
-        (u for u in (seg_uri, cls_uri) if u and fsspec.utils.get_protocol(u) in ("s3", "s3a")),
-        seg_uri))
+        (u for u in (seg_uri, cls_uri) if u and is_s3(u)), seg_uri))
     if _nested(output_url, input_url, so_out, so_in) or _nested(input_url, output_url, so_in,
                                                                  so_out):
         raise ValueError(f"output {output_url} and input {input_url} must not contain each other "
@@ -773,7 +771,7 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     progress = Progress()
     if todo:
-        _process(cfg, batch, todo, seg_uri, cls_uri, (so_in, so_bundles), out, run_id,
+        _process(cfg, batch, todo, seg_uri, cls_uri, so_in, so_bundles, out, run_id,
                  progress, threshold)
     processed, run_errors, seconds = progress.counts, progress.errors, progress.seconds
 
@@ -886,10 +884,9 @@ class Progress:
 
 
 def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record], seg_uri: str,
-             cls_uri: str | None, so: tuple[dict | None, dict | None], out: Output, run_id: str,
-             progress: Progress, threshold: float | None) -> None:
-    """Predict and commit ``todo`` on the actor pool, streaming into ``progress``; ``so``: the
-    storage options of the input and of the bundles."""
+             cls_uri: str | None, so_in: dict | None, so_bundles: dict | None, out: Output,
+             run_id: str, progress: Progress, threshold: float | None) -> None:
+    """Predict and commit ``todo`` on the actor pool, streaming into ``progress``."""
     connect(cfg.get("ray_address"), cfg.get("ray_num_cpus"), cfg.get("ray_runtime_env") or None)
     num_gpus = float(batch.get("num_gpus") or 0)
     device = str(batch.get("device") or "auto")
@@ -899,7 +896,7 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
         todo,
         seg_uri=seg_uri,
         cls_uri=cls_uri,
-        storage_options=so[0],
+        storage_options=so_in,
         batch_size=int(batch["batch_size"]),
         concurrency=_pool_size(batch, len(todo)),
         num_gpus=num_gpus,
@@ -910,7 +907,7 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
             "device": device,
             "output": out.url,
             "output_options": out.storage_options,
-            "bundle_storage_options": so[1],
+            "bundle_storage_options": so_bundles,
             "run_id": run_id,
             "io_threads": 8 if batch.get("io_threads") is None else int(batch["io_threads"]),
             "torch_threads": batch.get("torch_threads"),
