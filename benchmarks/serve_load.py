@@ -213,8 +213,7 @@ def main() -> None:
     batching = next(d for d in app["deployments"] if d["name"] == "Segmenter")["user_config"]
     batched_size = int(batching["max_batch_size"])
     t = time.perf_counter()
-    deploy(config)
-    base = f"http://127.0.0.1:{port}"
+    base = deploy(config)
     url = f"{base}/v1/predict"
     models = requests.get(f"{base}/v1/models", timeout=30).json()
     print(f"deployed in {time.perf_counter() - t:.1f} s; batching {batching}; model replicas "

@@ -44,17 +44,23 @@ def patch_deployment(app: dict[str, Any], name: str, patch: Mapping[str, Any]) -
     app["deployments"].append({"name": name, **copy.deepcopy(dict(patch))})
 
 
-def deploy(config: Mapping[str, Any] | ServeDeploySchema, *, timeout_s: float = 180.0) -> None:
+def deploy(config: Mapping[str, Any] | ServeDeploySchema, *, timeout_s: float = 180.0) -> str:
     """Start Serve with the config's HTTP options (kept if Serve already runs), apply the config
-    and wait until every application in it is RUNNING (RuntimeError on failure or timeout)."""
+    and wait until every application in it is RUNNING (RuntimeError on failure or timeout).
+    Returns the base URL Serve's HTTP proxy listens on: the config's, or, where Serve was
+    already running, the one it was started with."""
     from ray.serve.context import _get_global_client  # what `serve run config.yaml` uses
 
     schema = (config if isinstance(config, ServeDeploySchema)
               else ServeDeploySchema.model_validate(dict(config)))
     serve.start(http_options=schema.http_options.model_dump(),
                 proxy_location=schema.proxy_location)
-    _get_global_client().deploy_apps(schema)
+    client = _get_global_client()
+    client.deploy_apps(schema)
     wait_running([app.name for app in schema.applications], timeout_s=timeout_s)
+    http = client.http_config
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+    return f"http://{host}:{http.port}"
 
 
 def wait_running(names: list[str], *, timeout_s: float = 180.0) -> None:

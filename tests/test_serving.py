@@ -118,13 +118,17 @@ def chain(bundles) -> Chain:
                  Classifier(load_bundle(bundles["classifier"])))
 
 
-@pytest.fixture(scope="module")
-def server(ray_cluster, bundles, s3) -> str:
-    from ray import serve
+# Handles push their autoscaling metrics every 10 s by default; 0.5 s lets a scale-out show
+# within seconds of load in the test (the Ingress's handle to the Segmenter pushes them).
+METRIC_PUSH_ENV = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
 
-    from serving.launch import deploy, load_config, merge, patch_deployment
 
-    port = free_port()
+def app_config(bundles: dict[str, str], s3, port: int,
+               segmenter_autoscaling: dict | None = None) -> dict:
+    """serving/config.yaml as `serve run` reads it, patched for the test: bundle URIs, limits,
+    auth, small resources, one replica of each deployment unless `segmenter_autoscaling`."""
+    from serving.launch import load_config, merge, patch_deployment
+
     config = load_config()
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
     app = config["applications"][0]
@@ -138,16 +142,29 @@ def server(ray_cluster, bundles, s3) -> str:
     # Credentials (and the token) reach the replicas through their environment only; the
     # endpoint comes from the config, so the AWS_ENDPOINT_URL* variables are left out.
     env = {k: v for k, v in s3.env.items() if not k.startswith("AWS_ENDPOINT_URL")}
-    app["runtime_env"] = {"env_vars": {**env, TOKEN_ENV: TOKEN, "PYTHONPATH": str(ROOT)}}
+    app["runtime_env"] = {"env_vars": {**env, **METRIC_PUSH_ENV, TOKEN_ENV: TOKEN,
+                                       "PYTHONPATH": str(ROOT)}}
     fixed = {"min_replicas": 1, "max_replicas": 1}
     patch_deployment(app, "Ingress", {"ray_actor_options": {"num_cpus": 0.1},
                                       "autoscaling_config": fixed})
     for name in ("Segmenter", "Classifier"):
+        scaling = segmenter_autoscaling if name == "Segmenter" and segmenter_autoscaling else fixed
         patch_deployment(app, name, {"ray_actor_options": {"num_cpus": 0.2},
-                                     "autoscaling_config": fixed})
-    deploy(config, timeout_s=300)  # serve.start(http_options=config's: 127.0.0.1, free port)
-    yield f"http://127.0.0.1:{port}"
-    serve.delete(app["name"])
+                                     "autoscaling_config": scaling})
+    return config
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, bundles, s3) -> str:
+    from ray import serve
+
+    from serving.launch import deploy
+
+    config = app_config(bundles, s3, free_port())
+    # the address Serve listens on: the config's, or that of a Serve instance already running
+    url = deploy(config, timeout_s=300)
+    yield url
+    serve.delete(config["applications"][0]["name"])
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -757,3 +774,77 @@ def test_concurrent_burst(server, samples, chain):
     assert [s for _, s, _ in results] == [200] * 200, [b for _, s, b in results if s != 200][:3]
     for k, _, body in results:
         check_equal(body, refs[k], decoded[k])
+
+
+def _running_replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments[deployment]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+def test_the_segmenter_scales_out_under_load_and_back_in(server, samples, chain, bundles, s3):
+    """serving/config.yaml's autoscaling at work over real HTTP: redeployed (as `serve deploy`
+    of an edited config does) with the Segmenter allowed 1-2 replicas, a sustained load at
+    concurrency 16 brings up the second replica, every request of it succeeds with the
+    in-process chain's answer, and once the load stops the deployment scales back to one."""
+    from serving.launch import deploy
+
+    app = app_config(bundles, s3, free_port())["applications"][0]["name"]
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+               "upscale_delay_s": 0, "downscale_delay_s": 1, "look_back_period_s": 2,
+               "metrics_interval_s": 0.5}
+    image = resize_image(samples[4]["image"], (64, 64))[:, :, 0]
+    payload = png_bytes(image)
+    ref = chain.predict([decode_image(payload)])[0]
+    assert _running_replicas(app, "Segmenter") == 1
+
+    import threading
+    import time
+
+    stop = threading.Event()
+    local = threading.local()
+    scaled_after: list[float] = []
+
+    def load(_: int) -> list[tuple[int, dict]]:
+        # bounded in count and time; ends early once the scale-out was seen
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        out, deadline = [], time.monotonic() + 90
+        while not stop.is_set() and len(out) < 300 and time.monotonic() < deadline:
+            r = session.post(f"{server}/v1/predict", data=payload, timeout=120,
+                             headers={**AUTH, "Content-Type": "image/png"})
+            out.append((r.status_code, r.json()))
+        return out
+
+    try:
+        deploy(app_config(bundles, s3, free_port(), segmenter_autoscaling=scaling))
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(load, i) for i in range(16)]
+            while time.monotonic() - t0 < 90 and not all(f.done() for f in futures):
+                if _running_replicas(app, "Segmenter") >= 2:
+                    scaled_after.append(time.monotonic() - t0)
+                    time.sleep(1.0)  # requests keep flowing while both replicas serve
+                    break
+                time.sleep(0.2)
+            stop.set()
+            results = [r for f in futures for r in f.result()]
+        assert scaled_after, "the Segmenter never got a second replica under load"
+        print(f"second Segmenter replica running {scaled_after[0]:.1f} s into the load; "
+              f"{len(results)} requests")
+        assert [s for s, _ in results] == [200] * len(results), \
+            [b for s, b in results if s != 200][:3]
+        for _, body in results:
+            check_equal(body, ref, decode_image(payload))
+
+        deadline = time.monotonic() + 60
+        while _running_replicas(app, "Segmenter") > 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _running_replicas(app, "Segmenter") == 1, "no scale-in after the load stopped"
+        print(f"back to one replica {60 - (deadline - time.monotonic()):.1f} s after the load")
+        r = post(server, payload)
+        assert r.status_code == 200, r.text
+    finally:
+        stop.set()
+        deploy(app_config(bundles, s3, free_port()))  # the module's one-replica setup again
