@@ -261,6 +261,16 @@ def hausdorff95(
 
 
 # --------------------------------------------------------------------------- meters
+def _spacing_pair(spacing: float | Sequence[float] | np.ndarray) -> np.ndarray:
+    """Pixel spacing as (row, col) float64, from one value or two."""
+    pair = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    if pair.size == 1:
+        pair = np.repeat(pair, 2)
+    if pair.size != 2:
+        raise ValueError(f"spacing must be one value or (row, col), got {spacing!r}")
+    return pair
+
+
 class SegmentationMeter:
     """Accumulates per-image confusion counts (and optionally Hausdorff-95) over batches.
 
@@ -313,7 +323,7 @@ class SegmentationMeter:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Plain numpy state: counts (N, 4) int64, ids (N,) str, hd95 (N,) float64 (empty when
-        not tracked) and hausdorff (0-d bool)."""
+        not tracked), hausdorff (0-d bool) and spacing ((row, col) float64, HD95's unit)."""
         hd = np.concatenate(self._hd95) if self._hd95 else np.zeros((0,), np.float64)
         ids = np.concatenate(self._ids) if self._ids else np.zeros((0,), np.str_)
         return {
@@ -321,6 +331,7 @@ class SegmentationMeter:
             "ids": ids,
             "hd95": hd,
             "hausdorff": np.array(self.hausdorff),
+            "spacing": _spacing_pair(self.spacing),
         }
 
     @classmethod
@@ -331,7 +342,9 @@ class SegmentationMeter:
         tracked = bool(state.get("hausdorff", len(hd) > 0))
         if tracked and len(hd) != len(counts):
             raise ValueError(f"state has {len(hd)} hd95 values for {len(counts)} images")
-        meter = cls(hausdorff=tracked)
+        spacing = state.get("spacing")
+        meter = cls(hausdorff=tracked, spacing=1.0 if spacing is None
+                    else tuple(float(v) for v in _spacing_pair(spacing)))
         meter._counts = [counts]
         ids = state.get("ids")
         meter._ids = [np.asarray(ids if ids is not None else [""] * len(counts), dtype=np.str_)]
@@ -342,6 +355,10 @@ class SegmentationMeter:
         """Append another meter's (or state dict's) images to this one; returns self."""
         if isinstance(other, dict):
             other = SegmentationMeter.from_state(other)
+        if (self.hausdorff and other.hausdorff and len(other)
+                and not np.array_equal(_spacing_pair(self.spacing), _spacing_pair(other.spacing))):
+            raise ValueError(f"cannot merge HD95 measured with spacing {other.spacing} into a "
+                             f"meter with spacing {self.spacing}: the distances are in other units")
         self._counts.append(other.counts)
         self._ids.append(other.state_dict()["ids"])
         if self.hausdorff and other.hausdorff:

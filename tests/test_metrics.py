@@ -142,6 +142,26 @@ def test_meter_merge_of_halves_equals_all():
     assert "hd95_mean" not in merged.aggregate()
 
 
+def test_a_restored_meter_keeps_its_hd95_spacing():
+    """A meter rebuilt from its state measures later images in the same units (it fell back
+    to 1 pixel: 0.5 mm then 1.0 'mm' for the same pair); meters of other spacings do not mix."""
+    p = np.zeros((8, 8), np.uint8)
+    p[2:5, 2:5] = 1
+    t = np.zeros((8, 8), np.uint8)
+    t[2:5, 3:6] = 1
+    for spacing in (0.5, (0.5, 2.0)):
+        meter = SegmentationMeter(hausdorff=True, spacing=spacing)
+        meter.update(p, t)
+        restored = SegmentationMeter.from_state(meter.state_dict())
+        restored.update(p, t)
+        hd = restored.state_dict()["hd95"]
+        assert hd[0] == hd[1] == meter.state_dict()["hd95"][0]
+    with pytest.raises(ValueError, match="spacing"):
+        SegmentationMeter(hausdorff=True, spacing=0.5).merge(meter)
+    legacy = {k: v for k, v in meter.state_dict().items() if k != "spacing"}
+    assert SegmentationMeter.from_state(legacy).spacing == 1.0  # states from before
+
+
 def _brute_hd95(a, b):
     def surface(m):
         p = np.pad(m, 1)

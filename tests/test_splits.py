@@ -161,6 +161,20 @@ def test_ratio_split_defaults_and_custom_ratios():
         ratio_split(range(5), labels=[0, 1])
 
 
+@pytest.mark.parametrize("classes,per_class", [(10, 5), (7, 15), (3, 33)])
+def test_ratio_split_spreads_rounding_remainders_over_the_splits(classes, per_class):
+    """Equal ratios for val and test: neither collects every class's remainder (10 classes of
+    5 gave val 10 and test 0; 7 of 15 gave 14 and 7)."""
+    labels = [c for c in range(classes) for _ in range(per_class)]
+    n = len(labels)
+    sizes = {k: len(v) for k, v in ratio_split(range(n), labels, None, (0.8, 0.1, 0.1)).items()}
+    assert sum(sizes.values()) == n
+    assert abs(sizes["val"] - sizes["test"]) <= 1, sizes
+    for name, ratio in (("train", 0.8), ("val", 0.1), ("test", 0.1)):
+        # each class is split on its own: at most one off per class
+        assert abs(sizes[name] - ratio * n) < classes, sizes
+
+
 def test_mixed_label_group_follows_majority():
     # one group of 5 (4 x class 1, 1 x class 0) plus singletons; it must stay whole
     labels = [1, 1, 1, 1, 0] + [0] * 20 + [1] * 20
