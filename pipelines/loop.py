@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 import warnings
@@ -220,6 +221,12 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
         history = list(state.get("history", []))
         if state.get("stopped_early"):
             start_epoch = spec.epochs
+        if start_epoch >= spec.epochs and ctx.rank == 0:
+            why = ("stopped early" if state.get("stopped_early")
+                   else f"{start_epoch} of {spec.epochs} epochs done")
+            sys.stdout.write(f"[{spec.stage}] already trained ({why}): nothing to do; a larger "
+                             "epoch count goes on from here\n")
+            sys.stdout.flush()
     model = model.to(ctx.device)
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)

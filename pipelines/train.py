@@ -11,11 +11,14 @@ loop in Ray Train workers (DDP).
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 _ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, "") and (_ROOT / "medseg_core").is_dir():  # `python pipelines/train.py`
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from medseg_core.checkpoint import load_bundle, save_bundle
+from medseg_core.checkpoint import load_bundle, read_bundle_meta, save_bundle
 from medseg_core.dataset import RecordDataset, collate
 from medseg_core.engine import check_scheduler
 from medseg_core.inference import Segmenter
@@ -73,6 +76,54 @@ def classifier_model(model: Mapping[str, Any], class_names: Sequence[str]) -> di
     return model
 
 
+def _archive_name(url: str) -> str:
+    """`data.url` as a bundle may record it: local paths absolute, no credentials or query."""
+    parts = urlsplit(str(url))
+    if not parts.scheme or parts.scheme == "file":
+        return os.path.abspath(os.path.expanduser(parts.path if parts.scheme else str(url)))
+    return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+
+
+def training_data(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a run's bundles were trained on and which images it held out: archive, layout,
+    layout options, split settings and seed. A rerun of the run must match it."""
+    data = cfg["data"]
+    return json.loads(json.dumps({
+        "url": _archive_name(data["url"]), "layout": data.get("layout"),
+        "options": dict(data.get("options") or {}), "split": dict(data.get("split") or {}),
+        "seed": int(cfg.get("seed", 0))}, default=str))
+
+
+# bundle settings that fix what a run trains: a rerun under the same run_name resumes it only
+# where they are unchanged
+RUN_IDENTITY = ("task", "dataset", "input_size", "in_channels", "mean", "std", "class_names",
+                "training_data")
+
+
+def check_resumable(cfg: dict[str, Any]) -> None:
+    """Refuse to go on with a run whose latest bundles were trained on other data, another
+    split or another model than `cfg` asks for. Without this, a rerun of a finished run under
+    new settings skipped its stages as done, then re-chose the segmenter's post-processing on
+    the new validation split and reported the old model's test Dice on the new data."""
+    for stage in cfg["stages"]:
+        latest = RunLog(run_dir(cfg), stage).resume_dir()
+        if latest is None:
+            continue
+        _, old = read_bundle_meta(latest)
+        spec = stage_spec(cfg, stage)
+        new = json.loads(json.dumps({"model": spec.model, **spec.bundle_config}, default=str))
+        changed = [k for k in RUN_IDENTITY if k in old and old[k] != new.get(k)]
+        old_model, new_model = old.get("model") or {}, new["model"]
+        changed += [f"{'model' if stage == 'segmenter' else 'classifier'}.{k}"
+                    for k in sorted(set(old_model) & set(new_model))
+                    if old_model[k] != new_model[k]]
+        if changed:
+            raise ValueError(
+                f"run {cfg['run_name']!r} already holds a {stage} trained with other settings "
+                f"({', '.join(changed)} differ from {latest}): resuming it would mix them. Use "
+                "another run_name for the new settings, or the run's own settings to go on")
+
+
 def stage_spec(cfg: dict[str, Any], stage: str) -> StageSpec:
     """Plain settings of one stage from the composed config."""
     if stage not in STAGES:
@@ -89,6 +140,7 @@ def stage_spec(cfg: dict[str, Any], stage: str) -> StageSpec:
         "class_names": list(data["class_names"]),
         "inference": dict(data.get("inference") or {"mode": "resize", "tile_overlap": 32}),
         "dataset": data["name"],
+        "training_data": training_data(cfg),
     }
     gpu_aug = bool(trainer.get("gpu_augment", False))
     fail = trainer.get("fail_at_epoch", {}) or {}
@@ -361,6 +413,7 @@ def check_settings(cfg: dict[str, Any]) -> None:
 
 def run(cfg: dict[str, Any]) -> dict[str, str]:
     check_settings(cfg)
+    check_resumable(cfg)
     backend = cfg["trainer"].get("backend", "local")
     # the in-process trainer's DataLoader cannot drop a bad record: check them all first
     splits = load_splits(cfg, check=backend == "local")

@@ -308,6 +308,38 @@ def test_local_training_honours_data_epoch_offset(tmp_path):
     assert losses[0] != losses[1]  # other augmentations and order, same initial weights
 
 
+def test_a_run_name_resumes_only_under_its_own_data_split_and_model(tmp_path, capsys):
+    """A rerun of a finished run under other data, split or model is refused before anything
+    is read or written (it skipped the stages as done, re-chose the post-processing on the new
+    validation split and printed the old model's Dice as the new data's); the run's own
+    settings go on, and a finished stage says it was skipped."""
+    from medseg_core.checkpoint import read_bundle_meta
+    from pipelines.train import run
+
+    base = ["trainer=local", "stages=[segmenter]", "train.epochs=1", "run_name=same"]
+    run(config(tmp_path, *base))
+    best = tmp_path / "runs" / "same" / "segmenter" / "best"
+    before = (best / "version").read_text(), (best / "config.yaml").read_text()
+    assert read_bundle_meta(str(best))[1]["training_data"]["layout"] == "busi"
+    for override, named in (("data.generate.seed=7", "training_data"),
+                            ("data.split.ratios=[0.6,0.2,0.2]", "training_data"),
+                            ("data.image_size=[32,32]", "input_size"),
+                            ("model.widths=[8,16,24]", "model.widths"),
+                            ("data.class_names=[normal,benign,malignant,other]", "class_names")):
+        if override.startswith("data.generate"):
+            # the same archive under another name: a different data.url
+            override = f"data.url={tmp_path / 'data' / 'synthetic'}-copy"
+            import shutil
+            shutil.copytree(tmp_path / "data" / "synthetic", f"{tmp_path}/data/synthetic-copy",
+                            dirs_exist_ok=True)
+        with pytest.raises(ValueError, match=f"other settings .*{named}"):
+            run(config(tmp_path, *base, override))
+    assert ((best / "version").read_text(), (best / "config.yaml").read_text()) == before
+    capsys.readouterr()
+    run(config(tmp_path, *base, "train.batch_size=2"))  # not part of what the run is
+    assert "[segmenter] already trained (1 of 1 epochs done)" in capsys.readouterr().out
+
+
 def test_a_kill_while_the_postprocess_choice_is_written_leaves_a_usable_best(tmp_path,
                                                                             monkeypatch):
     import os
