@@ -50,6 +50,10 @@ class BundleError(ValueError):
     """A model bundle is missing, incomplete or unreadable (the message names its URL)."""
 
 
+class BundleNotFoundError(BundleError):
+    """There is nothing at a model bundle's URL."""
+
+
 @dataclass
 class Bundle:
     """A loaded bundle: the model in eval mode plus its config, metrics, version and URI."""
@@ -203,6 +207,8 @@ def _read(fs: Any, path: str, name: str, url: str) -> bytes:
     try:
         return fs.cat_file(_join(path, name))
     except FileNotFoundError:
+        if not fs.exists(path):
+            raise BundleNotFoundError(f"model bundle {url} does not exist") from None
         raise BundleError(f"model bundle {url} has no {name}") from None
     except OSError as exc:
         raise BundleError(f"cannot read {name} of model bundle {url}: {exc}") from exc
@@ -221,6 +227,23 @@ def read_bundle_meta(url: str, storage_options: dict[str, Any] | None = None
         raise BundleError(f"{CONFIG_FILE} of model bundle {url} is not valid YAML: {exc}") from exc
     if not isinstance(config, dict):
         raise BundleError(f"{CONFIG_FILE} of model bundle {url} is not a mapping")
+    return version, config
+
+
+def check_bundle_task(url: str, task: str, setting: str,
+                      storage_options: dict[str, Any] | None = None
+                      ) -> tuple[str, dict[str, Any]]:
+    """`read_bundle_meta` of the bundle that setting `setting` names, refusing one of another
+    task (a classifier given as the segmenter, or the reverse) with a BundleError naming the
+    setting, the URL and both tasks, before any model is loaded or image read."""
+    try:
+        version, config = read_bundle_meta(url, storage_options)
+    except BundleError as exc:
+        raise type(exc)(f"{setting}: {exc}") from None
+    have = config.get("task")
+    if have != task:
+        raise BundleError(f"{setting}: model bundle {url.rstrip('/')} is a {have!r} bundle; "
+                          f"{setting} needs a {task!r} one")
     return version, config
 
 

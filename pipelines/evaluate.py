@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig
 
-from medseg_core.checkpoint import load_bundle, read_bundle_meta
+from medseg_core.checkpoint import BundleNotFoundError, check_bundle_task, load_bundle
 from medseg_core.evaluation import (
     FLIPS,
     BootstrapConfig,
@@ -74,7 +74,7 @@ from pipelines.data import (
     storage_options,
 )
 from pipelines.predict import ChainPredictor, error_text, predict_records, rows_to_table
-from pipelines.runlog import CURVE_KEYS, join
+from pipelines.runlog import CURVE_KEYS, SPLITS_FILE, join, read_splits, split_digests
 
 SPLITS = ("test", "val", "train", "all")
 BACKENDS = ("local", "ray", "auto")
@@ -103,6 +103,7 @@ def select_records(cfg: dict[str, Any]) -> list[Record]:
             raise ValueError(f"split {split!r} does not exist with data.split.mode="
                              f"{cfg['data']['split'].get('mode')!r} (have {sorted(splits)})")
         records = list(splits[split])
+        check_held_out(cfg, split, records)
     limit = ev.get("limit")
     check_whole(limit, "evaluate.limit", 1, none=True)  # null: all
     if limit is not None:
@@ -110,6 +111,31 @@ def select_records(cfg: dict[str, Any]) -> list[Record]:
     if not records:
         raise ValueError(f"split {split!r} of {cfg['data']['url']} has no images")
     return records
+
+
+def check_held_out(cfg: Mapping[str, Any], split: str, records: Sequence[Record]) -> None:
+    """Refuse to score a split other than the one the segmenter's run held out. A bundle at
+    ``<run>/<stage>/best`` (or ``latest``) has its run's `splits.json` two levels up; where the
+    split computed now holds other records (the archive or the split settings changed, or
+    medseg's split did), its images may be ones the model was trained or selected on."""
+    uri = str(cfg["evaluate"]["segmenter"]).rstrip("/")
+    parts = uri.rsplit("/", 2)
+    if len(parts) != 3 or parts[2] not in ("best", "latest"):
+        return
+    recorded = (read_splits(parts[0], _bundle_so(cfg, uri)) or {}).get(split)
+    now = split_digests({split: [r.id for r in records]})[split]
+    if recorded is not None and recorded != now:
+        # an in-process trainer checks every record and leaves bad ones out of its splits
+        checked = load_splits(dict(cfg), check=True)[split]
+        if split_digests({split: [r.id for r in checked]})[split] == recorded:
+            return
+        raise ValueError(
+            f"the {split} split of {cfg['data']['url']} is not the one run {parts[0]} held out "
+            f"({now['count']} images now, {recorded['count']} then, other ids; its "
+            f"{SPLITS_FILE}): the archive, "
+            "the split settings or medseg's split changed since training, so it may hold images "
+            "the model was trained or selected on. Evaluate with the run's own data and "
+            "data.split settings, or evaluate.split=all")
 
 
 def choose_backend(backend: str, n_images: int, auto_min_images: int = 2000,
@@ -489,7 +515,12 @@ def checked_class_names(cfg: Mapping[str, Any]) -> list[str]:
     names = [str(c) for c in (cfg["data"].get("class_names") or [])]
     uri = cfg["evaluate"].get("classifier")
     if uri:
-        _, config = read_bundle_meta(uri, _bundle_so(cfg, uri))
+        try:
+            _, config = check_bundle_task(uri, "classification", "evaluate.classifier",
+                                          _bundle_so(cfg, uri))
+        except BundleNotFoundError as exc:
+            raise BundleNotFoundError(f"{exc} (evaluate.classifier=null evaluates the "
+                                      "segmenter alone)") from None
         own = [str(c) for c in (config.get("class_names") or [])]
         if own and names and own != names:
             raise ValueError(f"classifier bundle {uri} predicts classes {own}, but "
@@ -506,6 +537,8 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     check_case_metric(str((ev.get("cases") or {}).get("metric", "dice")))
     boot = BootstrapConfig.from_dict(ev.get("bootstrap"))  # all checked before any prediction
     flips = tta_flips(ev)
+    check_bundle_task(ev["segmenter"], "segmentation", "evaluate.segmenter",
+                      _bundle_so(cfg, ev["segmenter"]))
     class_names = checked_class_names(cfg)
     records = select_records(cfg)
     backend = choose_backend(str(ev.get("backend", "local")), len(records),

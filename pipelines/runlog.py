@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -116,6 +117,40 @@ def recover_dir(dst: str) -> bool:
         fs.copy(f"{found}/{name}", f"{path}/{name}")
     fs.rm(found, recursive=True)
     return True
+
+
+SPLITS_FILE = "splits.json"  # in the run directory: which records each split held
+
+
+def split_digests(ids: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """Per split, its record count and the SHA-256 of its sorted record ids."""
+    return {name: {"count": len(v),
+                   "sha256": hashlib.sha256("\n".join(sorted(v)).encode()).hexdigest()}
+            for name, v in ids.items()}
+
+
+def record_splits(run_dir: str, ids: dict[str, list[str]]) -> list[str]:
+    """Write the run's `splits.json` at its first start; on a rerun return the names of the
+    splits that now hold other records than the run's first start recorded."""
+    url = join(run_dir, SPLITS_FILE)
+    digests = split_digests(ids)
+    recorded = read_splits(run_dir)
+    if recorded is None:
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, json.dumps(digests, indent=1).encode())
+        return []
+    return sorted(k for k in set(recorded) | set(digests) if recorded.get(k) != digests.get(k))
+
+
+def read_splits(run_dir: str, storage_options: dict[str, Any] | None = None
+                ) -> dict[str, dict[str, Any]] | None:
+    """The run's recorded split digests (`record_splits`), None where it has none."""
+    fs, path = fsspec.core.url_to_fs(join(run_dir, SPLITS_FILE), **(storage_options or {}))
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
 
 
 def next_epoch(train_state: dict[str, Any]) -> int:

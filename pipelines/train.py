@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from pipelines.data import (
     split_mode,
 )
 from pipelines.loop import StageSpec, epoch_seed, fit_stage
-from pipelines.runlog import RunLog, copy_dir, join
+from pipelines.runlog import RunLog, copy_dir, join, record_splits
 
 STAGES = ("segmenter", "classifier")
 
@@ -418,6 +419,11 @@ def run(cfg: dict[str, Any]) -> dict[str, str]:
     # the in-process trainer's DataLoader cannot drop a bad record: check them all first
     splits = load_splits(cfg, check=backend == "local")
     print("split sizes: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()), flush=True)
+    moved = record_splits(run_dir(cfg), {k: [r.id for r in v] for k, v in splits.items()})
+    if moved:
+        warnings.warn(f"run {cfg['run_name']!r}: the {', '.join(moved)} split(s) now hold other "
+                      "records than when the run started (the archive changed): its validation "
+                      "and test figures are no longer of the images it held out", stacklevel=2)
     if not splits["val"]:
         raise ValueError(f"the validation split is empty ({len(splits['train'])} train records): "
                          "the best epoch and early stopping are chosen on it; use more data or "

@@ -166,6 +166,28 @@ def test_incomplete_or_missing_bundles_are_refused(tmp_path):
         load_bundle(str(tmp_path / "nowhere"))
 
 
+def test_bundle_meta_of_a_missing_bundle_or_of_another_task(tmp_path):
+    """read_bundle_meta said "has no version" for a directory that does not exist; jobs given
+    a bundle of the wrong task (a classifier as the segmenter) failed on every image."""
+    from medseg_core.checkpoint import read_bundle_meta
+
+    with pytest.raises(BundleError, match=r"model bundle \S*nowhere does not exist"):
+        read_bundle_meta(str(tmp_path / "nowhere"))
+    url = save_bundle(str(tmp_path / "b"), _trained_model(), _config())
+    (tmp_path / "b" / "version").unlink()
+    with pytest.raises(BundleError, match="has no version"):
+        read_bundle_meta(url)
+    from medseg_core.checkpoint import check_bundle_task
+
+    seg = save_bundle(str(tmp_path / "s"), _trained_model(), _config())
+    assert check_bundle_task(seg, "segmentation", "x.segmenter")[1]["task"] == "segmentation"
+    with pytest.raises(BundleError, match=r"^x.classifier: model bundle \S+/s is a "
+                       r"'segmentation' bundle; x.classifier needs a 'classification' one$"):
+        check_bundle_task(seg, "classification", "x.classifier")
+    with pytest.raises(BundleError, match=r"^x.segmenter: model bundle \S*nowhere does not exist"):
+        check_bundle_task(str(tmp_path / "nowhere"), "segmentation", "x.segmenter")
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [

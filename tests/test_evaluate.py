@@ -264,6 +264,52 @@ def test_bad_settings_are_refused_before_any_prediction(workspace, monkeypatch) 
             ev.evaluate(cfg)
 
 
+def test_a_missing_bundle_or_one_of_another_task_is_refused_first(workspace, monkeypatch):
+    """A classifier bundle given as the segmenter (or the reverse) made an error row of every
+    image, blaming the image, and a missing bundle was said to have "no version"."""
+    import pipelines.evaluate as ev
+
+    root, archive = workspace
+    run = root / "runs" / "tiny"
+    monkeypatch.setattr(ev, "select_records", lambda *a: pytest.fail("read images first"))
+    monkeypatch.setattr(ev, "predict_local", lambda *a: pytest.fail("predicted first"))
+    for bad, message in (
+            ([f"evaluate.segmenter={run / 'classifier' / 'best'}", "evaluate.classifier=null"],
+             r"^evaluate.segmenter: model bundle \S+/classifier/best is a 'classification' "
+             r"bundle; evaluate.segmenter needs a 'segmentation' one$"),
+            ([f"evaluate.classifier={run / 'segmenter' / 'best'}"],
+             r"^evaluate.classifier: model bundle \S+/segmenter/best is a 'segmentation' "
+             r"bundle; evaluate.classifier needs a 'classification' one$"),
+            ([f"evaluate.segmenter={root / 'nosuch'}"],
+             r"^evaluate.segmenter: model bundle \S+/nosuch does not exist$"),
+            ([f"evaluate.classifier={root / 'runs' / 'nosuch' / 'classifier' / 'best'}"],
+             r"^evaluate.classifier: model bundle \S+/nosuch/classifier/best does not exist "
+             r"\(evaluate.classifier=null evaluates the segmenter alone\)$")):
+        cfg = eval_config(root, archive, *bad, f"evaluate.out={root / 'eval-wrong'}")
+        with pytest.raises(ValueError, match=message):
+            ev.evaluate(cfg)
+    assert not (root / "eval-wrong").exists()
+
+
+def test_bad_inputs_are_reported_beside_the_evaluation(workspace) -> None:
+    """The bad-input report went to data.report inherited from training, overwriting the
+    training run's data_report.json with the evaluation's problems."""
+    from pipelines.evaluate import select_records
+
+    root, archive = workspace
+    training_report = root / "runs" / "tiny" / "data_report.json"
+    training_report.unlink(missing_ok=True)
+    out = root / "eval-bad-input"
+    cfg = eval_config(root, archive, "evaluate.split=test", f"evaluate.out={out}")
+    assert cfg["data"]["report"] == f"{out}/data_report.json"
+    with pytest.warns(UserWarning, match="dropped"):
+        records = select_records(cfg)  # the corrupt mask is dropped before the split
+    assert "benign/benign (2)" not in {r.id for r in records}
+    report = json.loads((out / "data_report.json").read_text())
+    assert [e["path"].rsplit("/", 1)[-1] for e in report["entries"]] == ["benign (2)_mask.png"]
+    assert not training_report.exists()
+
+
 def test_split_is_the_training_split(workspace) -> None:
     """split=test evaluates exactly the held-out split of pipelines.data.load_splits."""
     from pipelines.data import load_splits
@@ -281,6 +327,45 @@ def test_split_is_the_training_split(workspace) -> None:
     assert "hd95" not in summary["segmentation"]["groups"]["all"]
     with pytest.raises(ValueError, match="evaluate.split"):
         evaluate(eval_config(root, archive, "evaluate.split=holdout"))
+
+
+def test_a_split_other_than_the_one_the_run_held_out_is_refused(tmp_path, synthetic_archive):
+    """Training records each split's ids (runs/<run>/splits.json); evaluating a split that
+    now holds other records (another data.split, or medseg's split changed since training) is
+    refused rather than scoring images the model may have been trained or selected on."""
+    from pipelines.data import load_splits
+    from pipelines.evaluate import select_records
+    from pipelines.runlog import read_splits, record_splits
+
+    make_run(tmp_path)
+    run = tmp_path / "runs" / "tiny"
+    cfg = eval_config(tmp_path, synthetic_archive, "evaluate.split=test")
+    assert select_records(cfg)  # no splits.json (a run from before): nothing to compare
+    record_splits(str(run), {k: [r.id for r in v] for k, v in load_splits(cfg).items()})
+    assert set(read_splits(str(run))) == {"train", "val", "test"}
+    assert [r.id for r in select_records(cfg)] == [r.id for r in load_splits(cfg)["test"]]
+    moved = eval_config(tmp_path, synthetic_archive, "evaluate.split=test",
+                        "data.split.ratios=[0.6,0.2,0.2]")
+    with pytest.raises(ValueError, match="not the one run .* held out"):
+        select_records(moved)
+    assert select_records(eval_config(tmp_path, synthetic_archive, "evaluate.split=all",
+                                      "data.split.ratios=[0.6,0.2,0.2]"))
+    # an in-process trainer left a bad record out of its splits (grouping off): the split is
+    # still the run's, though evaluation keeps the record (it becomes an error row)
+    archive = tmp_path / "bad-archive"
+    shutil.copytree(synthetic_archive, archive)
+    (archive / "benign" / "benign (2)_mask.png").write_bytes(b"not a png")
+    nodedup = eval_config(tmp_path, str(archive), "evaluate.split=all",
+                          "data.split.dedup_distance=-1")
+    (run / "splits.json").unlink()
+    record_splits(str(run), {k: [r.id for r in v]
+                             for k, v in load_splits(nodedup, check=True).items()})
+    for split in ("train", "val", "test"):
+        select_records({**nodedup, "evaluate": {**nodedup["evaluate"], "split": split}})
+    # training warns on a rerun whose splits moved, and keeps the first record
+    assert record_splits(str(run), {k: [r.id for r in v]
+                                    for k, v in load_splits(moved).items()}) == ["test", "train",
+                                                                                 "val"]
 
 
 @pytest.mark.ray
