@@ -9,6 +9,9 @@ from typing import Any
 _ROOT = Path(__file__).resolve().parents[1]
 
 
+_started_here = False  # this process started the local Ray instance it is connected to
+
+
 def connect(address: str | None = None, num_cpus: float | None = None,
             runtime_env: dict[str, Any] | None = None) -> None:
     """Join the running cluster (`address`, RAY_ADDRESS, `ray job submit`, or the one `ray start`
@@ -16,6 +19,7 @@ def connect(address: str | None = None, num_cpus: float | None = None,
     logical CPUs and this source tree on the workers' path."""
     import ray
 
+    global _started_here
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -27,12 +31,33 @@ def connect(address: str | None = None, num_cpus: float | None = None,
     try:
         ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=False,
                  runtime_env=runtime_env)
+        _started_here = True
     except ValueError as e:
         # With no address Ray joins the cluster that `ray start` recorded on this machine (the
         # head node under `ray submit`), and refuses resource arguments for it: join as it is.
         if "existing cluster" not in str(e):
             raise
         ray.init(runtime_env=runtime_env)
+
+
+def check_fits(need: dict[str, float], what: str, hint: str = "") -> None:
+    """Refuse at once a request (`need`: resources of what must run together) that the local
+    Ray instance this process started can never grant: nothing adds nodes to it, so Ray would
+    wait for ever ("No available node types can fulfill resource request"). On a cluster it
+    joined, an autoscaler may still bring the nodes, and the request waits as usual."""
+    import ray
+
+    if not (_started_here and ray.is_initialized()):
+        return
+    have = ray.cluster_resources()
+    short = {k: v for k, v in need.items() if v > 0 and v > have.get(k, 0.0) + 1e-9}
+    if short:
+        ask = ", ".join(f"{v:g} {k}" for k, v in need.items() if v > 0)
+        got = ", ".join(f"{have.get(k, 0.0):g} {k}" for k in need if need[k] > 0)
+        why = (" (Ray sees no GPU on this machine)" if "GPU" in short and not have.get("GPU")
+               else "")
+        raise RuntimeError(f"{what} needs {ask}, and the local Ray cluster this run started has "
+                           f"{got}{why}: it would wait for ever. {hint}".rstrip())
 
 
 def cluster_resources() -> dict[str, float]:

@@ -28,7 +28,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from medseg_core.layouts import Record
-from pipelines.cluster import connect
+from pipelines.cluster import check_fits, connect
 from pipelines.data import build_dataset, build_datasets, problem_ledger, task_credentials
 from pipelines.loop import broadcast_buffers, fit_stage, score_key
 from pipelines.runlog import RunLog, join
@@ -179,6 +179,11 @@ def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]], stage: str) ->
     trainer = cfg["trainer"]
     init_ray(trainer)
     world = int(trainer["num_workers"])
+    per_worker = scaling_config(trainer).resources_per_worker or {}
+    check_fits({k: world * float(v) for k, v in per_worker.items()},
+               f"trainer.num_workers={world} ({per_worker} each)",
+               "Set trainer.use_gpu=false on a machine without GPUs, or join a cluster that has "
+               "them (trainer.address or RAY_ADDRESS).")
     path = storage(cfg)
     spec = stage_spec(cfg, stage)
     vals = {f"val_{r}": splits["val"][r::world] for r in range(world)}

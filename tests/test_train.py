@@ -222,6 +222,22 @@ def test_worker_failure_is_survived_and_rerun_resumes(tmp_path, ray_cluster):
     assert executed_epochs(stage_dir) == sorted([*executed, 3])
 
 
+@pytest.mark.ray
+def test_gpus_the_local_cluster_lacks_are_refused_not_waited_for(tmp_path, ray_cluster):
+    """trainer.use_gpu=true on a Ray instance this process started without GPUs: refused at
+    once (Ray waited for ever for a node that nothing would add)."""
+    from pipelines.train import run
+
+    if ray_cluster.cluster_resources().get("GPU"):
+        pytest.skip("this machine has a GPU")
+    cfg = config(tmp_path, "trainer=ray", "trainer.use_gpu=true", "trainer.num_workers=1",
+                 "stages=[segmenter]", "train.epochs=1", "run_name=gpu")
+    with pytest.raises(RuntimeError, match=r"needs 1 CPU, 1 GPU.* has \d+ CPU, 0 GPU \(Ray sees "
+                                           r"no GPU on this machine\)"):
+        run(cfg)
+    assert not (tmp_path / "runs" / "gpu" / "segmenter").exists()
+
+
 @pytest.mark.s3
 @pytest.mark.ray
 def test_training_to_object_storage_checkpoints_there_and_resumes(tmp_path, s3):
