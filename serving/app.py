@@ -416,7 +416,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Body larger than the byte limit, image larger than the pixel limit, or (tile-mode "
              "segmenter) an image whose tiles exceed the segmenter's work limit.",
         415: "Empty body, or a Content-Type other than the accepted image types and multipart.",
-        422: "Bad query values (mask_format not png/rle, threshold not in (0, 1)).",
+        422: "Bad query values (mask_format not png/rle, threshold not in (0, 1)), or a "
+             "query parameter the route does not take or given twice.",
         503: "Model deployments not ready or overloaded, or a model replica failed "
              "mid-request (`Retry-After` says when to retry).",
     }.items()
@@ -459,6 +460,24 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
     return error_response(500, "internal_error", "internal server error")
+
+
+PREDICT_QUERY = ("mask_format", "threshold")
+
+
+def check_query(request: Request, accepted: tuple[str, ...]) -> None:
+    """422 for a query parameter the route does not take, or one given twice: a misspelt
+    `treshold=0.3` was ignored, and the answer silently used the bundle's threshold."""
+    names = [k for k, _ in request.query_params.multi_items()]
+    unknown = sorted({n for n in names if n not in accepted})
+    if unknown:
+        raise ApiError(422, "invalid_parameter", f"unknown query parameter(s) "
+                       f"{', '.join(repr(n[:64]) for n in unknown[:8])}; accepted: "
+                       f"{', '.join(accepted)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ApiError(422, "invalid_parameter",
+                       f"query parameter(s) given more than once: {', '.join(repeated)}")
 
 
 async def require_token(request: Request) -> None:
@@ -579,6 +598,7 @@ class Ingress:
             "default: the segmenter bundle's."),
     ) -> JSONResponse:
         t0 = time.perf_counter()
+        check_query(request, PREDICT_QUERY)
         data = await self._read_image_bytes(request)
         t1 = time.perf_counter()
         # Pillow walks a header's chunks in Python: off the event loop, as decoding is
