@@ -173,6 +173,7 @@ class _Archive:
         self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
         self.keep_protocol = "://" in url
         self.stamps: dict[str, str] | None = {} if stamps else None  # full path -> stamp
+        self.seen: set[str] = set()  # every non-hidden file `find` returned (full paths)
 
     def path(self, sub: str = "") -> str:
         sub = _norm_dir(sub)
@@ -218,6 +219,7 @@ class _Archive:
             rel = valid_text(p[len(prefix) :])
             if not _is_hidden(rel):
                 out.append((rel, p))
+                self.seen.add(p)
         out.sort()
         return out
 
@@ -689,6 +691,34 @@ def _size_problems(arc: _Archive, records: list[Record]) -> dict[str, Skipped]:
     return {r.id: p for r, p in zip(todo, results) if p is not None}
 
 
+def check_found(arc: _Archive, layout: str, problems: Sequence[Skipped],
+                allow_empty: bool = False) -> None:
+    """Raise LayoutError naming the URL (and the layout, and the files it saw and skipped)
+    for a listing of `arc` that found no record: the archive does not exist (nor any object
+    under the prefix), the layout recognised none of the files found, or (unless
+    `allow_empty`) there are no files."""
+    url = valid_text(arc.url)
+    if not arc.seen and not problems:
+        try:
+            exists, is_dir = arc.fs.exists(arc.root), arc.fs.isdir(arc.root)
+        except OSError:
+            exists = is_dir = False
+        if not exists:
+            raise LayoutError(f"{url}: the archive does not exist (no such folder, or no object "
+                              "under that prefix): check the URL")
+        if not is_dir:
+            raise LayoutError(f"{url}: the archive is a file, not a folder of images")
+        if allow_empty:
+            return
+        raise LayoutError(f"{url}: no files found for layout '{layout}' (the folder is empty, "
+                          "or has no files where the layout looks)")
+    first = min(problems, key=lambda s: (s.path, s.reason)) if problems else None
+    raise LayoutError(f"{url}: layout '{layout}' found no record among the "
+                      f"{len(arc.seen)} file(s) found, {len(problems)} skipped by the layout"
+                      + (f" (first: {first.path}: {first.reason})" if first else "")
+                      + "; check `layout` (and its options) against the archive's folders")
+
+
 def list_records(
     url: str,
     layout: str,
@@ -698,6 +728,7 @@ def list_records(
     check_sizes: bool = False,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     stamps: bool = False,
+    allow_empty: bool = False,
     **options,
 ) -> Listing:
     """List the records of the archive at ``url`` in the named layout (see :data:`LAYOUTS`).
@@ -708,14 +739,19 @@ def list_records(
     bounds the listing files a layout reads (a labels CSV); None: no bound. ``stamps`` fills
     ``Listing.stamps`` from the listing itself (a ``stat`` per local file, nothing more on
     object storage).
+
+    A listing without a single record raises :class:`LayoutError` whatever ``strict`` (see
+    :func:`check_found`): the archive does not exist, or the layout recognised none of its
+    files; an existing folder without files only with ``allow_empty=False`` (with True, an
+    empty listing: nothing arrived yet).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout '{layout}', expected one of {sorted(LAYOUTS)}")
     lay = LAYOUTS[layout](**options)
     arc = _Archive(url, storage_options, max_bytes, stamps=stamps)
     records, problems = lay.scan(arc)
-    if not records and not problems:
-        problems.append(Skipped(url, f"no image files found for layout '{layout}'"))
+    if not records:
+        check_found(arc, layout, problems, allow_empty)
 
     # Duplicate ids across the whole listing (layouts already catch same-name files).
     by_id: dict[str, Record] = {}

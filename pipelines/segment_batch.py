@@ -76,14 +76,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
-from medseg_core.checkpoint import read_bundle_meta
+from medseg_core.checkpoint import check_bundle_task
 from medseg_core.inference import check_threshold
 from medseg_core.io import is_local
 from medseg_core.layouts import Listing, Record, list_records, valid_text
 from medseg_core.metrics import metrics_from_counts
 from medseg_core.results import error_row
 from pipelines import CONF_DIR
-from pipelines.cluster import connect
+from pipelines.cluster import check_fits, connect
 from pipelines.config import check_whole, resolve
 from pipelines.data import is_s3
 from pipelines.data import storage_options as _storage_options
@@ -593,11 +593,13 @@ def check_storage(cfg: Mapping[str, Any]) -> None:
                              f"(known: {', '.join(_STORAGE_KEYS)})")
 
 
-def bundle_info(uri: str | None, so: dict | None) -> dict[str, Any] | None:
-    """URI, version and class names of a bundle, from its small text files."""
+def bundle_info(uri: str | None, so: dict | None, task: str, setting: str
+                ) -> dict[str, Any] | None:
+    """URI, version and class names of a bundle, from its small text files; a missing bundle,
+    or one of another task than `task`, is refused naming `setting`."""
     if uri is None:
         return None
-    version, config = read_bundle_meta(uri, so)
+    version, config = check_bundle_task(uri, task, setting, so)
     return {"uri": uri, "version": version, "class_names": list(config.get("class_names") or [])}
 
 
@@ -675,8 +677,11 @@ def _clean(obj: Any) -> Any:
 
 
 def list_input(cfg: Mapping[str, Any], so: dict | None) -> Listing:
+    """The input's records (bad files skipped). LayoutError naming the URL for an input that
+    does not exist or where the layout found no record among its files; an existing empty
+    folder (nothing arrived) lists empty."""
     return list_records(str(cfg["input"]), str(cfg["layout"]), storage_options=so, strict=False,
-                        **dict(cfg.get("layout_options") or {}))
+                        allow_empty=True, **dict(cfg.get("layout_options") or {}))
 
 
 def check_settings(cfg: Mapping[str, Any]) -> None:
@@ -742,16 +747,22 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"output {output_url} and input {input_url} must not contain each other "
                          "(the job would read its own masks as input)")
     out = Output(output_url, so_out)
-    seg_info, cls_info = bundle_info(seg_uri, so_bundles), bundle_info(cls_uri, so_bundles)
+    seg_info = bundle_info(seg_uri, so_bundles, "segmentation", "bundles.segmenter")
+    cls_info = bundle_info(cls_uri, so_bundles, "classification", "bundles.classifier")
     class_names = cls_info["class_names"] if cls_info else []
 
+    # listed before anything in the output is deleted: a mistyped input (none, or nothing in
+    # its layout) raises naming it
+    listing = list_input(cfg, so_in)
+    if not listing.records:
+        print(f"[segment_batch] the input folder {valid_text(input_url)} is empty: no images "
+              "arrived, nothing to process", flush=True)
     if cfg.get("overwrite"):
         print(f"[segment_batch] overwrite=true: deleting {RESULTS_DIR}/ and {MASKS_DIR}/ under "
               f"{valid_text(output_url)}", flush=True)
         out.delete_tree(RESULTS_DIR)
         out.delete_tree(MASKS_DIR)
 
-    listing = list_input(cfg, so_in)
     state, repaired = repair(out, State(out))
     # retried errors: their rows stay until the image is committed again (`repair` then keeps
     # the new row)
@@ -889,6 +900,10 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
     """Predict and commit ``todo`` on the actor pool, streaming into ``progress``."""
     connect(cfg.get("ray_address"), cfg.get("ray_num_cpus"), cfg.get("ray_runtime_env") or None)
     num_gpus = float(batch.get("num_gpus") or 0)
+    num_cpus = 1.0 if batch.get("num_cpus") is None else float(batch["num_cpus"])
+    check_fits({"CPU": num_cpus, "GPU": num_gpus}, "one actor of the bulk job's pool",
+               "Use batch=cpu (or smaller batch.num_cpus / ray_num_cpus that fit) on this "
+               "machine, or join a cluster that has the resources (ray_address or RAY_ADDRESS).")
     device = str(batch.get("device") or "auto")
     if device == "auto":
         device = "cuda" if num_gpus > 0 else "cpu"
@@ -900,7 +915,7 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
         batch_size=int(batch["batch_size"]),
         concurrency=_pool_size(batch, len(todo)),
         num_gpus=num_gpus,
-        num_cpus=1.0 if batch.get("num_cpus") is None else float(batch["num_cpus"]),
+        num_cpus=num_cpus,
         threshold=threshold,
         predictor=CommittingPredictor,
         predictor_kwargs={

@@ -104,6 +104,25 @@ def test_splits_disjoint_deterministic_and_group_duplicates(synthetic_archive, t
         assert where["benign/benign (1)"] == where["malignant/malignant (9)"]
 
 
+def test_a_missing_archive_or_a_layout_matching_nothing_fails_at_listing(tmp_path):
+    """Training on a mistyped data.url (or the wrong layout) warned of a dropped 'bad input
+    file' and failed later on an empty validation split: listing refuses it, naming the URL
+    (and the layout and the files it saw), with no warning first."""
+    from medseg_core.layouts import LayoutError
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(3):
+        (plain / f"img{i}.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    missing = str(tmp_path / "nothing")
+    for url, message in ((missing, f"{missing}: the archive does not exist"),
+                         (str(plain), f"{plain}: layout 'busi' found no record among the 3 file")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(LayoutError, match=message):
+                load_splits(make_cfg(tmp_path, url, "data=busi"))
+
+
 # ------------------------------------------------------------------------------ Ray pipeline
 
 

@@ -224,10 +224,42 @@ def test_corrupt_image_names_file_on_load(tmp_path):
 
 
 def test_missing_archive(tmp_path):
-    with pytest.raises(LayoutError, match="no image files"):
-        list_records(str(tmp_path / "nowhere"), "busi")
-    listing = list_records(str(tmp_path / "nowhere"), "busi", strict=False)
-    assert listing.records == [] and len(listing.skipped) == 1
+    """A mistyped URL was a listing of 0 records and one 'skipped' file when not strict (a
+    training run then failed on an empty split, a bulk job succeeded): it raises naming the URL,
+    whatever `strict` and `allow_empty`."""
+    nowhere = str(tmp_path / "nowhere")
+    for strict in (True, False):
+        for allow_empty in (True, False):
+            with pytest.raises(LayoutError, match=re.escape(nowhere) + ": the archive does not "
+                               "exist"):
+                list_records(nowhere, "busi", strict=strict, allow_empty=allow_empty)
+    png(tmp_path / "a.png")
+    with pytest.raises(LayoutError, match="a.png: the archive is a file"):
+        list_records(str(tmp_path / "a.png"), "images", allow_empty=True)
+
+
+def test_a_layout_that_matches_no_file_is_an_error_naming_it(tmp_path):
+    """Plain images listed as BUSI (or DSB 2018) gave 0 records and every file skipped (or
+    none): a wrong `layout` raises naming the URL, the layout and the files seen and skipped,
+    strict or not. An existing empty folder lists empty only with allow_empty."""
+    for i in range(3):
+        png(tmp_path / "in" / f"img{i}.png")
+    url = str(tmp_path / "in")
+    for strict in (True, False):
+        with pytest.raises(LayoutError, match=re.escape(url) + r": layout 'busi' found no record "
+                           r"among the 3 file\(s\) found, 3 skipped by the layout \(first: .*"
+                           r"img0.png: image is not inside a class folder\); check `layout`"):
+            list_records(url, "busi", strict=strict, allow_empty=True)
+        with pytest.raises(LayoutError, match=r"layout 'dsb2018' found no record among the 3 "
+                           r"file\(s\) found, 0 skipped"):
+            list_records(url, "dsb2018", strict=strict)
+    assert len(list_records(url, "images").records) == 3
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"x")  # hidden: not a file of the archive
+    listing = list_records(str(tmp_path / "empty"), "images", strict=False, allow_empty=True)
+    assert listing.records == [] and listing.skipped == []
+    with pytest.raises(LayoutError, match="no files found for layout 'images'"):
+        list_records(str(tmp_path / "empty"), "images", strict=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,6 +326,10 @@ def test_s3_listing_yields_s3_uris(s3, tmp_path):
     for rec in listing.records:
         sample = load_record(rec, storage_options=s3.storage_options)
         np.testing.assert_array_equal(sample["mask"], truth[rec.id].astype(np.uint8))
+    # a prefix with no object under it is an archive that does not exist
+    with pytest.raises(LayoutError, match="s3://medseg-layouts/bsui: the archive does not exist"):
+        list_records("s3://medseg-layouts/bsui", "busi", storage_options=s3.storage_options,
+                     strict=False, allow_empty=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,6 +652,8 @@ def test_escaped_id_colliding_with_a_valid_name_is_a_duplicate(tmp_path):
 
     busi = tmp_path / "busi"
     raw_png(busi, b"benign/gh\xf6st_mask.png", mask=rand_mask())
+    png(busi / "benign" / "ok.png")  # a listing must find a record (or it raises)
+    png(busi / "benign" / "ok_mask.png", mask=rand_mask())
     [orphan] = list_records(str(busi), "busi", strict=False).skipped
     assert orphan.path == str(busi / "benign" / "gh\\xf6st_mask.png")
     assert "mask without image (expected 'benign/gh\\xf6st.png')" in orphan.reason

@@ -299,6 +299,29 @@ def test_bad_pack_settings_are_refused_and_keep_the_old_pack(tmp_path, synthetic
     assert sorted(p.name for p in out.glob("shard-*")) == shards
 
 
+def test_a_missing_archive_or_a_layout_matching_nothing_is_refused_before_packing(tmp_path):
+    """`data.url=/nonexistent` crashed naming pack.out's manifest.json: the input's URL and the
+    reason are named, before pack.out is created or an old pack's manifest removed."""
+    from medseg_core.io import encode_png
+    from medseg_core.layouts import LayoutError
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(2):
+        (plain / f"img{i}.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    missing = str(tmp_path / "nothing")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text("an older pack")
+    for url, message in ((missing, f"{missing}: the archive does not exist"),
+                         (str(plain), f"{plain}: layout 'busi' found no record among the 2 file")):
+        for out in (tmp_path / "new", old):
+            with pytest.raises(LayoutError, match=message):
+                pack(tmp_path, url, out, "data=busi", backend="local")
+            assert not (tmp_path / "new").exists()
+            assert (old / "manifest.json").read_text() == "an older pack"
+
+
 def corrupt_footer(whole: bytes) -> bytes:
     """The shard with its footer's metadata overwritten (pyarrow raises a bare OSError)."""
     start = len(whole) - 8 - int.from_bytes(whole[-8:-4], "little")

@@ -270,6 +270,87 @@ def test_bad_settings_are_refused_before_anything_is_deleted(tmp_path):
         assert all(f.read_bytes() == b"committed" for f in kept), bad
 
 
+def test_a_missing_bundle_or_one_of_another_task_is_refused_before_anything_is_deleted(
+        bundles, tmp_path, monkeypatch):
+    """A classifier bundle given as the segmenter (or the reverse) made an error row of every
+    image, recorded as done; a missing bundle was said to have "no version"."""
+    import pipelines.segment_batch as sb
+
+    monkeypatch.setattr(sb, "_process", lambda *a, **k: pytest.fail("processed images"))
+    seg, cls = bundles
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    kept = [tmp_path / "out" / "results" / "predicted_class=benign" / "part-x.parquet",
+            tmp_path / "out" / "masks" / "benign" / "x.png"]
+    for f in kept:
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"committed")
+    base = [f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", "overwrite=true"]
+    for bad, message in (
+            ([f"bundles.segmenter={cls}"],
+             r"^bundles.segmenter: model bundle \S+/cls is a 'classification' bundle; "
+             r"bundles.segmenter needs a 'segmentation' one$"),
+            ([f"bundles.segmenter={seg}", f"bundles.classifier={seg}"],
+             r"^bundles.classifier: model bundle \S+/seg is a 'segmentation' bundle; "
+             r"bundles.classifier needs a 'classification' one$"),
+            (["bundles.segmenter=/nonexistent/seg"],
+             r"^bundles.segmenter: model bundle /nonexistent/seg does not exist$")):
+        with pytest.raises(ValueError, match=message):
+            run_job([*base, *bad])
+        assert all(f.read_bytes() == b"committed" for f in kept), bad
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == \
+        ["part-x.parquet", "x.png"]
+
+
+def test_gpu_actors_on_a_local_cluster_without_gpus_are_refused(ray_cluster, bundles, tmp_path,
+                                                                synthetic_archive):
+    """batch=gpu on the local Ray instance this process started, which has no GPU: refused at
+    once (the job waited for ever for a node that nothing would add), nothing committed."""
+    if ray_cluster.cluster_resources().get("GPU"):
+        pytest.skip("this machine has a GPU")
+    seg, cls = bundles
+    with pytest.raises(RuntimeError, match=r"one actor of the bulk job's pool needs 1 CPU, 0.25 "
+                                           r"GPU.*0 GPU \(Ray sees no GPU on this machine\)"):
+        run_job([f"input={synthetic_archive}", "layout=busi", f"bundles.segmenter={seg}",
+                 f"bundles.classifier={cls}", f"output={tmp_path / 'out'}", "batch=gpu",
+                 "batch.num_cpus=1"])
+    assert read_results(str(tmp_path / "out" / "results")) == []
+
+
+def test_a_mistyped_input_fails_before_the_output_is_touched(bundles, tmp_path, capsys):
+    """`input=/nonexistent` or `layout=busi` on plain images ran to a successful manifest of 0
+    images (a nightly job would never notice): an error naming the URL (and the layout and the
+    files skipped), before `overwrite=true` deletes anything. An empty folder (nothing arrived
+    tonight) is a no-op run that says so."""
+    from medseg_core.layouts import LayoutError
+
+    seg, cls = bundles
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(3):
+        (plain / f"img{i}.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    kept = tmp_path / "out" / "masks" / "benign" / "x.png"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"committed")
+    missing = str(tmp_path / "nonexistent")
+    for url, layout, message in (
+            (missing, "images", f"{missing}: the archive does not exist"),
+            (str(plain), "busi", f"{plain}: layout 'busi' found no record among the 3 file\\(s\\) "
+             "found, 3 skipped by the layout .*check `layout`")):
+        with pytest.raises(LayoutError, match=message):
+            run_job([f"input={url}", f"layout={layout}", f"bundles.segmenter={seg}",
+                     f"bundles.classifier={cls}", f"output={tmp_path / 'out'}", "overwrite=true"])
+        assert kept.read_bytes() == b"committed"
+        assert not (tmp_path / "out" / "manifest.json").exists()
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    m = run_job([f"input={tmp_path / 'empty'}", "layout=images", f"bundles.segmenter={seg}",
+                 f"bundles.classifier={cls}", f"output={tmp_path / 'out'}"])
+    assert m["input"]["images"] == 0 and m["input"]["skipped_files"] == 0
+    assert m["run"]["processed"] == 0 and m["run"]["complete"]
+    assert f"the input folder {tmp_path / 'empty'} is empty" in capsys.readouterr().out
+
+
 def test_each_url_gets_the_storage_settings_of_its_role():
     from pipelines.segment_batch import storage_options
 
