@@ -531,7 +531,7 @@ def list_archive(data_cfg: dict[str, Any], strict: bool | None = None,
         compact = json.dumps(labels).replace(" ", "")
         raise LayoutError(f"{valid_text(url)}: layout {data_cfg['layout']} labels records by "
                           f"class names {labels}, but data.class_names is {named}: set "
-                          f"data.class_names={compact}, or data.options.class_names to the "
+                          f"data.class_names={compact}, or +data.options.class_names= the "
                           "same list as data.class_names to label them in that order")
     return listing
 

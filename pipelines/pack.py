@@ -199,12 +199,14 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
     """Pack `cfg["data"]`'s archive to `cfg["pack"]["out"]`; returns the manifest."""
     data, pack = cfg["data"], cfg["pack"]
     out = str(pack["out"]).rstrip("/")
-    encoding = str(pack.get("encoding") or "file")
     resize_to = pack.get("resize_to")
+    encoding = str(pack.get("encoding") or ("png" if resize_to else "file"))
     if encoding not in ENCODINGS:
         raise ValueError(f"pack.encoding must be one of {ENCODINGS}, got {encoding!r}")
     if encoding == "file" and resize_to:
-        encoding = "png"
+        raise ValueError("pack.encoding=file stores the original bytes, which cannot be "
+                         f"resized to pack.resize_to={list(resize_to)}: use png or raw (or "
+                         "leave pack.encoding unset)")
     if encoding != "file" and not resize_to:
         raise ValueError(f"pack.encoding={encoding} needs pack.resize_to=[h, w]")
     shard_size, group_rows = int(pack.get("shard_size", 512)), int(pack.get("row_group_rows", 32))

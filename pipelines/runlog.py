@@ -214,13 +214,17 @@ class RunLog:
         return self.stage_dir.rsplit("/", 1)[-1]
 
     def _write_csv(self, history: list[dict[str, Any]]) -> None:
-        keys: list[str] = []
-        for row in history:
+        # columns in the order the loop reports them (the newest row's: rows a rerun read back
+        # from a bundle's metrics.json come with their keys sorted), the epoch first, as an int
+        keys: list[str] = ["epoch"]
+        for row in (history[-1:] + history) if history else []:
             keys.extend(k for k in row if k not in keys)
+        rows = [{**row, "epoch": int(float(row["epoch"]))} if "epoch" in row else row
+                for row in history]
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=keys)
         writer.writeheader()
-        writer.writerows(history)
+        writer.writerows(rows)
         fs, path = fsspec.core.url_to_fs(join(self.stage_dir, "metrics.csv"))
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "w") as f:

@@ -434,7 +434,7 @@ def run(cfg: dict[str, Any]) -> dict[str, str]:
                 raise ValueError(f"the classifier stage needs labelled records, and none of the "
                                  f"{len(splits[part])} {part} records has a label (a layout "
                                  "labels them from its folders or a labels CSV, e.g. "
-                                 "data.options.labels_csv): train stages=[segmenter]")
+                                 "+data.options.labels_csv=<csv>): train stages=[segmenter]")
     if backend == "local":
         train_stage = run_local
     else:  # "ray" (check_settings refused any other)

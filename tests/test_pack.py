@@ -299,6 +299,18 @@ def test_bad_pack_settings_are_refused_and_keep_the_old_pack(tmp_path, synthetic
     assert sorted(p.name for p in out.glob("shard-*")) == shards
 
 
+def test_resize_to_without_an_encoding_packs_png_and_with_file_is_refused(tmp_path,
+                                                                         synthetic_archive):
+    """pack.encoding=file with pack.resize_to was packed as PNG without a word: the original
+    bytes cannot be resized, so it is refused; left unset, resize_to packs PNG."""
+    with pytest.raises(ValueError, match="pack.encoding=file stores the original bytes"):
+        pack(tmp_path, synthetic_archive, tmp_path / "f", "++pack.encoding=file",
+             "++pack.resize_to=[32,32]", backend="local")
+    assert not (tmp_path / "f").exists()
+    assert pack(tmp_path, synthetic_archive, tmp_path / "p", "++pack.resize_to=[32,32]",
+                backend="local")["encoding"] == "png"
+
+
 def test_a_missing_archive_or_a_layout_matching_nothing_is_refused_before_packing(tmp_path):
     """`data.url=/nonexistent` crashed naming pack.out's manifest.json: the input's URL and the
     reason are named, before pack.out is created or an old pack's manifest removed."""

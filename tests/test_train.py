@@ -298,6 +298,22 @@ def _bn_worker(rank: int, world: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+def test_metrics_csv_keeps_its_columns_and_integer_epochs_across_a_resume(tmp_path):
+    """A rerun reads the earlier rows back from a bundle's metrics.json (keys sorted, epochs as
+    floats): the CSV it rewrites keeps the loop's column order, epoch first, epochs whole."""
+    from pipelines.runlog import RunLog
+
+    fresh = {"epoch": 1.0, "train_loss": 0.5, "val_dice": 0.7, "lr": 0.001}
+    earlier = dict(sorted({**fresh, "epoch": 0.0, "train_loss": 0.9}.items()))  # as read back
+    log = RunLog(str(tmp_path / "run"), "segmenter")
+    log.record(fresh, None, [earlier, fresh])
+    log.close()
+    with open(tmp_path / "run" / "segmenter" / "metrics.csv") as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "epoch,train_loss,val_dice,lr"
+    assert [line.split(",")[0] for line in lines[1:]] == ["0", "1"]
+
+
 def test_workers_validate_with_rank_0s_batchnorm_statistics(tmp_path):
     """DDP syncs buffers only in a training forward: without the broadcast each worker would
     validate its own running statistics, not the model rank 0 saves."""
