@@ -113,7 +113,15 @@ def check_resumable(cfg: dict[str, Any]) -> None:
         _, old = read_bundle_meta(latest)
         spec = stage_spec(cfg, stage)
         new = json.loads(json.dumps({"model": spec.model, **spec.bundle_config}, default=str))
-        changed = [k for k in RUN_IDENTITY if k in old and old[k] != new.get(k)]
+        changed = []
+        for k in RUN_IDENTITY:
+            if k not in old or old[k] == new.get(k):
+                continue
+            if isinstance(old[k], dict) and isinstance(new.get(k), dict):
+                changed += [f"{k}.{sub}" for sub in sorted(set(old[k]) | set(new[k]))
+                            if old[k].get(sub) != new[k].get(sub)]
+            else:
+                changed.append(k)
         old_model, new_model = old.get("model") or {}, new["model"]
         changed += [f"{'model' if stage == 'segmenter' else 'classifier'}.{k}"
                     for k in sorted(set(old_model) & set(new_model))

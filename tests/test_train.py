@@ -353,8 +353,8 @@ def test_a_run_name_resumes_only_under_its_own_data_split_and_model(tmp_path, ca
     best = tmp_path / "runs" / "same" / "segmenter" / "best"
     before = (best / "version").read_text(), (best / "config.yaml").read_text()
     assert read_bundle_meta(str(best))[1]["training_data"]["layout"] == "busi"
-    for override, named in (("data.generate.seed=7", "training_data"),
-                            ("data.split.ratios=[0.6,0.2,0.2]", "training_data"),
+    for override, named in (("data.generate.seed=7", "training_data.url"),
+                            ("data.split.ratios=[0.6,0.2,0.2]", "training_data.split"),
                             ("data.image_size=[32,32]", "input_size"),
                             ("model.widths=[8,16,24]", "model.widths"),
                             ("data.class_names=[normal,benign,malignant,other]", "class_names")):
