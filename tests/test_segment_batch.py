@@ -235,10 +235,8 @@ def test_threshold_outside_0_1_is_refused_at_start_up(tmp_path):
         check_threshold(True)
 
 
-def test_bad_settings_are_refused_before_anything_is_deleted(tmp_path):
-    """`overwrite=true` empties the output first: every setting is checked before that (a bad
-    batch setting was refused by Ray only after the deletion), and `overwrite=no` (a string,
-    so true) deleted everything."""
+def input_and_committed_output(tmp_path: Path) -> list[Path]:
+    """`in/` with one image, and `out/` with a committed result part and mask (returned)."""
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
     kept = [tmp_path / "out" / "results" / "predicted_class=benign" / "part-x.parquet",
@@ -246,6 +244,14 @@ def test_bad_settings_are_refused_before_anything_is_deleted(tmp_path):
     for f in kept:
         f.parent.mkdir(parents=True)
         f.write_bytes(b"committed")
+    return kept
+
+
+def test_bad_settings_are_refused_before_anything_is_deleted(tmp_path):
+    """`overwrite=true` empties the output first: every setting is checked before that (a bad
+    batch setting was refused by Ray only after the deletion), and `overwrite=no` (a string,
+    so true) deleted everything."""
+    kept = input_and_committed_output(tmp_path)
     base = [f"input={tmp_path / 'in'}", "bundles.segmenter=/nonexistent/seg",
             f"output={tmp_path / 'out'}"]
     for bad, message in ((["overwrite=no"], "overwrite='no' is a string"),
@@ -278,13 +284,7 @@ def test_a_missing_bundle_or_one_of_another_task_is_refused_before_anything_is_d
 
     monkeypatch.setattr(sb, "_process", lambda *a, **k: pytest.fail("processed images"))
     seg, cls = bundles
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
-    kept = [tmp_path / "out" / "results" / "predicted_class=benign" / "part-x.parquet",
-            tmp_path / "out" / "masks" / "benign" / "x.png"]
-    for f in kept:
-        f.parent.mkdir(parents=True)
-        f.write_bytes(b"committed")
+    kept = input_and_committed_output(tmp_path)
     base = [f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", "overwrite=true"]
     for bad, message in (
             ([f"bundles.segmenter={cls}"],
