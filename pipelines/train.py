@@ -427,11 +427,6 @@ def run(cfg: dict[str, Any]) -> dict[str, str]:
     # the in-process trainer's DataLoader cannot drop a bad record: check them all first
     splits = load_splits(cfg, check=backend == "local")
     print("split sizes: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()), flush=True)
-    moved = record_splits(run_dir(cfg), {k: [r.id for r in v] for k, v in splits.items()})
-    if moved:
-        warnings.warn(f"run {cfg['run_name']!r}: the {', '.join(moved)} split(s) now hold other "
-                      "records than when the run started (the archive changed): its validation "
-                      "and test figures are no longer of the images it held out", stacklevel=2)
     if not splits["val"]:
         raise ValueError(f"the validation split is empty ({len(splits['train'])} train records): "
                          "the best epoch and early stopping are chosen on it; use more data or "
@@ -443,6 +438,12 @@ def run(cfg: dict[str, Any]) -> dict[str, str]:
                                  f"{len(splits[part])} {part} records has a label (a layout "
                                  "labels them from its folders or a labels CSV, e.g. "
                                  "+data.options.labels_csv=<csv>): train stages=[segmenter]")
+    # recorded once the run is sure to start: a refused run leaves no run directory
+    moved = record_splits(run_dir(cfg), {k: [r.id for r in v] for k, v in splits.items()})
+    if moved:
+        warnings.warn(f"run {cfg['run_name']!r}: the {', '.join(moved)} split(s) now hold other "
+                      "records than when the run started (the archive changed): its validation "
+                      "and test figures are no longer of the images it held out", stacklevel=2)
     if backend == "local":
         train_stage = run_local
     else:  # "ray" (check_settings refused any other)
