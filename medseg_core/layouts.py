@@ -173,7 +173,7 @@ class _Archive:
         self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
         self.keep_protocol = "://" in url
         self.stamps: dict[str, str] | None = {} if stamps else None  # full path -> stamp
-        self.seen: set[str] = set()  # every non-hidden file `find` returned (full paths)
+        self.saw_files = False  # `find` returned a non-hidden file
 
     def path(self, sub: str = "") -> str:
         sub = _norm_dir(sub)
@@ -219,8 +219,8 @@ class _Archive:
             rel = valid_text(p[len(prefix) :])
             if not _is_hidden(rel):
                 out.append((rel, p))
-                self.seen.add(p)
         out.sort()
+        self.saw_files = self.saw_files or bool(out)
         return out
 
     def find_many(self, subs: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
@@ -698,7 +698,7 @@ def check_found(arc: _Archive, layout: str, problems: Sequence[Skipped],
     under the prefix), the layout recognised none of the files found, or (unless
     `allow_empty`) there are no files."""
     url = valid_text(arc.url)
-    if not arc.seen and not problems:
+    if not arc.saw_files and not problems:
         try:
             exists, is_dir = arc.fs.exists(arc.root), arc.fs.isdir(arc.root)
         except OSError:
@@ -713,8 +713,9 @@ def check_found(arc: _Archive, layout: str, problems: Sequence[Skipped],
         raise LayoutError(f"{url}: no files found for layout '{layout}' (the folder is empty, "
                           "or has no files where the layout looks)")
     first = min(problems, key=lambda s: (s.path, s.reason)) if problems else None
+    n_files = len(arc.find())  # listed again on this error path only
     raise LayoutError(f"{url}: layout '{layout}' found no record among the "
-                      f"{len(arc.seen)} file(s) found, {len(problems)} skipped by the layout"
+                      f"{n_files} file(s) found, {len(problems)} skipped by the layout"
                       + (f" (first: {first.path}: {first.reason})" if first else "")
                       + "; check `layout` (and its options) against the archive's folders")
 

@@ -74,7 +74,7 @@ from pipelines.data import (
     storage_options,
 )
 from pipelines.predict import ChainPredictor, error_text, predict_records, rows_to_table
-from pipelines.runlog import CURVE_KEYS, SPLITS_FILE, join, read_splits, split_digests
+from pipelines.runlog import CURVE_KEYS, SPLITS_FILE, join, read_splits, split_digest
 
 SPLITS = ("test", "val", "train", "all")
 BACKENDS = ("local", "ray", "auto")
@@ -123,11 +123,11 @@ def check_held_out(cfg: Mapping[str, Any], split: str, records: Sequence[Record]
     if len(parts) != 3 or parts[2] not in ("best", "latest"):
         return
     recorded = (read_splits(parts[0], _bundle_so(cfg, uri)) or {}).get(split)
-    now = split_digests({split: [r.id for r in records]})[split]
+    now = split_digest([r.id for r in records])
     if recorded is not None and recorded != now:
         # an in-process trainer checks every record and leaves bad ones out of its splits
         checked = load_splits(dict(cfg), check=True)[split]
-        if split_digests({split: [r.id for r in checked]})[split] == recorded:
+        if split_digest([r.id for r in checked]) == recorded:
             return
         raise ValueError(
             f"the {split} split of {cfg['data']['url']} is not the one run {parts[0]} held out "

@@ -122,11 +122,15 @@ def recover_dir(dst: str) -> bool:
 SPLITS_FILE = "splits.json"  # in the run directory: which records each split held
 
 
+def split_digest(ids: list[str]) -> dict[str, Any]:
+    """One split's record count and the SHA-256 of its sorted record ids."""
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+    return {"count": len(ids), "sha256": digest}
+
+
 def split_digests(ids: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
-    """Per split, its record count and the SHA-256 of its sorted record ids."""
-    return {name: {"count": len(v),
-                   "sha256": hashlib.sha256("\n".join(sorted(v)).encode()).hexdigest()}
-            for name, v in ids.items()}
+    """`split_digest` of each split."""
+    return {name: split_digest(v) for name, v in ids.items()}
 
 
 def record_splits(run_dir: str, ids: dict[str, list[str]]) -> list[str]:
@@ -217,7 +221,7 @@ class RunLog:
         # columns in the order the loop reports them (the newest row's: rows a rerun read back
         # from a bundle's metrics.json come with their keys sorted), the epoch first, as an int
         keys: list[str] = ["epoch"]
-        for row in (history[-1:] + history) if history else []:
+        for row in history[-1:] + history:
             keys.extend(k for k in row if k not in keys)
         rows = [{**row, "epoch": int(float(row["epoch"]))} if "epoch" in row else row
                 for row in history]

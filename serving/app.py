@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -468,13 +469,13 @@ PREDICT_QUERY = ("mask_format", "threshold")
 def check_query(request: Request, accepted: tuple[str, ...]) -> None:
     """422 for a query parameter the route does not take, or one given twice: a misspelt
     `treshold=0.3` was ignored, and the answer silently used the bundle's threshold."""
-    names = [k for k, _ in request.query_params.multi_items()]
-    unknown = sorted({n for n in names if n not in accepted})
+    names = Counter(k for k, _ in request.query_params.multi_items())
+    unknown = sorted(n for n in names if n not in accepted)
     if unknown:
         raise ApiError(422, "invalid_parameter", f"unknown query parameter(s) "
                        f"{', '.join(repr(n[:64]) for n in unknown[:8])}; accepted: "
                        f"{', '.join(accepted)}")
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    repeated = sorted(n for n, count in names.items() if count > 1)
     if repeated:
         raise ApiError(422, "invalid_parameter",
                        f"query parameter(s) given more than once: {', '.join(repeated)}")
