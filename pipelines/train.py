@@ -424,6 +424,10 @@ def run(cfg: dict[str, Any]) -> dict[str, str]:
     check_settings(cfg)
     check_resumable(cfg)
     backend = cfg["trainer"].get("backend", "local")
+    if backend == "ray":
+        from pipelines.train_ray import join_cluster
+
+        join_cluster(cfg["trainer"])
     # the in-process trainer's DataLoader cannot drop a bad record: check them all first
     splits = load_splits(cfg, check=backend == "local")
     print("split sizes: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()), flush=True)

@@ -174,9 +174,9 @@ def resumed_train_dataset(cfg: dict[str, Any], stage: str,
     return build
 
 
-def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]], stage: str) -> str:
-    """Train one stage with a TorchTrainer; returns its best bundle."""
-    trainer = cfg["trainer"]
+def join_cluster(trainer: dict[str, Any]) -> None:
+    """Connect to Ray and refuse at once a worker group that a local cluster started here can
+    never hold (before the archive is listed or the run directory written)."""
     init_ray(trainer)
     world = int(trainer["num_workers"])
     per_worker = scaling_config(trainer).resources_per_worker or {}
@@ -184,6 +184,13 @@ def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]], stage: str) ->
                f"trainer.num_workers={world} ({per_worker} each)",
                "Set trainer.use_gpu=false on a machine without GPUs, or join a cluster that has "
                "them (trainer.address or RAY_ADDRESS).")
+
+
+def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]], stage: str) -> str:
+    """Train one stage with a TorchTrainer; returns its best bundle."""
+    trainer = cfg["trainer"]
+    join_cluster(trainer)
+    world = int(trainer["num_workers"])
     path = storage(cfg)
     spec = stage_spec(cfg, stage)
     vals = {f"val_{r}": splits["val"][r::world] for r in range(world)}

@@ -235,7 +235,7 @@ def test_gpus_the_local_cluster_lacks_are_refused_not_waited_for(tmp_path, ray_c
     with pytest.raises(RuntimeError, match=r"needs 1 CPU, 1 GPU.* has \d+ CPU, 0 GPU \(Ray sees "
                                            r"no GPU on this machine\)"):
         run(cfg)
-    assert not (tmp_path / "runs" / "gpu" / "segmenter").exists()
+    assert not (tmp_path / "runs" / "gpu").exists()  # refused before listing and splits.json
 
 
 @pytest.mark.s3
