@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medseg_core.checkpoint import (
     BundleError,
@@ -98,6 +99,7 @@ class StageSpec:
     gpu_augment: dict[str, Any] | None = None
     bf16: bool = False
     channels_last: bool = False
+    ema_decay: float = 0.0       # > 0: validate and save an exponential moving average of the weights
     fail_at_epoch: int = -1      # fault injection for tests: raise once at this epoch
     fail_marker: str | None = None
     # classifier: masks from a frozen segmenter bundle instead of the truth (train.classifier_masks)
@@ -186,13 +188,14 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + epoch) % 2**63
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, resume: str) -> bool:
-    """Load the optimizer state (AdamW moments, step counts) saved beside the bundle at
-    `resume`; False, with a warning, for a checkpoint without one (the optimizer starts afresh).
+def restore_optimizer(optimizer: torch.optim.Optimizer, resume: str,
+                      state: dict[str, Any] | None) -> bool:
+    """Load the optimizer state (AdamW moments, step counts) of `state`, the train state saved
+    beside the bundle at `resume`; False, with a warning, for a checkpoint without one (the
+    optimizer starts afresh).
 
     Call it after building the LR scheduler: the scheduler keeps the configured base LRs and
     sets each step's LR from its position, which `fit_stage` recomputes from the epoch."""
-    state = load_train_state(resume)
     saved = (state or {}).get("optimizer_name")
     if state is None or saved != type(optimizer).__name__:
         why = ("it has no optimizer state (saved by an older version)" if state is None
@@ -210,10 +213,13 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
     seed_everything(spec.seed + ctx.rank, ctx.device)
     model = build_model(spec.model)
     start_epoch, best, stale, history = 0, -math.inf, 0, []
-    resume = ctx.resume_dir()
+    resume, saved, averaged = ctx.resume_dir(), None, None
     if resume:
         bundle = load_bundle(resume)
-        model.load_state_dict(bundle.model.state_dict())
+        saved = load_train_state(resume)
+        averaged = bundle.model.state_dict()
+        # a bundle of an averaging run holds the average; training goes on from the raw weights
+        model.load_state_dict((saved or {}).get("model") or averaged)
         state = bundle.metrics.get("train_state", {})
         start_epoch = next_epoch(state)
         best = float(state.get("best", -math.inf))
@@ -230,12 +236,19 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
     model = model.to(ctx.device)
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ema = None
+    if spec.ema_decay > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(spec.ema_decay),
+                            use_buffers=True)
+        if saved is not None and "ema_updates" in saved:
+            ema.module.load_state_dict(averaged)
+            ema.n_averaged.fill_(int(saved["ema_updates"]))
     model = ctx.wrap_model(model)
     optimizer = build_optimizer(model, spec.optimizer)
     steps = max(1, ctx.steps_per_epoch())
     scheduler = build_scheduler(optimizer, spec.scheduler, total_steps=steps * spec.epochs)
     if resume and start_epoch < spec.epochs:
-        restore_optimizer(optimizer, resume)
+        restore_optimizer(optimizer, resume, saved)
     with warnings.catch_warnings():  # stepping without optimizer steps is the point here
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
         for _ in range(start_epoch * steps):
@@ -250,12 +263,15 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
         mask_model=load_mask_segmenter(spec, ctx.device) if spec.uses_segmenter else None,
         mask_prob=spec.predicted_masks,
     )
+    plain = getattr(model, "module", model)
+    average = None if ema is None else (lambda *_: ema.update_parameters(plain))
     val_step = step if spec.validate_masks == "predicted" else replace(step, mask_model=None)
     for epoch in range(start_epoch, spec.epochs):
         _maybe_fail(spec, epoch)
         generator = seed_everything(epoch_seed(spec.seed, ctx.rank, epoch), ctx.device)
         tr = train_epoch(model, ctx.train_batches(epoch), optimizer, loss_fn, step,
-                         scheduler=scheduler, task=spec.task, generator=generator)
+                         scheduler=scheduler, task=spec.task, generator=generator,
+                         on_step=average)
         tot = ctx.all_sum(np.array([tr["loss"] * tr["samples"], tr["samples"], tr["seconds"],
                                     tr["data_wait_fraction"] * tr["seconds"]]))
         metrics = {
@@ -269,11 +285,11 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
         if ctx.device.type == "cuda":
             busy = ctx.all_sum(np.array([tr["gpu_busy_fraction"]]))[0] / ctx.world_size
             metrics["gpu_busy_fraction"] = float(busy)
-        # validate the plain module with rank 0's buffers on every worker: the summed counts
-        # are then the saved model's (DDP's own forward would sync them only while training)
-        plain = getattr(model, "module", model)
-        ctx.sync_buffers(plain)
-        metrics.update(epoch_metrics(spec, ctx, plain, val_step))
+        # validate the plain module (or its average) with rank 0's buffers on every worker: the
+        # summed counts are then the saved model's (DDP syncs buffers only while training)
+        kept = plain if ema is None else ema.module
+        ctx.sync_buffers(kept)
+        metrics.update(epoch_metrics(spec, ctx, kept, val_step))
         score = metrics[score_key(spec)]
         improved = score > best
         best, stale = (score, 0) if improved else (best, stale + 1)
@@ -287,10 +303,12 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
             if ctx.rank == 0:
                 bundle_dir = str(Path(tmp) / "bundle")
                 # the LR schedule needs no state: it is recomputed from the epoch on resume
-                save_train_state(bundle_dir, {"optimizer_name": type(optimizer).__name__,
-                                              "optimizer": optimizer.state_dict()})
-                inner = getattr(model, "module", model)
-                save_bundle(bundle_dir, inner, {"model": spec.model, **cfg},
+                state = {"optimizer_name": type(optimizer).__name__,
+                         "optimizer": optimizer.state_dict()}
+                if ema is not None:
+                    state.update(model=plain.state_dict(), ema_updates=int(ema.n_averaged))
+                save_train_state(bundle_dir, state)
+                save_bundle(bundle_dir, kept, {"model": spec.model, **cfg},
                             metrics={**metrics, "train_state": train_state},
                             version=f"{spec.stage}-e{epoch:03d}-{int(time.time())}")
             ctx.report(metrics, bundle_dir, history)

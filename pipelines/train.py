@@ -184,6 +184,7 @@ def stage_spec(cfg: dict[str, Any], stage: str) -> StageSpec:
         threshold=float(train["threshold"]),
         seed=int(cfg["seed"]),
         early_stopping_patience=int(train.get("early_stopping_patience", 0)),
+        ema_decay=float(train.get("ema_decay") or 0.0),
         gpu_augment=dict(data["augment"]) if gpu_aug else None,
         bf16=bool(trainer.get("bf16", True)),
         channels_last=bool(trainer.get("channels_last", False)),
@@ -415,6 +416,9 @@ def check_settings(cfg: dict[str, Any]) -> None:
         if spec.grad_clip is not None and not float(spec.grad_clip) > 0:
             # clip_grad_norm_ with a negative norm flips every gradient
             raise ValueError(f"train.grad_clip must be > 0 or null (off), got {spec.grad_clip}")
+        if not 0.0 <= spec.ema_decay < 1.0:
+            raise ValueError("train.ema_decay must be in [0, 1) (0 = off; e.g. 0.995 averages "
+                             f"about the last 200 steps), got {spec.ema_decay}")
         if not 0.0 < spec.threshold < 1.0:
             raise ValueError(f"train.threshold must be strictly between 0 and 1, got "
                              f"{spec.threshold}")

@@ -545,6 +545,55 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, loop_spy):
     assert not (resumed / "best" / TRAIN_STATE_FILE).exists()
 
 
+def test_weight_averaging_validates_and_ships_the_average_and_resumes_it_exactly(
+        tmp_path, loop_spy, monkeypatch):
+    import pipelines.loop as loop
+    from medseg_core.checkpoint import load_bundle, load_train_state
+    from medseg_core.engine import StepConfig, validate_segmenter
+
+    decay = 0.6
+    raw_steps: list[dict] = []  # the raw weights after every optimiser step of the whole run
+    spied = loop.train_epoch
+
+    def record(model, batches, optimizer, loss_fn, step, **kw):
+        hook = kw["on_step"]
+
+        def on_step(*args):
+            raw_steps.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            hook(*args)
+        return spied(model, batches, optimizer, loss_fn, step, **{**kw, "on_step": on_step})
+
+    monkeypatch.setattr(loop, "train_epoch", record)
+    whole = _fit(tmp_path, "whole", _loop_spec(tmp_path, ema_decay=decay), loop_spy)
+    monkeypatch.setattr(loop, "train_epoch", spied)
+    shipped = load_bundle(str(whole / "latest")).model
+    # the average of every step's weights: the first copied, then decay * old + (1 - decay) * new
+    expected = dict(raw_steps[0])
+    for weights in raw_steps[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * w if w.is_floating_point() else w
+                    for k, w in weights.items()}
+    assert len(raw_steps) == 9  # 3 epochs of 3 batches
+    for key, value in shipped.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    raw = load_train_state(str(whole / "latest"))["model"]
+    assert raw.keys() == shipped.state_dict().keys()
+    assert not all(torch.equal(raw[k], v) for k, v in shipped.state_dict().items())
+    # the epoch was chosen by the average's validation Dice, the one the bundle's weights give
+    meter, _ = validate_segmenter(shipped, _disc_batches(2, seed=2), StepConfig())
+    assert float(read_csv(whole / "metrics.csv")[-1]["val_dice"]) == \
+        pytest.approx(meter.aggregate()["dice"], abs=1e-9)
+    # killed after epoch 1 and rerun: training goes on from the raw weights, and the average
+    # from where it was, so the result is the uninterrupted run's
+    faulty = _loop_spec(tmp_path, ema_decay=decay, fail_at_epoch=2,
+                        fail_marker=str(tmp_path / ".fail"))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _fit(tmp_path, "resumed", faulty, loop_spy)
+    resumed = load_bundle(str(_fit(tmp_path, "resumed", faulty, loop_spy) / "latest"))
+    for key, value in shipped.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-5,
+                                   atol=1e-6, msg=key)
+
+
 def test_checkpoint_without_optimizer_state_resumes_with_a_fresh_optimizer(tmp_path, loop_spy):
     from medseg_core.checkpoint import TRAIN_STATE_FILE
 
@@ -843,6 +892,7 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("train.epochs=0", "train.epochs must be >= 1"),
                          ("train.classifier_epochs=0", "train.classifier_epochs must be"),
                          ("train.early_stopping_patience=-3", "early_stopping_patience must"),
+                         ("train.ema_decay=1.0", "train.ema_decay must be in"),
                          ("data.augment.scale=[1.1,0.9]", "scale_range must be"),
                          ("data.split.ratios=[0.9,0,0.1]", "validation split no share"),
                          # crashed on the first classifier batch, after the whole segmenter
