@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,25 @@ def _refuse_boolean_words(node: Any, where: str = "") -> None:
             _refuse_boolean_words(value, name)
 
 
+PROGRESS_MODES = ("bars", "log", "off")
+
+
+def _resolve_progress(out: dict[str, Any]) -> None:
+    """`data.read.progress: auto` becomes bars or log here, in the entry point's process: the
+    Datasets that Ray Train's workers and controller build and run cannot see whether the
+    user's terminal is one (their stdout is a log file), and Ray's bars drawn from there into
+    a redirected log are thousands of cursor-movement lines per epoch."""
+    read = (out.get("data") or {}).get("read") if isinstance(out.get("data"), dict) else None
+    if not isinstance(read, dict) or "progress" not in read:
+        return
+    mode = read["progress"]
+    if mode == "auto":
+        read["progress"] = "bars" if sys.stdout.isatty() else "log"
+    elif mode not in PROGRESS_MODES:
+        raise ValueError(f"data.read.progress must be auto or one of {list(PROGRESS_MODES)}, "
+                         f"got {mode!r}")
+
+
 def resolve(cfg: DictConfig) -> dict[str, Any]:
     """The config as a plain dict, with local paths made absolute: Ray workers run in their
     own working directory, so a relative `./outputs` would land inside Ray's session. A
@@ -89,6 +109,7 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
         cfg.output_dir = _absolute(cfg.output_dir)  # before interpolations that use it
     out = OmegaConf.to_container(cfg, resolve=True)
     _refuse_boolean_words(out)
+    _resolve_progress(out)
     for dotted in PATH_KEYS:
         *parents, key = dotted.split(".")
         node = out

@@ -1246,6 +1246,16 @@ def _set_backpressure(ds: Dataset, read_ahead: float | None) -> None:
     ds.context.op_resource_reservation_enabled = True
 
 
+def _set_progress(ds: Dataset, mode: str) -> None:
+    """How `ds` shows its progress wherever it runs (`data.read.progress`, resolved by the entry
+    point): Ray's bars, or (`log`) Ray Data's periodic log lines, which it writes wherever
+    stdout is not a terminal unless told to draw bars through the driver (`use_ray_tqdm`)."""
+    if mode == "off":
+        ds.context.enable_progress_bars = False
+    elif mode == "log":
+        ds.context.use_ray_tqdm = False
+
+
 def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str = "train",
                   train: bool | None = None, epoch: int | None = None,
                   ledger: Any = None, credentials: EnvCredentials | None = None) -> Dataset:
@@ -1284,6 +1294,7 @@ def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str 
         num_cpus=float(read["num_cpus"]),
         compute=TaskPoolStrategy(size=int(concurrency)) if concurrency else None)
     _set_backpressure(ds, read["read_ahead"])
+    _set_progress(ds, str(read.get("progress", "auto")))
     source.base_execution_idx = int(getattr(ds.context, "_execution_idx", 0))
     _PIPELINES[ds] = _Pipeline(records, cfg, split, train, ledger)
     return ds

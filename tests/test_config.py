@@ -53,3 +53,17 @@ def test_boolean_settings_spelt_as_words_are_refused_and_other_words_kept():
                       config_name="segment_batch")
     assert job["ray_runtime_env"]["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
     assert job["input"].endswith("/no")
+
+
+def test_ray_data_progress_auto_is_bars_on_a_terminal_and_log_lines_elsewhere(monkeypatch):
+    """Decided in the entry point's process: Ray Train's workers, where datasets also run,
+    write to log files whatever the user's terminal is."""
+    import sys
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert load_config([])["data"]["read"]["progress"] == "log"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert load_config([])["data"]["read"]["progress"] == "bars"
+    assert load_config(["data.read.progress=off"])["data"]["read"]["progress"] == "off"
+    with pytest.raises(ValueError, match="data.read.progress must be auto or one of"):
+        load_config(["data.read.progress=quiet"])

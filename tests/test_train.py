@@ -264,6 +264,10 @@ def test_training_to_object_storage_checkpoints_there_and_resumes(tmp_path, s3):
         done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=400)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        # output to a pipe, as to a log file: Ray Data's log lines, not bars drawn with cursor
+        # movements (thousands of lines per epoch from the workers' datasets)
+        assert "\x1b[A" not in done.stdout + done.stderr
+        assert "Progress will be logged" in done.stdout + done.stderr
 
     train(2)
     train(3)  # same run name: resumes from the checkpoint on S3 and trains epoch 2 only
