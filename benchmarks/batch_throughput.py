@@ -193,7 +193,7 @@ def main() -> None:
         seg, cls = make_bundles(tmp)
         for rec in records:  # page cache
             read_bytes(rec.image_uri)
-        connect()
+        connect(dashboard=False)
         cores = os.cpu_count()
         print(f"{n} images of {args.data}, {cores} cores; torch threads in the loop: "
               f"{torch.get_num_threads()}", flush=True)

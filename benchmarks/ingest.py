@@ -243,7 +243,7 @@ def main() -> None:
 
     import ray
 
-    connect(num_cpus=cores)  # as the pipelines start Ray (pipelines/cluster.py)
+    connect(num_cpus=cores, dashboard=False)  # as the pipelines start Ray (pipelines/cluster.py)
     t = time.perf_counter()
     packed_dir, resized_dir = f"{tmp}/packed", f"{tmp}/packed{args.size}"
     pack_archive({**cfg, "pack": {"out": packed_dir, "shard_size": 128, "row_group_rows": 32}})

@@ -46,7 +46,7 @@ def samples_per_s(out: Path, run_name: str) -> float:
 def main(overrides: list[str]) -> None:
     out = Path(tempfile.mkdtemp(prefix="medseg-scaling-"))
     # 2 trainer CPUs + 1 for Ray Data's decode tasks
-    connect(num_cpus=3)
+    connect(num_cpus=3, dashboard=False)
     results = {}
     for workers in (1, 2):
         name = f"scale{workers}"

@@ -59,7 +59,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     preset = "gpu" if args.gpu else "cpu"
     out = Path(tempfile.mkdtemp(prefix="medseg-throughput-"))
-    connect()
+    connect(dashboard=False)
     cfg = load_config([f"output_dir={out}", "run_name=throughput", *COMMON, *PRESETS[preset],
                        *overrides])
     run(cfg)

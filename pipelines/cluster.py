@@ -13,10 +13,14 @@ _started_here = False  # this process started the local Ray instance it is conne
 
 
 def connect(address: str | None = None, num_cpus: float | None = None,
-            runtime_env: dict[str, Any] | None = None) -> None:
+            runtime_env: dict[str, Any] | None = None, dashboard: bool | None = None) -> None:
     """Join the running cluster (`address`, RAY_ADDRESS, `ray job submit`, or the one `ray start`
     started on this machine, as under `ray submit`), or start a local one with `num_cpus`
-    logical CPUs and this source tree on the workers' path."""
+    logical CPUs and this source tree on the workers' path.
+
+    A local cluster gets Ray's dashboard (`dashboard=None`, Ray's default) unless `dashboard` is
+    False (the test session, benchmarks): Ray's state API runs in it, and without it Ray Train's
+    placement-group cleaner cannot watch its controller and warns every few seconds."""
     import ray
 
     global _started_here
@@ -29,7 +33,7 @@ def connect(address: str | None = None, num_cpus: float | None = None,
     if runtime_env is None and (_ROOT / "medseg_core").is_dir():
         runtime_env = {"env_vars": {"PYTHONPATH": str(_ROOT)}}
     try:
-        ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=False,
+        ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=dashboard,
                  runtime_env=runtime_env)
         _started_here = True
     except ValueError as e:

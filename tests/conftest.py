@@ -52,7 +52,7 @@ def ray_cluster():
     if not ray.is_initialized():
         from pipelines.cluster import connect
 
-        connect(num_cpus=2)  # as the entry points start one: this tree on the path, Ray env
+        connect(num_cpus=2, dashboard=False)  # as the entry points start one: this tree on the path, Ray env
     yield ray
     try:
         from ray import serve

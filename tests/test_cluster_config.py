@@ -109,3 +109,28 @@ def test_task_slots_count_what_both_cpus_and_gpus_allow():
     assert task_slots(1, 0, resources={"CPU": 2.0}) == 2
     assert task_slots(1, 0, resources={"CPU": 8.0}, exclude_cpus=6) == 2
     assert task_slots(4, 0, resources={"CPU": 2.0}) == 1  # at least one
+
+
+def test_a_local_cluster_an_entry_point_starts_serves_rays_state_api():
+    """Ray Train's placement-group cleaner asks the state API (served by the dashboard) whether
+    its controller lives; on a cluster started without the dashboard it could not, and warned
+    every few seconds for the whole run."""
+    tmp = tempfile.mkdtemp(prefix="msd", dir="/tmp")  # its own: no other cluster to choose from
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tmp
+    probe = ("from pipelines.train_ray import init_ray\n"
+             "init_ray({'num_workers': 1, 'cpus_per_worker': 1, 'local_num_cpus': 1})\n"
+             "import ray\n"
+             "from ray.util.state import get_actor\n"
+             "A = ray.remote(num_cpus=0)(type('A', (), {}))\n"
+             "a = A.remote()\n"
+             "ray.get(a.__ray_ready__.remote())\n"
+             "print('STATE', get_actor(a._actor_id.hex()).state)\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "STATE ALIVE" in out.stdout
+    finally:
+        _kill_cluster(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
