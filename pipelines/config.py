@@ -84,7 +84,7 @@ def _resolve_progress(out: dict[str, Any]) -> None:
     Datasets that Ray Train's workers and controller build and run cannot see whether the
     user's terminal is one (their stdout is a log file), and Ray's bars drawn from there into
     a redirected log are thousands of cursor-movement lines per epoch."""
-    read = (out.get("data") or {}).get("read") if isinstance(out.get("data"), dict) else None
+    read = (out.get("data") or {}).get("read")
     if not isinstance(read, dict) or "progress" not in read:
         return
     mode = read["progress"]

@@ -1294,7 +1294,7 @@ def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str 
         num_cpus=float(read["num_cpus"]),
         compute=TaskPoolStrategy(size=int(concurrency)) if concurrency else None)
     _set_backpressure(ds, read["read_ahead"])
-    _set_progress(ds, str(read.get("progress", "auto")))
+    _set_progress(ds, str(read["progress"]))
     source.base_execution_idx = int(getattr(ds.context, "_execution_idx", 0))
     _PIPELINES[ds] = _Pipeline(records, cfg, split, train, ledger)
     return ds

@@ -128,16 +128,11 @@ def split_digest(ids: list[str]) -> dict[str, Any]:
     return {"count": len(ids), "sha256": digest}
 
 
-def split_digests(ids: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
-    """`split_digest` of each split."""
-    return {name: split_digest(v) for name, v in ids.items()}
-
-
 def record_splits(run_dir: str, ids: dict[str, list[str]]) -> list[str]:
     """Write the run's `splits.json` at its first start; on a rerun return the names of the
     splits that now hold other records than the run's first start recorded."""
     url = join(run_dir, SPLITS_FILE)
-    digests = split_digests(ids)
+    digests = {name: split_digest(v) for name, v in ids.items()}
     recorded = read_splits(run_dir)
     if recorded is None:
         fs, path = fsspec.core.url_to_fs(url)

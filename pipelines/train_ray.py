@@ -189,7 +189,7 @@ def join_cluster(trainer: dict[str, Any]) -> None:
 def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]], stage: str) -> str:
     """Train one stage with a TorchTrainer; returns its best bundle."""
     trainer = cfg["trainer"]
-    join_cluster(trainer)
+    init_ray(trainer)  # joined and checked by train.run (join_cluster)
     world = int(trainer["num_workers"])
     path = storage(cfg)
     spec = stage_spec(cfg, stage)
