@@ -1,6 +1,7 @@
 """The Ray Train edge of `pipelines/train.py`: the same per-worker loop (`pipelines.loop`), fed by
-Ray Data shards, DDP over gloo (CPU) or NCCL (GPU), checkpoints reported to Ray Train so a failed
-worker restarts from the last epoch and a rerun with the same run name resumes.
+Ray Data shards, DDP over gloo (CPU) or NCCL (GPU), checkpoints reported to Ray Train. A failed
+worker group restarts (`FailureConfig`) and a rerun with the same run name resumes, both from
+the stage's `latest/` bundle in the run directory, as in-process training does.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class RayContext:
         cached = bool(cfg["trainer"].get("cache_data")) and bool(cfg["data"].get("shuffle"))
         self.shuffle_buffer = 8 * self.batch_size if cached else None
         self.seed = int(cfg.get("seed", 0)) * 100_003 + self.rank
-        self.log = RunLog(run_dir(cfg), config["stage"]) if self.rank == 0 else None
+        self.run_dir, self.stage = run_dir(cfg), config["stage"]
+        self.log = RunLog(self.run_dir, self.stage) if self.rank == 0 else None
 
     def _batches(self, shard, batch_size: int, drop_last: bool, **shuffle: Any):
         return shard.iter_torch_batches(
@@ -94,8 +96,18 @@ class RayContext:
             broadcast_buffers(module)
 
     def resume_dir(self) -> str | None:
-        ckpt = ray.train.get_checkpoint()
-        return ckpt.to_directory() if ckpt is not None else None
+        # the run's latest/ bundle, which the train Dataset's augmentation epoch was taken from
+        # (resumed_train_dataset), not Ray's last reported checkpoint: a kill between
+        # RunLog.record and ray.train.report leaves Ray's one epoch behind latest/, and a run
+        # continued on Ray after in-process epochs has none of them; resuming from it would
+        # train those epochs again with other epochs' draws. Rank 0 puts back a latest/ a kill
+        # left beside its place before the others look.
+        latest = self.log.resume_dir() if self.log is not None else None
+        if self.world_size > 1:
+            dist.barrier()
+        if self.log is None:
+            latest = RunLog(self.run_dir, self.stage).resume_dir()
+        return latest
 
     def report(self, metrics, bundle_dir, history) -> None:
         if self.log is not None:

@@ -223,6 +223,29 @@ def test_worker_failure_is_survived_and_rerun_resumes(tmp_path, ray_cluster):
 
 
 @pytest.mark.ray
+def test_ray_training_resumes_from_the_runs_latest_bundle_not_rays_last_checkpoint(
+        tmp_path, ray_cluster):
+    """Ray's last reported checkpoint can lag the stage's latest/ bundle (a kill between
+    RunLog.record and ray.train.report; epochs trained in-process since): the workers resume
+    where the train Dataset's augmentation epoch was taken from, latest/, not one epoch back."""
+    from pipelines.train import run
+
+    args = ["train.epochs=2", "stages=[segmenter]", "run_name=mixed"]
+    on_ray = ["trainer=ray", "trainer.num_workers=2", "trainer.cpus_per_worker=0.5"]
+    run(config(tmp_path, *on_ray, *args))
+    run(config(tmp_path, "trainer=local", *args, "train.epochs=3"))  # epoch 2, Ray not told
+    stage_dir = tmp_path / "runs" / "mixed" / "segmenter"
+    before = read_csv(stage_dir / "metrics.csv")
+    assert [int(float(r["epoch"])) for r in before] == [0, 1, 2]
+
+    run(config(tmp_path, *on_ray, *args, "train.epochs=4"))
+    assert executed_epochs(stage_dir) == [0, 1, 2, 3]  # epoch 2 not trained again
+    rows = read_csv(stage_dir / "metrics.csv")
+    assert [int(float(r["epoch"])) for r in rows] == [0, 1, 2, 3]
+    assert rows[2]["train_loss"] == before[2]["train_loss"]  # the in-process epoch kept
+
+
+@pytest.mark.ray
 def test_gpus_the_local_cluster_lacks_are_refused_not_waited_for(tmp_path, ray_cluster):
     """trainer.use_gpu=true on a Ray instance this process started without GPUs: refused at
     once (Ray waited for ever for a node that nothing would add)."""
