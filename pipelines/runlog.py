@@ -162,13 +162,8 @@ class RunLog:
 
     def __init__(self, run_dir: str, stage: str):
         self.stage_dir = join(run_dir, stage)
-        self._tb_local = None
+        self._tb_local: str | None = None  # event files staged here for object storage
         self._writer = None
-        if "://" not in self.stage_dir or self.stage_dir.startswith("file://"):
-            self._tb_dir = join(self.stage_dir.removeprefix("file://"), "tb")
-        else:
-            self._tb_local = tempfile.mkdtemp(prefix="medseg-tb-")
-            self._tb_dir = self._tb_local
 
     @property
     def latest(self) -> str:
@@ -233,8 +228,14 @@ class RunLog:
         from tensorboardX import SummaryWriter  # ships with ray[train]
 
         if self._writer is None:
-            os.makedirs(self._tb_dir, exist_ok=True)
-            self._writer = SummaryWriter(self._tb_dir)
+            # made on first use: most RunLogs only read (resume points, best/), and a staging
+            # directory made for each would be left behind
+            if "://" not in self.stage_dir or self.stage_dir.startswith("file://"):
+                tb_dir = join(self.stage_dir.removeprefix("file://"), "tb")
+                os.makedirs(tb_dir, exist_ok=True)
+            else:
+                tb_dir = self._tb_local = tempfile.mkdtemp(prefix="medseg-tb-")
+            self._writer = SummaryWriter(tb_dir)
         epoch = int(metrics.get("epoch", 0))
         for key, value in metrics.items():
             if key != "epoch":
@@ -248,3 +249,6 @@ class RunLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._tb_local is not None:  # its files are on object storage (_write_tb)
+            shutil.rmtree(self._tb_local, ignore_errors=True)
+            self._tb_local = None
