@@ -188,6 +188,18 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + epoch) % 2**63
 
 
+def seek_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, position: int) -> None:
+    """Put the per-step schedule at step `position` (an epoch's first step: its number times
+    the planned steps per epoch). Each epoch starts where it was planned to, not where the
+    steps taken so far reached: on Ray a bad record dropped in a read task shortens an epoch
+    by a step or two, and a resumed run, which can only count planned steps, would otherwise
+    take another schedule than the uninterrupted run."""
+    scheduler.last_epoch = position - 1
+    with warnings.catch_warnings():  # stepping without optimizer steps is the point here
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        scheduler.step()
+
+
 def restore_optimizer(optimizer: torch.optim.Optimizer, resume: str,
                       state: dict[str, Any] | None) -> bool:
     """Load the optimizer state (AdamW moments, step counts) of `state`, the train state saved
@@ -249,10 +261,6 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
     scheduler = build_scheduler(optimizer, spec.scheduler, total_steps=steps * spec.epochs)
     if resume and start_epoch < spec.epochs:
         restore_optimizer(optimizer, resume, saved)
-    with warnings.catch_warnings():  # stepping without optimizer steps is the point here
-        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-        for _ in range(start_epoch * steps):
-            scheduler.step()  # fast-forward the per-step schedule on resume
     loss_fn = build_loss(spec.loss)
     cfg = spec.bundle_config
     step = StepConfig(
@@ -269,6 +277,7 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
     for epoch in range(start_epoch, spec.epochs):
         _maybe_fail(spec, epoch)
         generator = seed_everything(epoch_seed(spec.seed, ctx.rank, epoch), ctx.device)
+        seek_schedule(scheduler, epoch * steps)
         tr = train_epoch(model, ctx.train_batches(epoch), optimizer, loss_fn, step,
                          scheduler=scheduler, task=spec.task, generator=generator,
                          on_step=average)

@@ -479,14 +479,16 @@ def _disc_batches(n_batches: int, seed: int, size: int = 32, batch: int = 4) -> 
     return out
 
 
-def _fit(tmp_path, run_name: str, spec, calls: list[dict]) -> Path:
-    """One `fit_stage` of `spec` (as a fresh process would run it); returns its stage dir."""
+def _fit(tmp_path, run_name: str, spec, calls: list[dict], context=None) -> Path:
+    """One `fit_stage` of `spec` (as a fresh process would run it) with a `context` class
+    (default `_LoopContext`); returns its stage dir."""
     from pipelines.loop import fit_stage
     from pipelines.runlog import RunLog
 
     log = RunLog(str(tmp_path / "runs" / run_name), spec.stage)
     try:
-        fit_stage(spec, _LoopContext(log, _disc_batches(3, seed=1), _disc_batches(2, seed=2)))
+        ctx = (context or _LoopContext)(log, _disc_batches(3, seed=1), _disc_batches(2, seed=2))
+        fit_stage(spec, ctx)
     finally:
         log.close()
         calls.append({"end": True})
@@ -570,6 +572,30 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, loop_spy):
     # the optimizer state is kept for resuming (latest/), not in the served bundle (best/)
     assert (resumed / "latest" / TRAIN_STATE_FILE).exists()
     assert not (resumed / "best" / TRAIN_STATE_FILE).exists()
+
+
+class _FirstEpochShort(_LoopContext):
+    """Epoch 0 one batch short of the planned steps, as on Ray when a read task drops a bad
+    record (the steps per epoch are planned from the listing)."""
+
+    def train_batches(self, epoch: int):
+        return self.train[:-1] if epoch == 0 else self.train
+
+
+def test_an_epoch_short_of_its_planned_steps_leaves_the_later_epochs_schedule_as_planned(
+        tmp_path, loop_spy):
+    spec = _loop_spec(tmp_path)
+    _fit(tmp_path, "whole", spec, loop_spy)
+    _fit(tmp_path, "short", spec, loop_spy, context=_FirstEpochShort)
+    s_whole, s_short = _sessions(loop_spy)
+
+    # the short epoch took one optimizer step fewer ...
+    assert [c["step"] for c in s_whole] == [0, 3, 6]
+    assert [c["step"] for c in s_short] == [0, 2, 5]
+    # ... and every epoch still starts at its planned point of the schedule (a resumed run
+    # could not know of the missing step, so it would take another schedule otherwise)
+    assert [c["lr"] for c in s_short] == pytest.approx([c["lr"] for c in s_whole], rel=1e-12)
+    assert len({round(c["lr"], 12) for c in s_whole}) == 3
 
 
 def test_weight_averaging_validates_and_ships_the_average_and_resumes_it_exactly(
