@@ -111,6 +111,12 @@ class Skipped:
         self.reason = valid_text(self.reason)
 
 
+# Keys of an fsspec listing entry that change with the file's contents, first found wins:
+# S3's ETag, HTTP's ETag, checksums or Last-Modified, modification and creation times.
+CHANGE_MARKERS = ("ETag", "etag", "Content-MD5", "Digest", "LastModified", "Last-Modified",
+                  "mtime", "last_modified", "created")
+
+
 @dataclass
 class Listing:
     """The result of :func:`list_records`."""
@@ -119,7 +125,8 @@ class Listing:
     skipped: list[Skipped] = field(default_factory=list)
     class_names: tuple[str, ...] = ()
     # with list_records(stamps=True): URI -> "size:modification" of every file of the records
-    # (mtime locally, the ETag on object storage), to tell a file replaced under its name
+    # (mtime locally, the ETag on object storage; only the size, "size:", on a filesystem
+    # whose listing has no CHANGE_MARKERS), to tell a file replaced under its name
     stamps: dict[str, str] = field(default_factory=dict)
 
 
@@ -208,8 +215,7 @@ class _Archive:
             found = list(infos)
             if self.stamps is not None:
                 for p, info in infos.items():
-                    changed = next((info[k] for k in ("ETag", "etag", "LastModified", "mtime",
-                                                      "last_modified") if info.get(k)), "")
+                    changed = next((info[k] for k in CHANGE_MARKERS if info.get(k)), "")
                     self.stamps[p] = f"{info.get('size')}:{changed}"
         prefix = base.rstrip("/") + "/"
         out = []

@@ -556,14 +556,21 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
     larger limit is checked again under a smaller one), each under a digest of its files'
     URIs and `stamps` (`Listing.stamps`: size and mtime or ETag), so a file replaced or
     damaged under its name is checked again, and a record added or removed leaves the others
-    cached. Failures are not cached (a repaired file is retried).
+    cached. A record with a file whose stamp is missing or holds only the size (a filesystem
+    whose listing shows no modification time, ETag or checksum) is checked every time: a file
+    replaced by one of the same size would otherwise keep its old result. Failures are not
+    cached (a repaired file is retried).
     """
     stamps = stamps or {}
 
-    def digest(rec: Record) -> str:
-        files = "\n".join(f"{u}\t{stamps.get(u, '')}" for u in (rec.image_uri, *rec.mask_uris))
+    def digest(rec: Record) -> str | None:
+        uris = (rec.image_uri, *rec.mask_uris)
+        if not all(stamps.get(u, "").partition(":")[2] for u in uris):
+            return None
+        files = "\n".join(f"{u}\t{stamps[u]}" for u in uris)
         return hashlib.sha256(files.encode(errors="surrogateescape")).hexdigest()[:20]
 
+    digests = {r.id: digest(r) for r in records}
     cache: dict[str, Any] = {}
     url = None
     if cache_dir:
@@ -574,8 +581,8 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
         if fs.exists(path):
             with fs.open(path, "r") as f:
                 stored = json.load(f)
-            cache = {r.id: stored[r.id][1] for r in records
-                     if isinstance(stored.get(r.id), list) and stored[r.id][0] == digest(r)}
+            cache = {r.id: stored[r.id][1] for r in records if digests[r.id] is not None
+                     and isinstance(stored.get(r.id), list) and stored[r.id][0] == digests[r.id]}
     todo = [r for r in records if r.id not in cache]
 
     def one(rec: Record) -> tuple[str, Any]:
@@ -597,13 +604,13 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             cache.update(pool.map(one, todo))
-        if url and any(not isinstance(cache[r.id], dict) for r in todo):
+        if url and any(not isinstance(cache[r.id], dict) and digests[r.id] for r in todo):
             fs, path = fsspec.core.url_to_fs(url)
             if is_local(fs):
                 fs.makedirs(posixpath.dirname(path), exist_ok=True)
             with fs.open(path, "w") as f:
-                json.dump({r.id: [digest(r), cache[r.id]] for r in records
-                           if not isinstance(cache[r.id], dict)}, f)
+                json.dump({r.id: [digests[r.id], cache[r.id]] for r in records
+                           if not isinstance(cache[r.id], dict) and digests[r.id]}, f)
     hashes: list[int | None] = []
     problems = []
     for rec in records:

@@ -366,17 +366,17 @@ def test_the_check_cache_holds_per_limits(synthetic_archive, tmp_path):
     (arc / "normal" / "normal (1).png").write_bytes(encode_png(noise))  # ~90 KB
     (arc / "normal" / "normal (1)_mask.png").write_bytes(
         encode_mask_png(np.zeros((300, 300), np.uint8)))
-    records = list_archive(make_cfg(tmp_path, str(arc))["data"]).records
-    cache = str(tmp_path / "cache")
-    first, problems = checked_hashes(records, None, strict=False, cache_dir=cache)
+    listing = list_archive(make_cfg(tmp_path, str(arc))["data"], stamps=True)
+    records, kw = listing.records, {"cache_dir": str(tmp_path / "cache"), "stamps": listing.stamps}
+    first, problems = checked_hashes(records, None, strict=False, **kw)
     assert None not in first and not problems
     for limits, reason in (({"max_bytes": 60_000}, "more than max_bytes (60000)"),
                            ({"max_pixels": 50_000}, "over the limit")):
-        hashes, problems = checked_hashes(records, None, strict=False, cache_dir=cache, **limits)
+        hashes, problems = checked_hashes(records, None, strict=False, **limits, **kw)
         assert [p.path.rsplit("/", 1)[-1] for p in problems] == ["normal (1).png"], limits
         assert reason in problems[0].reason
         assert hashes.count(None) == 1
-    assert checked_hashes(records, None, strict=False, cache_dir=cache)[0] == first
+    assert checked_hashes(records, None, strict=False, **kw)[0] == first
 
 
 def test_the_check_cache_follows_each_files_contents(synthetic_archive, tmp_path, monkeypatch):
@@ -428,6 +428,66 @@ def test_the_check_cache_follows_each_files_contents(synthetic_archive, tmp_path
     assert {k: v for k, v in hashes.items() if k in first and k not in (
         "benign/benign (1)", "normal/normal (2)")} == {
         k: v for k, v in first.items() if k not in ("benign/benign (1)", "normal/normal (2)")}
+
+
+def _same_size_garbage(fs, path: str) -> None:
+    """Overwrite a file with as many bytes of garbage: the size a listing shows stays."""
+    fs.pipe_file(path, b"\x00" * fs.size(path))
+
+
+def test_the_check_cache_is_not_trusted_where_the_listing_shows_only_sizes(synthetic_archive,
+                                                                            tmp_path):
+    """A filesystem whose listing shows no modification time, ETag or checksum cannot tell a
+    file replaced by one of the same size: its records are checked every time."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipelines.data import checked_hashes
+
+    arc = copy_archive(synthetic_archive, tmp_path / "arc")
+    listing = list_archive(make_cfg(tmp_path, str(arc))["data"], stamps=True)
+    sizes_only = {u: stamp.partition(":")[0] + ":" for u, stamp in listing.stamps.items()}
+    kw = {"cache_dir": str(tmp_path / "cache"), "stamps": sizes_only}
+    first, problems = checked_hashes(listing.records, None, strict=False, **kw)
+    assert None not in first and not problems
+    victim = arc / "benign" / "benign (1).png"
+    _same_size_garbage(LocalFileSystem(), str(victim))
+    hashes, problems = checked_hashes(listing.records, None, strict=False, **kw)
+    assert [p.path for p in problems] == [str(victim)]
+    assert hashes.count(None) == 1
+
+
+def test_the_check_cache_follows_files_replaced_in_memory(synthetic_archive, tmp_path):
+    """fsspec's memory filesystem lists a creation time, which a rewrite renews: a file
+    replaced by one of the same size is checked again (and one left alone is not)."""
+    import uuid
+
+    import fsspec
+
+    import pipelines.data as data
+
+    fs = fsspec.filesystem("memory")
+    url = f"memory://medseg-test-cache/{uuid.uuid4().hex}"
+    fs.put(f"{synthetic_archive}/", url.removeprefix("memory://"), recursive=True)
+    cfg = make_cfg(tmp_path, url)
+
+    def check() -> tuple[list, list]:
+        listing = data.list_archive(cfg["data"], stamps=True)
+        assert all(stamp.partition(":")[2] for stamp in listing.stamps.values())
+        uris.update({r.id: r.image_uri for r in listing.records})
+        return data.checked_hashes(listing.records, None, strict=False, stamps=listing.stamps,
+                                   cache_dir=str(tmp_path / "cache"), cache_name=url)
+
+    uris: dict[str, str] = {}
+    try:
+        first, problems = check()
+        assert None not in first and not problems
+        victim = uris["malignant/malignant (1)"]
+        _same_size_garbage(fs, victim)
+        hashes, problems = check()
+        assert [p.path for p in problems] == [victim]
+        assert hashes.count(None) == 1
+    finally:
+        fs.rm(url.removeprefix("memory://"), recursive=True)
 
 
 @pytest.mark.ray
