@@ -6,6 +6,7 @@ the stage's `latest/` bundle in the run directory, as in-process training does.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -119,8 +120,21 @@ class RayContext:
         ray.train.report(dict(metrics), checkpoint=ckpt)
 
 
+def quiet_report_lines() -> None:
+    """Ray Train logs each worker's every `ray.train.report` at INFO on the console, the whole
+    metrics dict on one line (two lines an epoch with two workers, beside the epoch line rank 0
+    prints), under a logger named after its file, which `RunConfig`'s `LoggingConfig` does not
+    reach. The metrics are in the run's CSV and TensorBoard files."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # moved in another Ray version: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in each Ray Train worker."""
+    quiet_report_lines()
     ctx = RayContext(config)
     try:
         fit_stage(stage_spec(config["cfg"], config["stage"]), ctx)
