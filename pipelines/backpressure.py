@@ -54,7 +54,10 @@ class ReadAheadCap(BackpressurePolicy):
         now = time.monotonic()
         if now - self._resources_at > _SLOTS_REFRESH_S:  # one cluster query per interval
             self._resources, self._resources_at = cluster_resources(), now
-        excluded = self._data_context.execution_options.exclude_resources.cpu or 0.0
+        # what Ray Train's DataConfig holds back for its workers; deprecated in Ray 2.60 (to
+        # go after January 2027): without it the slots count those CPUs too, nothing breaks
+        held = getattr(self._data_context.execution_options, "exclude_resources", None)
+        excluded = getattr(held, "cpu", None) or 0.0
         return task_slots(op.per_task_resource_allocation().cpu or 1.0,
                           resources=self._resources, exclude_cpus=excluded)
 
