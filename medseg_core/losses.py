@@ -38,8 +38,12 @@ def bce_loss(
     return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=weight)
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice, with Dice computed per image and channel, then averaged.
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
+                   batch_dice: bool = False) -> torch.Tensor:
+    """1 - soft Dice, with Dice computed per image and channel, then averaged; with
+    `batch_dice`, over the whole batch as one image per channel (nnU-Net's "batch Dice": each
+    pixel weighs the same, as in a Dice of counts summed over a data set, rather than each
+    image, which makes a small lesion as costly to miss as a large one).
 
     dice = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth), p = sigmoid(logits).
     The smooth term makes an empty target with an (almost) empty prediction score ~1 (loss ~0)
@@ -48,6 +52,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     target = _match_target(logits, target)
     probs = torch.sigmoid(logits.float())
     dims = tuple(range(2, logits.dim()))
+    if batch_dice:
+        dims = (0, *dims)
     inter = (probs * target).sum(dims)
     denom = probs.sum(dims) + target.sum(dims)
     dice = (2 * inter + smooth) / (denom + smooth)
@@ -68,12 +74,13 @@ class BCELoss(nn.Module):
 class DiceLoss(nn.Module):
     """`soft_dice_loss` as a module."""
 
-    def __init__(self, smooth: float = 1.0) -> None:
+    def __init__(self, smooth: float = 1.0, batch_dice: bool = False) -> None:
         super().__init__()
         self.smooth = smooth
+        self.batch_dice = batch_dice
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return soft_dice_loss(logits, target, self.smooth)
+        return soft_dice_loss(logits, target, self.smooth, self.batch_dice)
 
 
 class DiceBCELoss(nn.Module):
@@ -85,16 +92,18 @@ class DiceBCELoss(nn.Module):
         bce_weight: float = 1.0,
         smooth: float = 1.0,
         pos_weight: float | None = None,
+        batch_dice: bool = False,
     ) -> None:
         super().__init__()
         self.dice_weight = dice_weight
         self.bce_weight = bce_weight
         self.smooth = smooth
         self.pos_weight = pos_weight
+        self.batch_dice = batch_dice
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.dice_weight * soft_dice_loss(
-            logits, target, self.smooth
+            logits, target, self.smooth, self.batch_dice
         ) + self.bce_weight * bce_loss(logits, target, self.pos_weight)
 
 
@@ -158,9 +167,9 @@ def build_loss(cfg: dict[str, Any]) -> nn.Module:
 
     Segmentation (`loss(logits | list[logits], target (B, 1, H, W) float) -> scalar`):
       {"name": "bce", "pos_weight": None}
-      {"name": "dice", "smooth": 1.0}
+      {"name": "dice", "smooth": 1.0, "batch_dice": False}
       {"name": "dice_bce", "dice_weight": 1.0, "bce_weight": 1.0, "smooth": 1.0,
-       "deep_supervision_weights": None}   # weights also accepted by bce and dice
+       "batch_dice": False, "deep_supervision_weights": None}   # weights: bce and dice too
     Classification (`loss(logits (B, K), labels (B,) int64) -> scalar`):
       {"name": "ce", "class_weights": None | [w_0, ...], "label_smoothing": 0.0,
        "ignore_index": -1}   # labels of -1 (unknown) are ignored by default
@@ -184,17 +193,26 @@ def build_loss(cfg: dict[str, Any]) -> nn.Module:
         _check_keys(name, cfg, {"pos_weight"})
         base: nn.Module = BCELoss(cfg.get("pos_weight"))
     elif name == "dice":
-        _check_keys(name, cfg, {"smooth"})
-        base = DiceLoss(float(cfg.get("smooth", 1.0)))
+        _check_keys(name, cfg, {"smooth", "batch_dice"})
+        base = DiceLoss(float(cfg.get("smooth", 1.0)), _flag(cfg, "batch_dice"))
     else:
-        _check_keys(name, cfg, {"dice_weight", "bce_weight", "smooth", "pos_weight"})
+        _check_keys(name, cfg, {"dice_weight", "bce_weight", "smooth", "pos_weight",
+                                "batch_dice"})
         base = DiceBCELoss(
             dice_weight=float(cfg.get("dice_weight", 1.0)),
             bce_weight=float(cfg.get("bce_weight", 1.0)),
             smooth=float(cfg.get("smooth", 1.0)),
             pos_weight=cfg.get("pos_weight"),
+            batch_dice=_flag(cfg, "batch_dice"),
         )
     return DeepSupervisionLoss(base, ds_weights)
+
+
+def _flag(cfg: dict[str, Any], key: str) -> bool:
+    value = cfg.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"loss option {key!r} must be true or false, got {value!r}")
+    return value
 
 
 def _check_keys(name: str, cfg: dict[str, Any], allowed: set[str]) -> None:

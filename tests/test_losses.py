@@ -66,6 +66,24 @@ def test_soft_dice_is_per_image_mean():
     assert soft_dice_loss(logits, target).item() == pytest.approx(0.25, abs=1e-4)
 
 
+def test_batch_dice_weighs_pixels_not_images():
+    target = torch.zeros(2, 1, 4, 4)
+    target[0, :, :2] = 1  # 8 pixels
+    target[1, :, :1, :1] = 1  # a tiny lesion, 1 pixel
+    logits = torch.where(target > 0, 50.0, -50.0)
+    logits[1] = -50.0  # miss the tiny lesion entirely
+    # over the batch: intersection 8, |p| 8, |t| 9 -> dice (16 + 1) / (17 + 1)
+    assert soft_dice_loss(logits, target, batch_dice=True).item() == pytest.approx(
+        1 - 17 / 18, abs=1e-4)
+    assert soft_dice_loss(logits, target).item() == pytest.approx(0.25, abs=1e-4)
+    built = build_loss({"name": "dice_bce", "bce_weight": 0.0, "batch_dice": True})
+    assert built(logits, target).item() == pytest.approx(1 - 17 / 18, abs=1e-4)
+    assert build_loss({"name": "dice", "batch_dice": True})(logits, target).item() == \
+        pytest.approx(1 - 17 / 18, abs=1e-4)
+    with pytest.raises(ValueError, match="batch_dice.*true or false"):
+        build_loss({"name": "dice", "batch_dice": "yes"})
+
+
 def test_dice_bce_combination_and_target_shapes():
     torch.manual_seed(1)
     logits = torch.randn(2, 1, 8, 8)
