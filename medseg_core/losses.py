@@ -40,10 +40,10 @@ def bce_loss(
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
                    batch_dice: bool = False) -> torch.Tensor:
-    """1 - soft Dice, with Dice computed per image and channel, then averaged; with
+    """1 - soft Dice, with Dice computed per image and channel, then averaged (each image
+    weighs the same: missing a small lesion costs as much as missing a large one); with
     `batch_dice`, over the whole batch as one image per channel (nnU-Net's "batch Dice": each
-    pixel weighs the same, as in a Dice of counts summed over a data set, rather than each
-    image, which makes a small lesion as costly to miss as a large one).
+    pixel weighs the same, as in a Dice of counts summed over a data set).
 
     dice = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth), p = sigmoid(logits).
     The smooth term makes an empty target with an (almost) empty prediction score ~1 (loss ~0)

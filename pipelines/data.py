@@ -556,10 +556,10 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
     larger limit is checked again under a smaller one), each under a digest of its files'
     URIs and `stamps` (`Listing.stamps`: size and mtime or ETag), so a file replaced or
     damaged under its name is checked again, and a record added or removed leaves the others
-    cached. A record with a file whose stamp is missing or holds only the size (a filesystem
-    whose listing shows no modification time, ETag or checksum) is checked every time: a file
-    replaced by one of the same size would otherwise keep its old result. Failures are not
-    cached (a repaired file is retried).
+    cached. A record with a file whose stamp is missing or holds at most the size (a
+    filesystem whose listing shows no modification time, ETag or checksum, such as an HTTP
+    index page) is checked every time: a file replaced under its name would otherwise keep its
+    old result. Failures are not cached (a repaired file is retried).
     """
     stamps = stamps or {}
 
