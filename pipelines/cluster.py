@@ -44,6 +44,18 @@ def connect(address: str | None = None, num_cpus: float | None = None,
         ray.init(runtime_env=runtime_env)
 
 
+def disconnect() -> None:
+    """Leave Ray at the end of an entry point: a local instance this process started stops, a
+    cluster it joined goes on. Ray prints the worker log lines it still holds back (to count
+    repeats) as it disconnects, so what the entry point prints afterwards comes last."""
+    import ray
+
+    global _started_here
+    if ray.is_initialized():
+        ray.shutdown()
+    _started_here = False
+
+
 def check_fits(need: dict[str, float], what: str, hint: str = "") -> None:
     """Refuse at once a request (`need`: resources of what must run together) that the local
     Ray instance this process started can never grant: nothing adds nodes to it, so Ray would

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -38,6 +38,7 @@ from medseg_core.layouts import Record
 from medseg_core.metrics import SegmentationMeter
 from medseg_core.transforms import build_transforms
 from pipelines import CONF_DIR
+from pipelines.cluster import disconnect
 from pipelines.config import resolve
 from pipelines.data import (
     BAD_INPUT_ERRORS,
@@ -370,20 +371,17 @@ def choose_postprocess(seg_uri: str, records: list[Record], cfg: dict[str, Any])
 
 
 def summarize(cfg: dict[str, Any], bundles: dict[str, str],
-              splits: dict[str, list[Record]]) -> dict[str, float]:
-    """Print where the bundles are and the segmenter's Dice on the held-out split."""
-    print("\nbundles:")
-    for stage, uri in bundles.items():
-        print(f"  {stage:10s} {uri}")
+              splits: dict[str, list[Record]]) -> list[str]:
+    """The run's closing lines: where the bundles are and the segmenter's Dice on the
+    held-out split (scored here, so a bad file found doing so is in the data report)."""
+    lines = ["", "bundles:", *(f"  {stage:10s} {uri}" for stage, uri in bundles.items())]
     held_out = splits.get("test") or splits["val"]
-    result: dict[str, float] = {}
     if "segmenter" in bundles:
         agg = test_dice(bundles["segmenter"], held_out, cfg)
-        result = {"dice": float(agg["dice"]), "iou": float(agg["iou"])}
         name = "test" if splits.get("test") else "val"
-        print(f"\n{name} split ({len(held_out)} images): Dice {agg['dice']:.4f}  "
-              f"IoU {agg['iou']:.4f}")
-    return result
+        lines += ["", f"{name} split ({len(held_out)} images): Dice {agg['dice']:.4f}  "
+                      f"IoU {agg['iou']:.4f}"]
+    return lines
 
 
 def check_settings(cfg: dict[str, Any]) -> None:
@@ -424,7 +422,10 @@ def check_settings(cfg: dict[str, Any]) -> None:
                              f"{spec.threshold}")
 
 
-def run(cfg: dict[str, Any]) -> dict[str, str]:
+def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[str, str]:
+    """Train the configured stages; returns their best bundles. `release` runs before the
+    closing lines are printed, once nothing needs Ray any more (the entry point leaves Ray
+    there, so that the worker log lines Ray holds back come before those lines)."""
     check_settings(cfg)
     check_resumable(cfg)
     backend = cfg["trainer"].get("backend", "local")
@@ -463,14 +464,17 @@ def run(cfg: dict[str, Any]) -> dict[str, str]:
             # before the classifier stage: the masks it trains on are made with the options
             # the chain will use
             choose_postprocess(bundles[stage], splits["val"], cfg)
-    summarize(cfg, bundles, splits)
+    closing = summarize(cfg, bundles, splits)
     data_report(cfg)  # the complete bad-input report on disk, and a warning naming the files
+    if release is not None:
+        release()
+    print("\n".join(closing), flush=True)
     return bundles
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(resolve(cfg))
+    run(resolve(cfg), release=disconnect)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,38 @@ def test_entry_points_join_a_cluster_started_with_ray_start(tmp_path_factory):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def test_disconnect_prints_the_log_lines_ray_held_back_before_what_follows():
+    """Ray holds back a worker's line repeated by other workers, to print it once with a count
+    ("[repeated 5x across cluster]"), until another line comes or the driver leaves Ray: at
+    the end of a run it came after the run's closing lines. Leaving Ray with `disconnect` first
+    puts them before."""
+    tmp = tempfile.mkdtemp(prefix="msl", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=tmp, RAY_DEDUP_LOGS="1")  # Ray's default (this session turns it off)
+    probe = ("import time\n"
+             "import ray\n"
+             "from pipelines.cluster import connect, disconnect\n"
+             "connect(num_cpus=2, dashboard=False)\n"
+             "@ray.remote\n"
+             "def say():\n"
+             "    print('the same line from every task')\n"
+             "    time.sleep(0.3)\n"
+             "ray.get([say.remote() for _ in range(6)])\n"
+             "time.sleep(1)\n"
+             "disconnect()\n"
+             "print('CLOSING LINE', flush=True)\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = [line for line in out.stdout.splitlines() if line.strip()]
+        assert lines[-1] == "CLOSING LINE", lines[-3:]
+        assert any("repeated" in line and "the same line" in line for line in lines[:-1]), lines
+    finally:
+        _kill_cluster(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_task_slots_count_what_both_cpus_and_gpus_allow():
     from pipelines.cluster import task_slots
 

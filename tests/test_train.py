@@ -31,12 +31,16 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_local_training_writes_bundles_and_logs(tmp_path):
+def test_local_training_writes_bundles_and_logs(tmp_path, capsys):
     from pipelines.train import run
 
     cfg = config(tmp_path, "trainer=local", "train.epochs=3", "train.classifier_epochs=1",
                  "run_name=local")
-    bundles = run(cfg)
+    bundles = run(cfg, release=lambda: print("RELEASED"))
+    # the closing lines come after the entry point has left Ray (pipelines.cluster.disconnect)
+    out = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert out[-5:-3] == ["RELEASED", "bundles:"], out[-6:]
+    assert out[-1].startswith("test split (") and " Dice " in out[-1]
     stage_dir = tmp_path / "runs" / "local" / "segmenter"
     rows = read_csv(stage_dir / "metrics.csv")
     assert [int(float(r["epoch"])) for r in rows] == list(range(3))
