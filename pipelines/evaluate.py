@@ -28,7 +28,7 @@ import csv
 import io
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ from medseg_core.report import case_montage, write_report
 from medseg_core.results import error_row, prediction_row
 from medseg_core.viz import confusion_matrix_image, plot_curves
 from pipelines import CONF_DIR
-from pipelines.cluster import connect
+from pipelines.cluster import connect, disconnect
 from pipelines.config import check_whole, resolve
 from pipelines.data import (
     _max_bytes,
@@ -529,8 +529,10 @@ def checked_class_names(cfg: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Run the evaluation of the composed config; returns the summary (with ``run.outputs``)."""
+def evaluate(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run the evaluation of the composed config; returns the summary (with ``run.outputs``).
+    `release` runs before the closing lines are printed (the entry point leaves Ray there:
+    `pipelines.cluster.disconnect`)."""
     started = time.time()
     ev, data = cfg["evaluate"], cfg["data"]
     check_threshold(ev.get("threshold"))
@@ -604,6 +606,8 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     written = write_report(out, summary, figures, table, title=title,
                            max_rows=int(report_cfg.get("max_rows", 300)), figure_notes=notes,
                            storage_options=so)
+    if release is not None:
+        release()
     print_summary(summary)
     print(f"\nreport: {written['report']}\nsummary: {written['summary']}", flush=True)
     return summary
@@ -637,7 +641,7 @@ def print_summary(summary: Mapping[str, Any]) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    evaluate(resolve(cfg))
+    evaluate(resolve(cfg), release=disconnect)
 
 
 if __name__ == "__main__":

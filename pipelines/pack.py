@@ -57,6 +57,7 @@ from medseg_core.io import encode_mask_png, encode_png, is_local
 from medseg_core.layouts import Record, decode_record
 from medseg_core.transforms import Resize, to_channels
 from pipelines import CONF_DIR
+from pipelines.cluster import disconnect
 from pipelines.config import check_whole, resolve
 from pipelines.data import (
     BAD_INPUT_ERRORS,
@@ -298,6 +299,7 @@ def main(cfg: DictConfig) -> None:
     if not plain["pack"].get("out"):
         raise SystemExit("set pack.out=<path or URL> for the packed archive")
     m = pack_archive(plain)
+    disconnect()  # Ray's held-back worker lines before the closing line, not after it
     n_skip = len(m["skipped"])
     print(f"packed {m['records']} records into {len(m['shards'])} shard(s) at "
           f"{plain['pack']['out']} in {m['seconds']:.1f}s ({m['encoding']}"

@@ -63,7 +63,7 @@ import time
 import unicodedata
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -83,7 +83,7 @@ from medseg_core.layouts import Listing, Record, list_records, valid_text
 from medseg_core.metrics import metrics_from_counts
 from medseg_core.results import error_row
 from pipelines import CONF_DIR
-from pipelines.cluster import check_fits, connect
+from pipelines.cluster import check_fits, connect, disconnect
 from pipelines.config import check_whole, resolve
 from pipelines.data import is_s3
 from pipelines.data import storage_options as _storage_options
@@ -725,9 +725,10 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
                              f"got {value!r}")
 
 
-def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def run(cfg: Mapping[str, Any], release: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run the job on a plain config dict (as composed from pipelines/conf/segment_batch.yaml);
-    returns the manifest."""
+    returns the manifest. `release` runs before the closing line is printed (the entry point
+    leaves Ray there: `pipelines.cluster.disconnect`)."""
     check_settings(cfg)
     threshold = check_threshold(cfg.get("threshold"))
     started = time.time()
@@ -849,6 +850,8 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     _write_json(out, f"{RUNS_DIR}/{run_id}.json", manifest)
     _write_json(out, MANIFEST, manifest)
     totals, seg = manifest["totals"], manifest["segmentation"]
+    if release is not None:
+        release()
     print(f"[segment_batch] processed {n_processed} images in {seconds:.1f} s "
           f"({manifest['run']['images_per_s']} images/s), {len(run_errors)} errors; output now "
           f"holds {totals['images']} results {totals['counts_by_class']}"
@@ -944,7 +947,7 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
 
 @hydra.main(config_path=CONF_DIR, config_name="segment_batch", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(resolve(cfg))
+    run(resolve(cfg), release=disconnect)
 
 
 if __name__ == "__main__":

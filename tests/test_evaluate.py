@@ -310,7 +310,7 @@ def test_bad_inputs_are_reported_beside_the_evaluation(workspace) -> None:
     assert not training_report.exists()
 
 
-def test_split_is_the_training_split(workspace) -> None:
+def test_split_is_the_training_split(workspace, capsys) -> None:
     """split=test evaluates exactly the held-out split of pipelines.data.load_splits."""
     from pipelines.data import load_splits
     from pipelines.evaluate import evaluate
@@ -319,7 +319,13 @@ def test_split_is_the_training_split(workspace) -> None:
     cfg = eval_config(root, archive, "evaluate.split=test", "evaluate.hausdorff=false",
                       "data.split.ratios=[0.6,0.2,0.2]",
                       "evaluate.classifier=null", f"evaluate.out={root / 'eval-test'}")
-    summary = evaluate(cfg)
+    summary = evaluate(cfg, release=lambda: print("RELEASED"))
+    # the closing lines come after the entry point has left Ray (pipelines.cluster.disconnect)
+    out = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    released = out.index("RELEASED")
+    closing = [line for line in out[released + 1:] if line.startswith(("report: ", "summary: "))]
+    assert "images evaluated" in out[released + 1] and len(closing) == 2, out
+    assert not any(line.startswith(("report: ", "summary: ")) for line in out[:released])
     expected = sorted(r.id for r in load_splits(cfg)["test"])
     table = pq.read_table(root / "eval-test" / "per_image.parquet").to_pylist()
     assert [r["id"] for r in table] == expected and expected

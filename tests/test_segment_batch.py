@@ -42,10 +42,10 @@ def job_config(overrides: list[str]) -> dict:
     return load_config(overrides, config_name="segment_batch")
 
 
-def run_job(overrides: list[str]) -> dict:
+def run_job(overrides: list[str], release=None) -> dict:
     from pipelines.segment_batch import run
 
-    return run(job_config(overrides))
+    return run(job_config(overrides), release=release)
 
 
 def read_results(url: str, filesystem=None) -> list[dict]:
@@ -722,7 +722,7 @@ def test_malicious_names_stay_inside_the_output(ray_cluster, bundles, tmp_path, 
 
 
 @pytest.mark.ray
-def test_file_names_not_utf8_complete_with_a_row_each(ray_cluster, bundles, tmp_path):
+def test_file_names_not_utf8_complete_with_a_row_each(ray_cluster, bundles, tmp_path, capsys):
     rng = np.random.default_rng(8)
     folder = tmp_path / "in"
     raw = os.fsencode(folder)
@@ -745,7 +745,11 @@ def test_file_names_not_utf8_complete_with_a_row_each(ray_cluster, bundles, tmp_
     overrides = [f"input={folder}", "layout=images", f"bundles.segmenter={bundles[0]}",
                  f"bundles.classifier={bundles[1]}", f"output={out}", "batch.batch_size=8",
                  "batch.concurrency=1"]
-    manifest = run_job(overrides)
+    manifest = run_job(overrides, release=lambda: print("RELEASED"))
+    # the closing line comes after the entry point has left Ray (pipelines.cluster.disconnect)
+    printed = capsys.readouterr().out.splitlines()
+    closing = [i for i, line in enumerate(printed) if line.startswith("[segment_batch] processed")]
+    assert closing == [printed.index("RELEASED") + 1]
     rows = check_exactly_once(out, ids)
     by_id = {r["id"]: r for r in rows}
     for rid, expected in ref.items():
