@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,11 @@ def connect(address: str | None = None, num_cpus: float | None = None,
 def disconnect() -> None:
     """Leave Ray at the end of an entry point: a local instance this process started stops, a
     cluster it joined goes on. Ray prints the worker log lines it still holds back (to count
-    repeats) as it disconnects, so what the entry point prints afterwards comes last."""
-    import ray
-
+    repeats) as it disconnects, so what the entry point prints afterwards comes last. A run
+    that never imported Ray (`trainer=local`, `pack.backend=local`) does not import it here."""
     global _started_here
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
     _started_here = False
 
