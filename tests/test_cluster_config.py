@@ -72,6 +72,22 @@ def _kill_cluster(tmp: str) -> None:
             time.sleep(0.2)
 
 
+def _probe_on_its_own_cluster(probe: str, prefix: str, **env_vars: str) -> str:
+    """Run `probe` (Python source) in a fresh interpreter that starts its own local Ray
+    instance (no RAY_ADDRESS, its own RAY_TMPDIR: no other cluster to choose from); its stdout."""
+    tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths live in it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=tmp, **env_vars)
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+    finally:
+        _kill_cluster(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_entry_points_join_a_cluster_started_with_ray_start(tmp_path_factory):
     """`ray submit cluster.yaml pipelines/train.py` runs the script on the head node, where
     `ray start --head` ran and RAY_ADDRESS is unset: the pipelines must join that cluster, not
@@ -105,9 +121,6 @@ def test_disconnect_prints_the_log_lines_ray_held_back_before_what_follows():
     ("[repeated 5x across cluster]"), until another line comes or the driver leaves Ray: at
     the end of a run it came after the run's closing lines. Leaving Ray with `disconnect` first
     puts them before."""
-    tmp = tempfile.mkdtemp(prefix="msl", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=tmp, RAY_DEDUP_LOGS="1")  # Ray's default (this session turns it off)
     probe = ("import time\n"
              "import ray\n"
              "from pipelines.cluster import connect, disconnect\n"
@@ -120,16 +133,11 @@ def test_disconnect_prints_the_log_lines_ray_held_back_before_what_follows():
              "time.sleep(1)\n"
              "disconnect()\n"
              "print('CLOSING LINE', flush=True)\n")
-    try:
-        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=180)
-        assert out.returncode == 0, out.stderr[-2000:]
-        lines = [line for line in out.stdout.splitlines() if line.strip()]
-        assert lines[-1] == "CLOSING LINE", lines[-3:]
-        assert any("repeated" in line and "the same line" in line for line in lines[:-1]), lines
-    finally:
-        _kill_cluster(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Ray's default deduplication (this test session turns it off)
+    stdout = _probe_on_its_own_cluster(probe, "msl", RAY_DEDUP_LOGS="1")
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert lines[-1] == "CLOSING LINE", lines[-3:]
+    assert any("repeated" in line and "the same line" in line for line in lines[:-1]), lines
 
 
 def test_task_slots_count_what_both_cpus_and_gpus_allow():
@@ -147,9 +155,6 @@ def test_a_local_cluster_an_entry_point_starts_serves_rays_state_api():
     """Ray Train's placement-group cleaner asks the state API (served by the dashboard) whether
     its controller lives; on a cluster started without the dashboard it could not, and warned
     every few seconds for the whole run."""
-    tmp = tempfile.mkdtemp(prefix="msd", dir="/tmp")  # its own: no other cluster to choose from
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = tmp
     probe = ("from pipelines.train_ray import init_ray\n"
              "init_ray({'num_workers': 1, 'cpus_per_worker': 1, 'local_num_cpus': 1})\n"
              "import ray\n"
@@ -158,11 +163,4 @@ def test_a_local_cluster_an_entry_point_starts_serves_rays_state_api():
              "a = A.remote()\n"
              "ray.get(a.__ray_ready__.remote())\n"
              "print('STATE', get_actor(a._actor_id.hex()).state)\n")
-    try:
-        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=180)
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert "STATE ALIVE" in out.stdout
-    finally:
-        _kill_cluster(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+    assert "STATE ALIVE" in _probe_on_its_own_cluster(probe, "msd")
