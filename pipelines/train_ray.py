@@ -56,8 +56,7 @@ class RayContext:
         cached = bool(cfg["trainer"].get("cache_data")) and bool(cfg["data"].get("shuffle"))
         self.shuffle_buffer = 8 * self.batch_size if cached else None
         self.seed = int(cfg.get("seed", 0)) * 100_003 + self.rank
-        self.run_dir, self.stage = run_dir(cfg), config["stage"]
-        self.log = RunLog(self.run_dir, self.stage) if self.rank == 0 else None
+        self.log = RunLog(run_dir(cfg), config["stage"]) if self.rank == 0 else None
 
     def _batches(self, shard, batch_size: int, drop_last: bool, **shuffle: Any):
         return shard.iter_torch_batches(
@@ -101,14 +100,12 @@ class RayContext:
         # (resumed_train_dataset), not Ray's last reported checkpoint: a kill between
         # RunLog.record and ray.train.report leaves Ray's one epoch behind latest/, and a run
         # continued on Ray after in-process epochs has none of them; resuming from it would
-        # train those epochs again with other epochs' draws. Rank 0 puts back a latest/ a kill
-        # left beside its place before the others look.
-        latest = self.log.resume_dir() if self.log is not None else None
+        # train those epochs again with other epochs' draws. Rank 0 looks (and puts back a
+        # latest/ a kill left beside its place) and tells the others.
+        latest = [self.log.resume_dir() if self.log is not None else None]
         if self.world_size > 1:
-            dist.barrier()
-        if self.log is None:
-            latest = RunLog(self.run_dir, self.stage).resume_dir()
-        return latest
+            dist.broadcast_object_list(latest, src=0)
+        return latest[0]
 
     def report(self, metrics, bundle_dir, history) -> None:
         if self.log is not None:
