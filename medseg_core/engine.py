@@ -55,19 +55,42 @@ class FrozenSegmenter:
     keep_largest: bool = False
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _real(cfg: dict[str, Any], key: str, default: float, where: str) -> float:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}.{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def optimizer_settings(cfg: dict[str, Any], where: str = "optimizer") -> dict[str, Any]:
+    """`{name, lr, weight_decay, momentum}` checked (ValueError naming `where.<key>`
+    otherwise): a known name, lr > 0, weight_decay >= 0, and for sgd momentum in (0, 1)."""
+    name = str(cfg.get("name", "adamw")).lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown {where}.name {name!r}; expected one of {list(OPTIMIZERS)}")
+    out = {"name": name, "lr": _real(cfg, "lr", 1e-3, where),
+           "weight_decay": _real(cfg, "weight_decay", 1e-4, where),
+           "momentum": _real(cfg, "momentum", 0.99, where)}
+    if not out["lr"] > 0:
+        raise ValueError(f"{where}.lr must be > 0, got {out['lr']}")
+    if out["weight_decay"] < 0:
+        raise ValueError(f"{where}.weight_decay must be >= 0, got {out['weight_decay']}")
+    if name == "sgd" and not 0 < out["momentum"] < 1:  # Nesterov needs some momentum
+        raise ValueError(f"{where}.momentum must be in (0, 1) for sgd, got {out['momentum']}")
+    return out
+
+
 def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW (default) or SGD with momentum, from `{name, lr, weight_decay, momentum}`."""
-    name = cfg.get("name", "adamw").lower()
-    lr = float(cfg.get("lr", 1e-3))
-    wd = float(cfg.get("weight_decay", 1e-4))
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
-    if name == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=lr, weight_decay=wd, momentum=float(cfg.get("momentum", 0.99)),
-            nesterov=True,
-        )
-    raise ValueError(f"unknown optimizer {name!r}; expected 'adamw' or 'sgd'")
+    """AdamW (default) or SGD with Nesterov momentum, from `{name, lr, weight_decay, momentum}`
+    (`optimizer_settings`)."""
+    opt = optimizer_settings(cfg)
+    if opt["name"] == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=opt["lr"], weight_decay=opt["weight_decay"])
+    return torch.optim.SGD(model.parameters(), lr=opt["lr"], weight_decay=opt["weight_decay"],
+                           momentum=opt["momentum"], nesterov=True)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "poly",

@@ -39,6 +39,35 @@ def check_whole(value: Any, name: str, low: int, high: int | None = None,
                          f"got {value!r}")
 
 
+def check_number(value: Any, name: str, low: float, strict: bool = False,
+                 none: bool = False) -> None:
+    """A real-valued setting that must be >= `low` (> `low` with `strict`), or null with
+    `none`: ValueError naming it otherwise (a bool, a word or nan is not one)."""
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or \
+            value < low or (strict and value == low):
+        span = f"{'>' if strict else '>='} {low:g}"
+        raise ValueError(f"{name} must be a number {span}{' or null' if none else ''}, "
+                         f"got {value!r}")
+
+
+def check_actor_pool(pool: dict[str, Any], where: str) -> None:
+    """A Ray Data actor pool's `concurrency` (null, a number of actors >= 1, or [min, max]),
+    `num_cpus` (> 0) and `num_gpus` (>= 0), each null for its default."""
+    c = pool.get("concurrency")
+    if c is not None:
+        if isinstance(c, int) and not isinstance(c, bool):
+            check_whole(c, f"{where}.concurrency", 1)
+        elif not (isinstance(c, (list, tuple)) and len(c) == 2
+                  and all(isinstance(v, int) and not isinstance(v, bool) for v in c)
+                  and 1 <= c[0] <= c[1]):
+            raise ValueError(f"{where}.concurrency must be null, a number of actors >= 1 or "
+                             f"[min, max] with 1 <= min <= max, got {c!r}")
+    check_number(pool.get("num_cpus"), f"{where}.num_cpus", 0, strict=True, none=True)
+    check_number(pool.get("num_gpus"), f"{where}.num_gpus", 0, none=True)
+
+
 # YAML 1.1 spellings of a boolean: Hydra (YAML 1.2) reads `overwrite=no` as the string "no",
 # which Python takes as true
 _BOOLEAN_WORDS = {"yes", "no", "on", "off", "true", "false"}

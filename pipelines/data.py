@@ -125,6 +125,7 @@ from medseg_core.splits import phash
 from medseg_core.splits import split_records as core_split_records
 from medseg_core.synthetic import generate_dataset
 from medseg_core.transforms import build_transforms, to_channels
+from pipelines.config import check_number, check_whole
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -681,7 +682,7 @@ def _checked_listing(cfg: dict[str, Any], check: bool | None
         maybe, bad = checked_hashes(
             records, so, strict=strict, cache_dir=cache, cache_name=str(data_cfg["url"]),
             stamps=listing.stamps, max_pixels=_max_pixels(data_cfg),
-            max_bytes=_max_bytes(data_cfg), threads=int(_read_cfg(data_cfg)["io_threads"]))
+            max_bytes=_max_bytes(data_cfg), threads=int(read_settings(data_cfg)["io_threads"]))
         problems += bad
         if dedup:  # a bad record has no hash to group it by: dropped before the split
             keep = [i for i, h in enumerate(maybe) if h is not None]
@@ -873,9 +874,16 @@ def _read_defaults() -> dict[str, Any]:
         return dict(yaml.safe_load(f))
 
 
-def _read_cfg(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """`data.read`, completed from pipelines/conf/data_read/default.yaml (configs built by hand)."""
-    return {**_read_defaults(), **(data_cfg.get("read") or {})}
+def read_settings(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """`data.read`, completed from pipelines/conf/data_read/default.yaml (configs built by
+    hand) and checked: ValueError naming the setting (before any archive is listed)."""
+    read = {**_read_defaults(), **(data_cfg.get("read") or {})}
+    for key in ("batch_size", "packed_batch_size", "io_threads"):
+        check_whole(read[key], f"data.read.{key}", 1)
+    check_whole(read["concurrency"], "data.read.concurrency", 1, none=True)
+    check_number(read["num_cpus"], "data.read.num_cpus", 0, strict=True)
+    check_number(read["read_ahead"], "data.read.read_ahead", 0, strict=True, none=True)
+    return read
 
 
 def _max_pixels(data_cfg: Mapping[str, Any]) -> int | None:
@@ -1212,7 +1220,7 @@ def _spec(cfg: dict[str, Any], split: str, train: bool, ledger: Any,
         threshold=int(data.get("mask_threshold", 127)), storage_options=storage_options(data),
         credentials=credentials or task_credentials(data, url),
         ledger=ledger, epoch_offset=int(data.get("epoch_offset", 0)),
-        io_threads=int(_read_cfg(data)["io_threads"]),
+        io_threads=int(read_settings(data)["io_threads"]),
         shuffle_rows=bool(train and data.get("shuffle", False)),
     )
 
@@ -1281,14 +1289,14 @@ def build_dataset(records: Sequence[Record], cfg: dict[str, Any], *, split: str 
     records = list(records)
     if ledger is None:
         ledger = problem_ledger(cfg)
-    read = _read_cfg(data)
+    read = read_settings(data)
     spec = _spec(cfg, split, train, ledger, credentials)
     if records and PACKED_MARK in records[0].image_uri:
         kind, items = "packed", _packed_items(records)
-        per_task = max(1, int(read["packed_batch_size"]))
+        per_task = int(read["packed_batch_size"])
     else:
         kind, items = "raw", [r.to_dict() for r in records]
-        per_task = max(1, int(read["batch_size"]))
+        per_task = int(read["batch_size"])
     per_task = _per_task(len(items), per_task, float(read["num_cpus"]))
     h, w = spec.image_size
     source = __getattr__("RecordsDatasource")(

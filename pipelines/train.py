@@ -32,20 +32,22 @@ from omegaconf import DictConfig
 
 from medseg_core.checkpoint import load_bundle, read_bundle_meta, save_bundle
 from medseg_core.dataset import RecordDataset, collate
-from medseg_core.engine import check_scheduler
+from medseg_core.engine import check_scheduler, optimizer_settings
 from medseg_core.inference import Segmenter
 from medseg_core.layouts import Record
+from medseg_core.losses import build_loss
 from medseg_core.metrics import SegmentationMeter
 from medseg_core.transforms import build_transforms
 from pipelines import CONF_DIR
 from pipelines.cluster import disconnect
-from pipelines.config import resolve
+from pipelines.config import check_number, check_whole, resolve
 from pipelines.data import (
     BAD_INPUT_ERRORS,
     Problem,
     data_report,
     load_any_record,
     load_splits,
+    read_settings,
     record_problems,
     split_mode,
 )
@@ -384,12 +386,39 @@ def summarize(cfg: dict[str, Any], bundles: dict[str, str],
     return lines
 
 
+def check_trainer(trainer: dict[str, Any]) -> None:
+    """The worker group's settings (Ray's own errors about them come only after the archive
+    is listed and read, and a worker group of 0 fails with a division by zero)."""
+    backend = trainer.get("backend", "local")
+    if backend not in ("local", "ray"):
+        raise ValueError(f"unknown trainer.backend {backend!r}; expected local or ray")
+    if backend == "local":
+        check_whole(trainer.get("loader_workers", 0), "trainer.loader_workers", 0)
+        return
+    check_whole(trainer.get("num_workers"), "trainer.num_workers", 1)
+    check_whole(trainer.get("local_num_cpus"), "trainer.local_num_cpus", 1, none=True)
+    check_whole(trainer.get("max_failures", 3), "trainer.max_failures", -1)  # -1: no limit
+    check_whole(trainer.get("num_to_keep", 2), "trainer.num_to_keep", 1, none=True)
+    check_number(trainer.get("cpus_per_worker", 1), "trainer.cpus_per_worker", 0)
+    if trainer.get("use_gpu"):
+        check_number(trainer.get("gpus_per_worker", 1), "trainer.gpus_per_worker", 0, strict=True)
+    elif not trainer.get("cpus_per_worker", 1):
+        raise ValueError("trainer.cpus_per_worker=0 without GPUs leaves a worker no resources "
+                         "to be scheduled by: give it CPUs, or set trainer.use_gpu=true")
+    for stage, epoch in (trainer.get("fail_at_epoch") or {}).items():
+        check_whole(epoch, f"trainer.fail_at_epoch.{stage}", -1)
+
+
 def check_settings(cfg: dict[str, Any]) -> None:
     """Refuse bad choices before any data is read or epoch trained (they were found only
     after training, or not at all)."""
-    backend = cfg["trainer"].get("backend", "local")
-    if backend not in ("local", "ray"):
-        raise ValueError(f"unknown trainer.backend {backend!r}; expected local or ray")
+    check_trainer(cfg["trainer"])
+    check_whole(cfg.get("seed", 0), "seed", 0)
+    train = cfg["train"]
+    for key in ("epochs", "classifier_epochs", "batch_size", "eval_batch_size"):
+        check_whole(train.get(key), f"train.{key}", 1)
+    check_whole(train.get("early_stopping_patience", 0), "train.early_stopping_patience", 0)
+    read_settings(cfg["data"])
     stages = cfg.get("stages")
     if not isinstance(stages, list) or not stages or any(s not in STAGES for s in stages):
         raise ValueError(f"stages must be a non-empty list of {list(STAGES)}, e.g. "
@@ -405,12 +434,12 @@ def check_settings(cfg: dict[str, Any]) -> None:
                      train=True)
     for stage in stages:
         spec = stage_spec(cfg, stage)
-        key = "epochs" if stage == "segmenter" else "classifier_epochs"
-        if spec.epochs < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {spec.epochs}")
-        if spec.early_stopping_patience < 0:
-            raise ValueError("train.early_stopping_patience must be >= 0 (0 = off), got "
-                             f"{spec.early_stopping_patience}")
+        seg = stage == "segmenter"
+        optimizer_settings(spec.optimizer, "train.optimizer" if seg else "train.classifier_optimizer")
+        try:
+            build_loss(spec.loss)
+        except ValueError as exc:
+            raise ValueError(f"train.{'loss' if seg else 'classifier_loss'}: {exc}") from None
         if spec.grad_clip is not None and not float(spec.grad_clip) > 0:
             # clip_grad_norm_ with a negative norm flips every gradient
             raise ValueError(f"train.grad_clip must be > 0 or null (off), got {spec.grad_clip}")

@@ -950,7 +950,7 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("+train.scheduler.warmup_steps=-1", "warmup_steps must be"),
                          ("train.grad_clip=-1.0", "grad_clip must be > 0"),
                          ("train.threshold=1.5", "train.threshold must be strictly"),
-                         ("train.epochs=0", "train.epochs must be >= 1"),
+                         ("train.epochs=0", "train.epochs must be a whole number >= 1"),
                          ("train.classifier_epochs=0", "train.classifier_epochs must be"),
                          ("train.early_stopping_patience=-3", "early_stopping_patience must"),
                          ("train.ema_decay=1.0", "train.ema_decay must be in"),
@@ -959,11 +959,30 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          # crashed on the first classifier batch, after the whole segmenter
                          ("classifier.num_classes=7", "classifier.num_classes=7 but"),
                          ("data.channels=1", "model.in_channels=3 but data.channels=1"),
-                         ("data.class_names=[]", "the classifier stage needs labelled data")):
+                         ("data.class_names=[]", "the classifier stage needs labelled data"),
+                         # a division by zero after listing; Ray's or torch's errors, named
+                         # after none of these settings, after reading the archive
+                         ("trainer=ray trainer.num_workers=0", "trainer.num_workers must be"),
+                         ("trainer=ray trainer.cpus_per_worker=0", "cpus_per_worker=0 without"),
+                         ("trainer=ray trainer.max_failures=abc", "trainer.max_failures must"),
+                         ("trainer=ray trainer.num_to_keep=0", "trainer.num_to_keep must be"),
+                         ("trainer=local trainer.loader_workers=-1", "trainer.loader_workers must be"),
+                         ("train.batch_size=0", "train.batch_size must be"),
+                         ("train.eval_batch_size=0", "train.eval_batch_size must be"),
+                         ("train.optimizer.lr=-1", "train.optimizer.lr must be > 0"),
+                         ("train.classifier_optimizer.lr=abc",
+                          "train.classifier_optimizer.lr must be a number"),
+                         ("train.optimizer.name=adam", "unknown train.optimizer.name 'adam'"),
+                         ("train.classifier_loss.name=focal", "train.classifier_loss: unknown"),
+                         ("seed=abc", "seed must be a whole number"),
+                         # silently taken as 1, and a cap of 0 tasks
+                         ("data.read.batch_size=0", "data.read.batch_size must be"),
+                         ("data.read.read_ahead=0", "data.read.read_ahead must be")):
         # the archive does not exist: reading it would fail with another error
-        cfg = config(tmp_path, bad, f"data.url={tmp_path / 'nothing'}")
+        cfg = config(tmp_path, *bad.split(), f"data.url={tmp_path / 'nothing'}")
         with pytest.raises(ValueError, match=message):
             run(cfg)
+        assert not (tmp_path / "runs").exists(), bad
 
 
 def test_a_kill_between_the_best_and_latest_copies_keeps_them_consistent(tmp_path, monkeypatch):
@@ -1142,3 +1161,21 @@ def test_the_classifier_stage_without_labels_is_refused_before_training(tmp_path
         run(load_config([f"output_dir={tmp_path}", "data=folder", f"data.url={folder}",
                          "trainer=local"]))
     assert not (tmp_path / "runs").exists()
+
+
+def test_optimizer_settings_name_the_bad_key():
+    from medseg_core.engine import build_optimizer, optimizer_settings
+
+    model = torch.nn.Linear(2, 1)
+    opt = build_optimizer(model, {"name": "SGD", "lr": 0.1, "weight_decay": 0, "momentum": 0.9})
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["nesterov"]
+    assert optimizer_settings({})["name"] == "adamw"  # the defaults are valid
+    for bad, message in (({"lr": 0}, "opt.lr must be > 0"),
+                         ({"lr": float("nan")}, "opt.lr must be a number"),
+                         ({"lr": True}, "opt.lr must be a number"),
+                         ({"weight_decay": -0.1}, "opt.weight_decay must be >= 0"),
+                         ({"name": "sgd", "momentum": 0}, r"opt.momentum must be in \(0, 1\)"),
+                         ({"name": "lamb"}, "unknown opt.name 'lamb'")):
+        with pytest.raises(ValueError, match=message):
+            optimizer_settings(bad, "opt")
