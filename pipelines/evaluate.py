@@ -62,7 +62,7 @@ from medseg_core.results import error_row, prediction_row
 from medseg_core.viz import confusion_matrix_image, plot_curves
 from pipelines import CONF_DIR
 from pipelines.cluster import connect, disconnect
-from pipelines.config import check_whole, resolve
+from pipelines.config import check_actor_pool, check_whole, resolve
 from pipelines.data import (
     _max_bytes,
     _max_pixels,
@@ -536,6 +536,14 @@ def evaluate(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> 
     started = time.time()
     ev, data = cfg["evaluate"], cfg["data"]
     check_threshold(ev.get("threshold"))
+    check_whole(ev.get("batch_size", 8), "evaluate.batch_size", 1)
+    check_whole(ev.get("auto_ray_min_images", 2000), "evaluate.auto_ray_min_images", 0)
+    report_cfg = ev.get("report") or {}
+    check_whole(report_cfg.get("cell", 176), "evaluate.report.cell", 1)
+    check_whole(report_cfg.get("max_rows", 300), "evaluate.report.max_rows", 0)
+    rc = ev.get("ray") or {}
+    check_whole(rc.get("local_num_cpus"), "evaluate.ray.local_num_cpus", 1, none=True)
+    check_actor_pool(rc, "evaluate.ray")
     check_case_metric(str((ev.get("cases") or {}).get("metric", "dice")))
     boot = BootstrapConfig.from_dict(ev.get("bootstrap"))  # all checked before any prediction
     flips = tta_flips(ev)
@@ -558,7 +566,6 @@ def evaluate(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> 
                         bootstrap_config=boot, case_metric=str(cases_cfg.get("metric", "dice")),
                         per_class_cases=bool(cases_cfg.get("per_class", False)))
 
-    report_cfg = ev.get("report") or {}
     figures: dict[str, Any] = {}
     notes: dict[str, str] = {}
     pictures = case_pictures(summary["cases"], records, cfg, backend, flips)

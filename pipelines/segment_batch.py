@@ -84,7 +84,7 @@ from medseg_core.metrics import metrics_from_counts
 from medseg_core.results import error_row
 from pipelines import CONF_DIR
 from pipelines.cluster import check_fits, connect, disconnect
-from pipelines.config import check_whole, resolve
+from pipelines.config import check_actor_pool, check_whole, resolve
 from pipelines.data import is_s3
 from pipelines.data import storage_options as _storage_options
 from pipelines.predict import RESULT_FIELDS, ChainPredictor, predict_records, rows_to_table
@@ -708,21 +708,7 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
         check_whole(batch.get(key), f"batch.{key}", 1, none=True)
     # pixels above it are foreground: at 255 none would be
     check_whole(batch.get("mask_threshold", 127), "batch.mask_threshold", 0, 254)
-    c = batch.get("concurrency")
-    if c is not None:
-        if isinstance(c, int) and not isinstance(c, bool):
-            check_whole(c, "batch.concurrency", 1)
-        elif not (isinstance(c, (list, tuple)) and len(c) == 2
-                  and all(isinstance(v, int) and not isinstance(v, bool) for v in c)
-                  and 1 <= c[0] <= c[1]):
-            raise ValueError("batch.concurrency must be null, a number of actors >= 1 or "
-                             f"[min, max] with 1 <= min <= max, got {c!r}")
-    for key, zero_ok in (("num_cpus", False), ("num_gpus", True)):
-        value = batch.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or value < 0 or (value == 0 and not zero_ok)):
-            raise ValueError(f"batch.{key} must be a number {'>= 0' if zero_ok else '> 0'}, "
-                             f"got {value!r}")
+    check_actor_pool(batch, "batch")
 
 
 def run(cfg: Mapping[str, Any], release: Callable[[], None] | None = None) -> dict[str, Any]:

@@ -257,7 +257,15 @@ def test_bad_settings_are_refused_before_any_prediction(workspace, monkeypatch) 
                          ("evaluate.limit=0", "evaluate.limit must be"),
                          ("evaluate.limit=-2", "evaluate.limit must be"),
                          ("evaluate.tta.flips=[]", "tta.flips must name"),
-                         ("evaluate.tta.flips=[mirror]", "tta.flips must name")):
+                         ("evaluate.tta.flips=[mirror]", "tta.flips must name"),
+                         # inside the prediction, or after it (the report), or not at all
+                         ("evaluate.batch_size=0", "evaluate.batch_size must be"),
+                         ("evaluate.report.cell=0", "evaluate.report.cell must be"),
+                         ("evaluate.report.max_rows=-1", "evaluate.report.max_rows must be"),
+                         ("evaluate.auto_ray_min_images=abc", "auto_ray_min_images must be"),
+                         ("evaluate.ray.concurrency=[2,1]", "evaluate.ray.concurrency must be"),
+                         ("evaluate.ray.num_cpus=0", "evaluate.ray.num_cpus must be"),
+                         ("evaluate.ray.local_num_cpus=0", "ray.local_num_cpus must be")):
         cfg = eval_config(root, archive, bad, "evaluate.tta.enabled=true", "evaluate.split=all",
                           f"evaluate.out={root / 'eval-bad'}")
         with pytest.raises(ValueError, match=message):
