@@ -355,6 +355,9 @@ class Classifier(_Runner):
         super().__init__(bundle, device, batch_size, amp, channels_last)
         names = self.config.get("class_names")
         self.class_names: tuple[str, ...] | None = tuple(names) if names else None
+        # classes without a lesion: the chain clears the mask of an image given one of them
+        # (chosen on validation when training, `pipelines.train.choose_mask_clearing`)
+        self.lesion_free: tuple[str, ...] = tuple(self.config.get("lesion_free_classes") or ())
 
     def _mask(self, mask: np.ndarray) -> np.ndarray:
         mask = mask_2d(mask, "masks")
@@ -443,24 +446,26 @@ class Chain:
             names = self.classifier.names_for(probs.shape[1])
         else:
             probs, names = None, ()
-        return [summarize_prediction(mask, None if probs is None else probs[i], names)
+        lesion_free = self.classifier.lesion_free if self.classifier is not None else ()
+        return [summarize_prediction(mask, None if probs is None else probs[i], names,
+                                     lesion_free)
                 for i, mask in enumerate(masks)]
 
 
 def summarize_prediction(mask: np.ndarray, probabilities: np.ndarray | None,
-                         names: Sequence[str]) -> dict[str, Any]:
+                         names: Sequence[str], lesion_free: Sequence[str] = ()
+                         ) -> dict[str, Any]:
     """One image's result from its mask and class probabilities: mask, label (-1 without a
-    classifier), label_name, probabilities (name -> p), lesion_area_fraction and bbox."""
-    result: dict[str, Any] = {
-        "mask": mask,
-        "label": -1,
-        "label_name": None,
-        "probabilities": {},
-        "lesion_area_fraction": float(mask.mean()) if mask.size else 0.0,
-        "bbox": mask_bbox(mask),
-    }
+    classifier), label_name, probabilities (name -> p), lesion_area_fraction and bbox. An
+    image classified as one of `lesion_free` (the classifier bundle's classes without a
+    lesion, e.g. BUSI's normal) gets an empty mask."""
+    result: dict[str, Any] = {"mask": mask, "label": -1, "label_name": None, "probabilities": {}}
     if probabilities is not None:
         label = int(np.argmax(probabilities))
         result.update(label=label, label_name=names[label],
                       probabilities={n: float(p) for n, p in zip(names, probabilities)})
+        if names[label] in lesion_free and mask.any():
+            result["mask"] = mask = np.zeros_like(mask)
+    result.update(lesion_area_fraction=float(mask.mean()) if mask.size else 0.0,
+                  bbox=mask_bbox(mask))
     return result

@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,29 +29,33 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from medseg_core.checkpoint import load_bundle, read_bundle_meta, save_bundle
+from medseg_core.checkpoint import BundleError, read_bundle_meta
 from medseg_core.dataset import RecordDataset, collate
 from medseg_core.engine import check_scheduler, optimizer_settings
-from medseg_core.inference import Segmenter
 from medseg_core.layouts import Record
 from medseg_core.losses import build_loss
-from medseg_core.metrics import SegmentationMeter
 from medseg_core.transforms import build_transforms
 from pipelines import CONF_DIR
 from pipelines.cluster import disconnect
 from pipelines.config import check_number, check_whole, resolve
 from pipelines.data import (
-    BAD_INPUT_ERRORS,
-    Problem,
     data_report,
     load_any_record,
     load_splits,
     read_settings,
-    record_problems,
     split_mode,
 )
 from pipelines.loop import StageSpec, epoch_seed, fit_stage
-from pipelines.runlog import RunLog, copy_dir, join, record_splits
+from pipelines.runlog import RunLog, join, record_splits
+from pipelines.tuning import (
+    chain_scores,
+    choose_mask_clearing,
+    choose_postprocess,
+    clear_masks_mode,
+    lesion_free_classes,
+    postprocess_mode,
+    test_dice,
+)
 
 STAGES = ("segmenter", "classifier")
 
@@ -269,39 +272,6 @@ def format_epoch(m: dict[str, float]) -> str:
     return f"epoch {int(m['epoch']):3d}  {body}{'  *best' if m.get('is_best') else ''}"
 
 
-def segmentation_scores(seg_uri: str, records: list[Record], cfg: dict[str, Any],
-                        options: Mapping[str, Mapping[str, Any]],
-                        device: str = "cpu") -> dict[str, dict[str, float]]:
-    """Dice/IoU/... of a segmenter bundle on records (raw or packed), at each image's original
-    resolution, for each named set of `Segmenter` overrides (`{}`: the bundle's own options).
-    One pass: the bundle is loaded and each record decoded once for all the options."""
-    bundle = load_bundle(seg_uri)
-    segmenters = {name: Segmenter(bundle, device=device, **over) for name, over in options.items()}
-    meters = {name: SegmentationMeter() for name in options}
-    strict = bool(cfg["data"].get("strict", False))
-    problems = []
-    for rec in records:
-        try:
-            sample = load_any_record(rec, cfg, keep_grey=True)
-        except BAD_INPUT_ERRORS as e:  # unchecked archive (dedup off), or changed since listing
-            if strict:
-                raise
-            problems.append(Problem.of("decode", e, rec))
-            continue
-        for name, segmenter in segmenters.items():
-            meters[name].update(segmenter.predict([sample["image"]])[0][None],
-                                sample["mask"][None])
-    record_problems(cfg, problems)
-    return {name: meter.aggregate() for name, meter in meters.items()}
-
-
-def test_dice(seg_uri: str, records: list[Record], cfg: dict[str, Any], device: str = "cpu",
-              keep_largest: bool | None = None, flip: bool | None = None) -> dict[str, float]:
-    """`segmentation_scores` of one option (`keep_largest`, `flip`: override the bundle's)."""
-    over = {"keep_largest": keep_largest, "flip": flip}
-    return segmentation_scores(seg_uri, records, cfg, {"one": over}, device)["one"]
-
-
 def run_local(cfg: dict[str, Any], splits: dict[str, list[Record]], stage: str) -> str:
     """Train one stage in-process; returns its best bundle."""
     log = RunLog(run_dir(cfg), stage)
@@ -313,76 +283,43 @@ def run_local(cfg: dict[str, Any], splits: dict[str, list[Record]], stage: str) 
     return log.best
 
 
-# inference options chosen after training: name -> (flip, keep_largest), cheapest first
-POSTPROCESS = {"none": (False, False), "largest": (False, True), "flip": (True, False),
-               "flip+largest": (True, True)}
-
-
-def postprocess_mode(cfg: dict[str, Any]) -> str:
-    """`train.postprocess`, checked: auto or one of `POSTPROCESS`."""
-    mode = str(cfg["train"].get("postprocess", "auto"))
-    if mode != "auto" and mode not in POSTPROCESS:
-        raise ValueError(f"train.postprocess must be auto or one of {list(POSTPROCESS)}, "
-                         f"got {mode!r}")
-    return mode
-
-
-def choose_postprocess(seg_uri: str, records: list[Record], cfg: dict[str, Any]) -> str:
-    """Set the segmenter bundle's `inference.flip` / `inference.keep_largest` from
-    `train.postprocess`, and return the option's name.
-
-    `auto` (as nnU-Net decides its post-processing): score every option of `POSTPROCESS` on
-    `records` (the validation split) and keep the best, a costlier option only when it scores
-    strictly higher. A name sets it outright. The bundle is rewritten only when the setting
-    changes; its version is then the weights' version plus "+flip", "+largest" or
-    "+flip+largest", and its metrics keep the scores.
-    """
-    mode = postprocess_mode(cfg)
-    scores: dict[str, float] = {}
-    if mode == "auto":
-        if not records:
-            return "none"
-        options = {name: {"flip": flip, "keep_largest": keep}
-                   for name, (flip, keep) in POSTPROCESS.items()}
-        scores = {name: float(agg["dice"]) for name, agg
-                  in segmentation_scores(seg_uri, records, cfg, options).items()}
-        choice = "none"
-        for name, score in scores.items():
-            if score > scores[choice]:
-                choice = name
-        print("[postprocess] validation Dice " + ", ".join(
-            f"{name} {score:.4f}" for name, score in scores.items()) + f": {choice}", flush=True)
-    else:
-        choice = mode
-    flip, keep = POSTPROCESS[choice]
-    bundle = load_bundle(seg_uri)
-    inference = dict(bundle.config.get("inference") or {})
-    if (bool(inference.get("flip", False)), bool(inference.get("keep_largest", False))) \
-            != (flip, keep):
-        inference.update(flip=flip, keep_largest=keep)
-        metrics = {**bundle.metrics, "postprocess": {"mode": mode, "choice": choice,
-                                                     "val_dice": scores}}
-        base = bundle.version.split("+", 1)[0]
-        # staged locally, then swapped in as RunLog swaps bundles: a kill at any moment leaves
-        # a complete best/ (or one beside it that `recover_dir` finds), never a half-written one
-        with tempfile.TemporaryDirectory(prefix="medseg-postprocess-") as tmp:
-            save_bundle(tmp, bundle.model, {**bundle.config, "inference": inference}, metrics,
-                        version=base if choice == "none" else f"{base}+{choice}")
-            copy_dir(tmp, seg_uri)
-    return choice
+def chain_segmenter(cfg: dict[str, Any], bundles: Mapping[str, str]) -> str | None:
+    """The segmenter the classifier's chain runs with: this run's, or the one its classifier
+    masks came from (`train.classifier_masks.segmenter`, else the run's best), if it exists."""
+    if "segmenter" in bundles:
+        return bundles["segmenter"]
+    uri = stage_spec(cfg, "classifier").mask_segmenter
+    try:
+        read_bundle_meta(uri)
+    except BundleError:
+        return None
+    return uri
 
 
 def summarize(cfg: dict[str, Any], bundles: dict[str, str],
               splits: dict[str, list[Record]]) -> list[str]:
     """The run's closing lines: where the bundles are and the segmenter's Dice on the
-    held-out split (scored here, so a bad file found doing so is in the data report)."""
+    held-out split (scored here, so a bad file found doing so is in the data report); where
+    the classifier clears the masks of images it calls lesion-free, the chain's Dice too."""
     lines = ["", "bundles:", *(f"  {stage:10s} {uri}" for stage, uri in bundles.items())]
     held_out = splits.get("test") or splits["val"]
-    if "segmenter" in bundles:
-        agg = test_dice(bundles["segmenter"], held_out, cfg)
-        name = "test" if splits.get("test") else "val"
-        lines += ["", f"{name} split ({len(held_out)} images): Dice {agg['dice']:.4f}  "
-                      f"IoU {agg['iou']:.4f}"]
+    if "segmenter" not in bundles:
+        return lines
+    name = "test" if splits.get("test") else "val"
+    free = ()
+    if "classifier" in bundles:
+        _, cls_config = read_bundle_meta(bundles["classifier"])
+        free = tuple(cls_config.get("lesion_free_classes") or ())
+    if free:
+        scores = chain_scores(bundles["segmenter"], bundles["classifier"], held_out, cfg, free)
+        agg, chain = scores["kept"], scores["cleared"]
+    else:
+        agg, chain = test_dice(bundles["segmenter"], held_out, cfg), None
+    lines += ["", f"{name} split ({len(held_out)} images): Dice {agg['dice']:.4f}  "
+                  f"IoU {agg['iou']:.4f}"]
+    if chain is not None:
+        lines.append(f"  through the chain (masks of images classified {'/'.join(free)} "
+                     f"cleared): Dice {chain['dice']:.4f}  IoU {chain['iou']:.4f}")
     return lines
 
 
@@ -424,6 +361,8 @@ def check_settings(cfg: dict[str, Any]) -> None:
         raise ValueError(f"stages must be a non-empty list of {list(STAGES)}, e.g. "
                          f"stages=[segmenter]; got {stages!r}")
     postprocess_mode(cfg)
+    clear_masks_mode(cfg)
+    lesion_free_classes(cfg)
     split = cfg["data"].get("split") or {}
     if split_mode(split) == "ratio" and not float(list(split.get("ratios", (0.8, 0.1, 0.1)))[1]) > 0:
         raise ValueError("data.split.ratios gives the validation split no share: the best "
@@ -493,6 +432,9 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
             # before the classifier stage: the masks it trains on are made with the options
             # the chain will use
             choose_postprocess(bundles[stage], splits["val"], cfg)
+        else:  # the masks the chain gives images it classifies lesion-free
+            choose_mask_clearing(bundles[stage], chain_segmenter(cfg, bundles), splits["val"],
+                                 cfg)
     closing = summarize(cfg, bundles, splits)
     data_report(cfg)  # the complete bad-input report on disk, and a warning naming the files
     if release is not None:

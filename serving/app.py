@@ -182,6 +182,7 @@ class _ModelReplica:
             "in_channels": config.get("in_channels"),
             "threshold": config.get("threshold"),
             "class_names": config.get("class_names"),
+            "lesion_free_classes": config.get("lesion_free_classes") or [],
             "inference": config.get("inference"),
             "device": self.device,
             "torch_threads": torch.get_num_threads(),
@@ -248,8 +249,8 @@ class ClassifierDeployment(_ModelReplica):
         self.runner.predict([blank], [np.zeros(blank.shape[:2], dtype=np.uint8)])
 
     async def classify(self, image: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
-        """-> {"probabilities": float32 (num_classes,), "names": class names, "version",
-        "replica_ms", "model_ms"}."""
+        """-> {"probabilities": float32 (num_classes,), "names": class names, "lesion_free":
+        the classes whose masks the chain clears, "version", "replica_ms", "model_ms"}."""
         start = time.perf_counter()
         out = await self._classify_batch(image, mask)
         return {**out, "replica_ms": _ms(start, time.perf_counter())}
@@ -266,8 +267,8 @@ class ClassifierDeployment(_ModelReplica):
         probs = self.runner.predict(images, masks)
         names = list(self.runner.names_for(probs.shape[1]))
         model_ms = _ms(start, time.perf_counter())
-        return [{"probabilities": p, "names": names, "version": self.bundle.version,
-                 "model_ms": model_ms} for p in probs]
+        return [{"probabilities": p, "names": names, "lesion_free": self.runner.lesion_free,
+                 "version": self.bundle.version, "model_ms": model_ms} for p in probs]
 
 
 # ----------------------------------------------------------------------------- summarising
@@ -287,7 +288,8 @@ def response_body(mask: np.ndarray, cls: Mapping[str, Any], fmt: MaskFormat,
     """The JSON of a prediction (`PredictResponse`); `timings` gets `postprocess_ms` and
     `total_ms`, from `t0`, the request's start."""
     t4 = time.perf_counter()
-    result = summarize_prediction(mask, np.asarray(cls["probabilities"]), cls["names"])
+    result = summarize_prediction(mask, np.asarray(cls["probabilities"]), cls["names"],
+                                  cls.get("lesion_free", ()))
     encoded = encode_mask(result["mask"], fmt)
     t5 = time.perf_counter()
     return json.dumps({

@@ -215,6 +215,9 @@ class ModelInfo(BaseModel):
     in_channels: int | None
     threshold: float | None
     class_names: list[str] | None
+    lesion_free_classes: list[str] = Field(
+        default_factory=list, description="classifier: an image classified as one of these "
+        "gets an empty mask (chosen on validation when the bundle was trained)")
     inference: dict[str, Any] | None
     device: str
     torch_threads: int

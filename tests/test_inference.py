@@ -365,3 +365,32 @@ def test_channels_last_default_follows_the_model_and_the_bundle(root: Path, seg_
     bundle = load_bundle(uri)
     bundle.config["inference"] = {**bundle.config["inference"], "channels_last": False}
     assert not Segmenter(bundle).channels_last
+
+
+def test_chain_clears_the_masks_of_images_classified_lesion_free(root: Path, seg_uri: str,
+                                                                 cls_uri: str) -> None:
+    """A classifier bundle's `lesion_free_classes` (chosen when training): an image classified
+    as one of them gets an empty mask, area and bbox; the others keep the segmenter's."""
+
+    class Scripted(Classifier):  # the bundle's classifier, its labels set per image
+        def predict(self, images, masks):
+            return np.eye(3, dtype=np.float32)[[0, 1, 2, 0][:len(images)]]
+
+    bundle = load_bundle(cls_uri)
+    assert Classifier(bundle).lesion_free == ()
+    uri = save_bundle(str(root / "cls_free"), bundle.model,
+                      {**bundle.config, "lesion_free_classes": ["normal"]}, version="v-cls+clear")
+    images = images_for(13, [(30, 45), (40, 32), (28, 28), (50, 36)])
+    plain = Chain(Segmenter(load_bundle(seg_uri)), Scripted(bundle)).predict(images)
+    classifier = Scripted(load_bundle(uri))
+    assert classifier.lesion_free == ("normal",)
+    cleared = Chain(Segmenter(load_bundle(seg_uri)), classifier).predict(images)
+    assert [r["label_name"] for r in cleared] == ["normal", "benign", "malignant", "normal"]
+    assert all(0 < r["lesion_area_fraction"] < 1 for r in plain)  # something to clear or keep
+    for before, after in zip(plain, cleared):
+        assert after["probabilities"] == before["probabilities"]
+        if after["label_name"] == "normal":
+            assert not after["mask"].any() and after["mask"].shape == before["mask"].shape
+            assert after["lesion_area_fraction"] == 0.0 and after["bbox"] is None
+        else:
+            assert np.array_equal(after["mask"], before["mask"]) and after["bbox"] == before["bbox"]

@@ -1,8 +1,10 @@
 """Largest-component post-processing: the labelling, the Segmenter option and the choice made
-after training on the validation split."""
+after training on the validation split; and the chain's mask clearing, chosen the same way."""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections import deque
 from pathlib import Path
 
@@ -15,9 +17,9 @@ from medseg_core.inference import Segmenter
 from medseg_core.layouts import list_records
 from medseg_core.models import build_model
 from medseg_core.postprocess import component_labels, keep_largest
-from pipelines import train as train_pipeline
+from pipelines import tuning
 from pipelines.config import load_config
-from pipelines.train import POSTPROCESS, choose_postprocess
+from pipelines.tuning import POSTPROCESS, choose_postprocess
 
 SEG_MODEL = {"name": "unet", "in_channels": 3, "widths": [4, 8]}
 
@@ -127,8 +129,7 @@ def test_choose_postprocess_sets_the_bundle_from_validation_dice(tmp_path, synth
     cfg = load_config([f"output_dir={tmp_path}", "data.image_size=[32,32]"])
     uri = _bundle(tmp_path)
     weights = load_bundle(uri).model.state_dict()
-    scores = {name: train_pipeline.test_dice(uri, records, cfg, flip=flip,
-                                             keep_largest=keep)["dice"]
+    scores = {name: tuning.test_dice(uri, records, cfg, flip=flip, keep_largest=keep)["dice"]
               for name, (flip, keep) in POSTPROCESS.items()}
     best = max(scores.values())
     choice = choose_postprocess(uri, records, cfg)
@@ -157,3 +158,94 @@ def test_choose_postprocess_sets_the_bundle_from_validation_dice(tmp_path, synth
     cfg["train"]["postprocess"] = "biggest"
     with pytest.raises(ValueError, match="train.postprocess"):
         choose_postprocess(uri, records, cfg)
+
+
+CLS_MODEL = {"name": "classifier", "in_channels": 3, "num_classes": 3, "widths": [4, 8]}
+
+
+def _constant(model: torch.nn.Module, kind: type, bias: list[float]) -> torch.nn.Module:
+    """The model with its last `kind` layer (the output layer) giving `bias` everywhere."""
+    last = [m for m in model.modules() if isinstance(m, kind)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor(bias))
+    return model
+
+
+def _constant_bundles(tmp_path: Path) -> tuple[str, str]:
+    """A segmenter that marks every pixel and a classifier that says `normal` to every image."""
+    seg_cfg = make_bundle_config(SEG_MODEL, task="segmentation", input_size=[32, 32],
+                                 mean=[0.5] * 3, std=[0.25] * 3, threshold=0.5)
+    seg = save_bundle(str(tmp_path / "seg"), _constant(build_model(SEG_MODEL),
+                                                        torch.nn.Conv2d, [20.0]), seg_cfg)
+    cls_cfg = make_bundle_config(CLS_MODEL, task="classification", input_size=[32, 32],
+                                 mean=[0.5] * 3, std=[0.25] * 3, threshold=None,
+                                 class_names=["normal", "benign", "malignant"])
+    cls = save_bundle(str(tmp_path / "cls"), _constant(build_model(CLS_MODEL), torch.nn.Linear,
+                                                        [5.0, 0.0, 0.0]), cls_cfg, version="c0")
+    return seg, cls
+
+
+def test_chain_scores_keep_and_clear_the_masks_of_lesion_free_classes(tmp_path, synthetic_archive):
+    records = list_records(synthetic_archive, "busi").records
+    assert {r.label for r in records} == {0, 1, 2}  # normal images (empty masks) and lesions
+    cfg = load_config([f"output_dir={tmp_path}", "data.image_size=[32,32]"])
+    seg, cls = _constant_bundles(tmp_path)
+    scores = tuning.chain_scores(seg, cls, records, cfg, ("normal",))
+    assert scores["kept"] == tuning.test_dice(seg, records, cfg)  # the segmenter's own masks
+    assert 0 < scores["kept"]["dice"] < 1
+    assert scores["cleared"]["dice"] == 0.0  # every image called normal: no lesion pixel found
+    other = tuning.chain_scores(seg, cls, records, cfg, ("benign",))
+    assert other["cleared"] == other["kept"]
+
+
+def test_choose_mask_clearing_sets_the_classifier_bundle_from_validation_dice(
+        tmp_path, synthetic_archive, monkeypatch):
+    records = list_records(synthetic_archive, "busi").records
+    normal = [r for r in records if r.label == 0]
+    cfg = load_config([f"output_dir={tmp_path}", "data.image_size=[32,32]"])
+    seg, cls = _constant_bundles(tmp_path)
+    weights = load_bundle(cls).model.state_dict()
+
+    # only normal images: clearing their masks (the segmenter marks everything) scores 1 vs 0
+    assert tuning.choose_mask_clearing(cls, seg, normal, cfg) == ("normal",)
+    bundle = load_bundle(cls)
+    assert bundle.config["lesion_free_classes"] == ["normal"] and bundle.version == "c0+clear"
+    assert bundle.metrics["clear_masks"]["val_dice"] == {"kept": 0.0, "cleared": 1.0}
+    assert all(torch.equal(weights[k], v) for k, v in bundle.model.state_dict().items())
+    # the run's closing lines then give the chain's Dice beside the segmenter's
+    from pipelines.train import summarize
+
+    lines = summarize(cfg, {"segmenter": seg, "classifier": cls}, {"test": normal})
+    assert lines[-2:] == [f"test split ({len(normal)} images): Dice 0.0000  IoU 0.0000",
+                          "  through the chain (masks of images classified normal cleared): "
+                          "Dice 1.0000  IoU 1.0000"]
+    # lesions as well: clearing loses them, and the masks are kept again
+    assert tuning.choose_mask_clearing(cls, seg, records, cfg) == ()
+    bundle = load_bundle(cls)
+    assert bundle.config["lesion_free_classes"] == [] and bundle.version == "c0"
+
+    # a "normal" validation image with a lesion: the setting does not fit the data
+    relabelled = [*normal, dataclasses.replace(next(r for r in records if r.label == 1), label=0)]
+    with pytest.warns(UserWarning, match="1 validation image"):
+        assert tuning.choose_mask_clearing(cls, seg, relabelled, cfg) == ()
+
+    monkeypatch.setattr(tuning, "chain_scores", lambda *a, **k: pytest.fail("scored"))
+    cfg["train"]["clear_masks"] = True
+    assert tuning.choose_mask_clearing(cls, seg, records, cfg) == ("normal",)
+    assert load_bundle(cls).config["lesion_free_classes"] == ["normal"]
+    cfg["train"]["clear_masks"] = False
+    assert tuning.choose_mask_clearing(cls, seg, normal, cfg) == ()
+    cfg["train"]["clear_masks"] = "auto"
+    assert tuning.choose_mask_clearing(cls, None, normal, cfg) == ()  # no segmenter to score
+    cfg["data"]["lesion_free_classes"] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuning.choose_mask_clearing(cls, seg, relabelled, cfg) == ()
+
+    for key, value, message in (("train", "sometimes", "train.clear_masks must be"),
+                                ("data", ["healthy"], "data.lesion_free_classes must list")):
+        bad = {**cfg, key: {**cfg[key], ("clear_masks" if key == "train" else
+                                          "lesion_free_classes"): value}}
+        with pytest.raises(ValueError, match=message):
+            tuning.choose_mask_clearing(cls, seg, records, bad)

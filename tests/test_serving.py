@@ -558,6 +558,7 @@ def test_healthz_and_models(server):
     assert models["segmenter"]["batching"] == configured["Segmenter"]
     assert models["classifier"]["batching"] == configured["Classifier"]
     assert models["classifier"]["class_names"] == CLASS_NAMES
+    assert models["classifier"]["lesion_free_classes"] == []  # a bundle that clears none
     assert models["classifier"]["input_size"] == [32, 32]
 
     spec = requests.get(f"{server}/openapi.json", timeout=30).json()
@@ -590,6 +591,39 @@ def test_predict_equals_in_process_chain(server, samples, chain):
     assert r.status_code == 200, r.text
     check_equal(r.json(), ref, image)
     assert r.json()["threshold"] == 0.8
+
+
+def test_classifier_replica_passes_on_the_classes_whose_masks_the_chain_clears(bundles, samples,
+                                                                               tmp_path):
+    """A classifier bundle whose training chose to clear the masks of images it calls normal:
+    the replica hands its `lesion_free_classes` to the Ingress, whose response then has an
+    empty mask for those images (`summarize_prediction`, as in `Chain.predict`)."""
+    import time
+
+    from serving.app import ClassifierDeployment, response_body
+    from serving.schemas import MaskFormat
+
+    bundle = load_bundle(bundles["classifier"])
+    uri = save_bundle(str(tmp_path / "cls"), bundle.model,
+                      {**bundle.config, "lesion_free_classes": ["normal"]}, version="cls+clear")
+    replica = ClassifierDeployment.func_or_class({"bundle_uri": uri, "warmup": False})
+    assert replica.info()["lesion_free_classes"] == ["normal"]
+    image = np.repeat(samples[0]["image"], 3, axis=2)
+    labels = []
+    # this classifier calls an image without a lesion normal, one that is all lesion not
+    for seen in (np.zeros(image.shape[:2], np.uint8), np.ones(image.shape[:2], np.uint8)):
+        (out,) = replica._classify_sync([image], [seen])
+        assert out["lesion_free"] == ("normal",)
+        mask = np.zeros(image.shape[:2], np.uint8)
+        mask[5:9, 6:12] = 1  # what the segmenter found
+        body = json.loads(response_body(mask, out, MaskFormat.rle, image.shape, None, {}, {},
+                                        time.perf_counter()))
+        labels.append(body["label_name"])
+        cleared = body["label_name"] == "normal"
+        assert int(rle_decode(body["mask"]).sum()) == (0 if cleared else 24)
+        assert body["bbox"] == (None if cleared else [6, 5, 12, 9])
+        assert body["lesion_area_fraction"] == (0.0 if cleared else 24 / mask.size)
+    assert labels[0] == "normal" and labels[1] != "normal"  # both ways were checked
 
 
 def _variants(grey: np.ndarray) -> dict[str, tuple[bytes, str]]:

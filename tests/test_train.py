@@ -39,8 +39,17 @@ def test_local_training_writes_bundles_and_logs(tmp_path, capsys):
     bundles = run(cfg, release=lambda: print("RELEASED"))
     # the closing lines come after the entry point has left Ray (pipelines.cluster.disconnect)
     out = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert out[-5:-3] == ["RELEASED", "bundles:"], out[-6:]
-    assert out[-1].startswith("test split (") and " Dice " in out[-1]
+    # the chain's masks of images classified normal: cleared where that scores higher
+    (choice,) = [line for line in out if line.startswith("[clear masks] validation Dice ")]
+    from medseg_core.checkpoint import read_bundle_meta
+
+    cleared = read_bundle_meta(bundles["classifier"])[1].get("lesion_free_classes")
+    assert choice.endswith(": cleared" if cleared == ["normal"] else ": kept"), (choice, cleared)
+    closing = out[-6:] if cleared else out[-5:]
+    assert closing[:2] == ["RELEASED", "bundles:"], out[-7:]
+    assert closing[4].startswith("test split (") and " Dice " in closing[4]
+    if cleared:
+        assert closing[5].startswith("  through the chain (masks of images classified normal")
     stage_dir = tmp_path / "runs" / "local" / "segmenter"
     rows = read_csv(stage_dir / "metrics.csv")
     assert [int(float(r["epoch"])) for r in rows] == list(range(3))
@@ -413,7 +422,7 @@ def test_a_kill_while_the_postprocess_choice_is_written_leaves_a_usable_best(tmp
 
     from fsspec.implementations.local import LocalFileSystem
 
-    import pipelines.train as train_module
+    import pipelines.tuning as tuning_module
     from medseg_core.checkpoint import load_bundle
     from pipelines.train import run
 
@@ -424,7 +433,7 @@ def test_a_kill_while_the_postprocess_choice_is_written_leaves_a_usable_best(tmp
                  "train.postprocess=flip", "run_name=pp")
     best = str(tmp_path / "runs" / "pp" / "segmenter" / "best")
     armed = []  # set once training is over and the chosen option is written into best/
-    real_load, real_pipe, real_rename = (train_module.load_bundle, LocalFileSystem.pipe_file,
+    real_load, real_pipe, real_rename = (tuning_module.load_bundle, LocalFileSystem.pipe_file,
                                          os.rename)
 
     def load(uri, *args, **kwargs):
@@ -441,7 +450,7 @@ def test_a_kill_while_the_postprocess_choice_is_written_leaves_a_usable_best(tmp
             raise Killed
         return real_rename(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "load_bundle", load)
+    monkeypatch.setattr(tuning_module, "load_bundle", load)
     monkeypatch.setattr(LocalFileSystem, "pipe_file", pipe)
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(Killed):
