@@ -356,7 +356,7 @@ class Classifier(_Runner):
         names = self.config.get("class_names")
         self.class_names: tuple[str, ...] | None = tuple(names) if names else None
         # classes without a lesion: the chain clears the mask of an image given one of them
-        # (chosen on validation when training, `pipelines.train.choose_mask_clearing`)
+        # (chosen on validation when training, `pipelines.tuning.choose_mask_clearing`)
         self.lesion_free: tuple[str, ...] = tuple(self.config.get("lesion_free_classes") or ())
 
     def _mask(self, mask: np.ndarray) -> np.ndarray:
