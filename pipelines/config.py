@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,23 @@ def check_actor_pool(pool: dict[str, Any], where: str) -> None:
                              f"[min, max] with 1 <= min <= max, got {c!r}")
     check_number(pool.get("num_cpus"), f"{where}.num_cpus", 0, strict=True, none=True)
     check_number(pool.get("num_gpus"), f"{where}.num_gpus", 0, none=True)
+
+
+@contextlib.contextmanager
+def explained_storage_errors() -> Iterator[None]:
+    """An entry point's work, with object storage's "Unable to locate credentials" (botocore's
+    NoCredentialsError, also as the cause of a Ray task's error) turned into where medseg
+    takes credentials from."""
+    try:
+        yield
+    except Exception as exc:
+        if not any(t.__name__ == "NoCredentialsError" for t in type(exc).__mro__):
+            raise
+        raise PermissionError(
+            "object storage asked for credentials and none were found: medseg takes them only "
+            "from the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+            "or the instance's role), never from its settings; for a public bucket set "
+            "data.anonymous=true (the bulk job: storage.anonymous=true)") from exc
 
 
 # YAML 1.1 spellings of a boolean: Hydra (YAML 1.2) reads `overwrite=no` as the string "no",

@@ -62,7 +62,7 @@ from medseg_core.results import error_row, prediction_row
 from medseg_core.viz import confusion_matrix_image, plot_curves
 from pipelines import CONF_DIR
 from pipelines.cluster import connect, disconnect
-from pipelines.config import check_actor_pool, check_whole, resolve
+from pipelines.config import check_actor_pool, check_whole, explained_storage_errors, resolve
 from pipelines.data import (
     _max_bytes,
     _max_pixels,
@@ -648,7 +648,8 @@ def print_summary(summary: Mapping[str, Any]) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    evaluate(resolve(cfg), release=disconnect)
+    with explained_storage_errors():
+        evaluate(resolve(cfg), release=disconnect)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ from medseg_core.metrics import metrics_from_counts
 from medseg_core.results import error_row
 from pipelines import CONF_DIR
 from pipelines.cluster import check_fits, connect, disconnect
-from pipelines.config import check_actor_pool, check_whole, resolve
+from pipelines.config import check_actor_pool, check_whole, explained_storage_errors, resolve
 from pipelines.data import is_s3
 from pipelines.data import storage_options as _storage_options
 from pipelines.predict import RESULT_FIELDS, ChainPredictor, predict_records, rows_to_table
@@ -933,7 +933,8 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
 
 @hydra.main(config_path=CONF_DIR, config_name="segment_batch", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(resolve(cfg), release=disconnect)
+    with explained_storage_errors():
+        run(resolve(cfg), release=disconnect)
 
 
 if __name__ == "__main__":

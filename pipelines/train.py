@@ -37,7 +37,7 @@ from medseg_core.losses import build_loss
 from medseg_core.transforms import build_transforms
 from pipelines import CONF_DIR
 from pipelines.cluster import disconnect
-from pipelines.config import check_number, check_whole, resolve
+from pipelines.config import check_number, check_whole, explained_storage_errors, resolve
 from pipelines.data import (
     data_report,
     load_any_record,
@@ -445,7 +445,8 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(resolve(cfg), release=disconnect)
+    with explained_storage_errors():
+        run(resolve(cfg), release=disconnect)
 
 
 if __name__ == "__main__":

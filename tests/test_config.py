@@ -67,3 +67,41 @@ def test_ray_data_progress_auto_is_bars_on_a_terminal_and_log_lines_elsewhere(mo
     assert load_config(["data.read.progress=off"])["data"]["read"]["progress"] == "off"
     with pytest.raises(ValueError, match="data.read.progress must be auto or one of"):
         load_config(["data.read.progress=quiet"])
+
+
+def test_missing_object_storage_credentials_are_explained(tmp_path):
+    """botocore says "Unable to locate credentials"; the entry points say where medseg takes
+    them from (the environment only) and what a public bucket needs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from botocore.exceptions import NoCredentialsError
+
+    from pipelines.config import explained_storage_errors
+
+    class RemoteNoCredentials(RuntimeError, NoCredentialsError):  # as Ray re-raises a task's
+        pass
+
+    for raised in (NoCredentialsError(), RemoteNoCredentials()):
+        with pytest.raises(PermissionError, match="only from the environment") as caught:
+            with explained_storage_errors():
+                raise raised
+        assert caught.value.__cause__ is raised
+    with pytest.raises(KeyError), explained_storage_errors():  # others pass unchanged
+        raise KeyError("x")
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(PYTHONPATH=str(root), AWS_EC2_METADATA_DISABLED="true",
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"))
+    proc = subprocess.run(
+        [sys.executable, str(root / "pipelines" / "train.py"), f"output_dir={tmp_path}",
+         "trainer=local", "data=busi", "data.url=s3://medseg-nowhere/busi",
+         "data.endpoint_url=http://127.0.0.1:9"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "PermissionError: object storage asked for credentials and none were found" in \
+        proc.stderr, proc.stderr[-2000:]
+    assert "data.anonymous=true" in proc.stderr
