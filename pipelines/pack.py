@@ -210,10 +210,9 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
                          "leave pack.encoding unset)")
     if encoding != "file" and not resize_to:
         raise ValueError(f"pack.encoding={encoding} needs pack.resize_to=[h, w]")
-    shard_size, group_rows = int(pack.get("shard_size", 512)), int(pack.get("row_group_rows", 32))
-    for key, value in (("shard_size", shard_size), ("row_group_rows", group_rows)):
-        if value < 1:
-            raise ValueError(f"pack.{key} must be at least 1, got {value}")
+    shard_size, group_rows = pack.get("shard_size", 512), pack.get("row_group_rows", 32)
+    check_whole(shard_size, "pack.shard_size", 1)
+    check_whole(group_rows, "pack.row_group_rows", 1)
     # all checked before the old pack's manifest goes: a bad setting must not destroy it
     if resize_to and not (len(resize_to) == 2 and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in resize_to)):

@@ -279,7 +279,9 @@ def test_a_repack_replaces_every_shard_and_reads_back_its_own_records(synthetic_
 
 
 @pytest.mark.parametrize("bad,message", [
-    ("pack.shard_size=0", "must be at least 1"), ("pack.row_group_rows=-1", "must be at least 1"),
+    ("pack.shard_size=0", "pack.shard_size must be a whole number >= 1"),
+    ("pack.shard_size=abc", "pack.shard_size must be a whole number"),
+    ("pack.row_group_rows=-1", "pack.row_group_rows must be a whole number >= 1"),
     # these were refused only while encoding, after the old manifest was gone
     ("pack.resize_to=[0,64]", "resize_to must be"), ("pack.compress_level=42", "compress_level"),
     ("pack.backend=dask", "pack.backend must be")])
