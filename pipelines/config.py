@@ -73,8 +73,8 @@ def check_actor_pool(pool: dict[str, Any], where: str) -> None:
 @contextlib.contextmanager
 def explained_storage_errors() -> Iterator[None]:
     """An entry point's work, with object storage's "Unable to locate credentials" (botocore's
-    NoCredentialsError, also as the cause of a Ray task's error) turned into where medseg
-    takes credentials from."""
+    NoCredentialsError, or a Ray task's error, which Ray re-raises as a subclass of its
+    cause's class) turned into where medseg takes credentials from."""
     try:
         yield
     except Exception as exc:
