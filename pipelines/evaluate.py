@@ -71,6 +71,7 @@ from pipelines.data import (
     load_any_record,
     load_records,
     load_splits,
+    read_settings,
     storage_options,
 )
 from pipelines.predict import ChainPredictor, error_text, predict_records, rows_to_table
@@ -364,7 +365,7 @@ def predict_ray(records: Sequence[Record], cfg: Mapping[str, Any], flips: Sequen
             "mask_threshold": int(data.get("mask_threshold", 127)),
             "max_pixels": _max_pixels(data),
             "max_bytes": _max_bytes(data),
-            "io_threads": int((data.get("read") or {}).get("io_threads", 8)),
+            "io_threads": int(read_settings(data)["io_threads"]),
             "model_batch_size": int(ev.get("batch_size", 8)),
         },
         forward_credentials=bool(data.get("forward_credentials", True)),

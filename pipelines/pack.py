@@ -73,6 +73,7 @@ from pipelines.data import (
     fetch_many,
     image_phash,
     list_archive,
+    read_settings,
     record_bytes,
     record_problems,
     storage_options,
@@ -219,6 +220,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"pack.resize_to must be null or [height, width] of whole numbers >= 1, "
                          f"got {resize_to}")
     check_whole(pack.get("compress_level", 1), "pack.compress_level", 0, 9)
+    read = read_settings(data)
     backend = pack.get("backend", "ray")
     if backend not in ("ray", "local"):
         raise ValueError(f"pack.backend must be ray or local, got {backend!r}")
@@ -238,7 +240,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         "credentials": (task_credentials(data, str(data["url"])) or task_credentials(data, out)
                         or EnvCredentials()),
         "out_storage_options": _out_options(cfg, out),
-        "io_threads": int((data.get("read") or {}).get("io_threads", 8)),
+        "io_threads": int(read["io_threads"]),
     }
     # the old manifest goes first: a pack that does not finish is never taken for complete
     mfs, mpath = _fs(f"{out}/{MANIFEST_NAME}", spec["out_storage_options"], spec["credentials"])
@@ -255,7 +257,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
                  for i, s in enumerate(shards)]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
             _pack_batch, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec},
-            num_cpus=float((data.get("read") or {}).get("num_cpus", 1)))
+            num_cpus=float(read["num_cpus"]))
         summaries = [json.loads(r["summary"]) for r in ds.iter_rows()]
         summaries.sort(key=lambda s: s["index"])
     for s in summaries:

@@ -29,12 +29,14 @@ POSTPROCESS = {"none": (False, False), "largest": (False, True), "flip": (True, 
 CLEAR_MODES = ("auto", True, False)
 
 
+Predict = Callable[[Record, dict[str, Any]], Mapping[str, np.ndarray]]
+
+
 def _score_records(records: list[Record], cfg: dict[str, Any],
-                   predict: Callable[[np.ndarray], Mapping[str, np.ndarray]]
-                   ) -> dict[str, dict[str, float]]:
-    """Dice/IoU/... per name of the masks `predict(image)` gives, against each record's mask,
-    at its original resolution (records raw or packed, each decoded once). A bad record is
-    reported in the run's data report (or stops a strict run)."""
+                   predict: Predict) -> dict[str, dict[str, float]]:
+    """Dice/IoU/... per name of the masks `predict(record, sample)` gives, against each
+    record's mask, at its original resolution (records raw or packed, each decoded once). A
+    bad record is reported in the run's data report (or stops a strict run)."""
     meters: dict[str, SegmentationMeter] = {}
     strict = bool(cfg["data"].get("strict", False))
     problems = []
@@ -46,7 +48,7 @@ def _score_records(records: list[Record], cfg: dict[str, Any],
                 raise
             problems.append(Problem.of("decode", e, rec))
             continue
-        for name, mask in predict(sample["image"]).items():
+        for name, mask in predict(rec, sample).items():
             meters.setdefault(name, SegmentationMeter()).update(mask[None], sample["mask"][None])
     record_problems(cfg, problems)
     return {name: meter.aggregate() for name, meter in meters.items()}
@@ -60,8 +62,8 @@ def segmentation_scores(seg_uri: str, records: list[Record], cfg: dict[str, Any]
     record decoded once for all the options."""
     bundle = load_bundle(seg_uri)
     segmenters = {name: Segmenter(bundle, device=device, **over) for name, over in options.items()}
-    return _score_records(records, cfg, lambda image: {
-        name: segmenter.predict([image])[0] for name, segmenter in segmenters.items()})
+    return _score_records(records, cfg, lambda _, sample: {
+        name: segmenter.predict([sample["image"]])[0] for name, segmenter in segmenters.items()})
 
 
 def test_dice(seg_uri: str, records: list[Record], cfg: dict[str, Any], device: str = "cpu",
@@ -71,21 +73,29 @@ def test_dice(seg_uri: str, records: list[Record], cfg: dict[str, Any], device: 
     return segmentation_scores(seg_uri, records, cfg, {"one": over}, device)["one"]
 
 
-def chain_scores(seg_uri: str, cls_uri: str, records: list[Record], cfg: dict[str, Any],
-                 lesion_free: tuple[str, ...], device: str = "cpu") -> dict[str, dict[str, float]]:
-    """Dice/IoU/... of the chain's masks with the segmenter's masks kept (`kept`) and with
-    those of images classified as one of `lesion_free` cleared (`cleared`), in one pass."""
+def _chain_masks(seg_uri: str, cls_uri: str, lesion_free: tuple[str, ...],
+                 device: str = "cpu") -> Predict:
+    """For `_score_records`: the chain's masks, the segmenter's kept (`kept`) and those of
+    images classified as one of `lesion_free` cleared (`cleared`)."""
     segmenter = Segmenter(load_bundle(seg_uri), device=device)
     classifier = Classifier(load_bundle(cls_uri), device=device)
 
-    def predict(image: np.ndarray) -> dict[str, np.ndarray]:
+    def predict(_: Record, sample: dict[str, Any]) -> dict[str, np.ndarray]:
+        image = sample["image"]
         mask = segmenter.predict([image])[0]
         probs = classifier.predict([image], [mask])[0]
         names = classifier.names_for(len(probs))
         return {"kept": mask,
                 "cleared": summarize_prediction(mask, probs, names, lesion_free)["mask"]}
 
-    return _score_records(records, cfg, predict)
+    return predict
+
+
+def chain_scores(seg_uri: str, cls_uri: str, records: list[Record], cfg: dict[str, Any],
+                 lesion_free: tuple[str, ...], device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Dice/IoU/... of the chain's masks with the segmenter's masks kept (`kept`) and with
+    those of images classified as one of `lesion_free` cleared (`cleared`), in one pass."""
+    return _score_records(records, cfg, _chain_masks(seg_uri, cls_uri, lesion_free, device))
 
 
 def rewrite_bundle(uri: str, bundle: Bundle, config: dict[str, Any], metrics: dict[str, Any],
@@ -186,15 +196,20 @@ def choose_mask_clearing(cls_uri: str, seg_uri: str | None, records: list[Record
     chosen: tuple[str, ...] = free if mode is True else ()
     if mode == "auto" and free and records and seg_uri is not None:
         names = list(cfg["data"]["class_names"])
-        with_lesion = [r.id for r in records if 0 <= r.label < len(names)
-                       and names[r.label] in free and _has_lesion(r, cfg)]
+        chain_masks, with_lesion = _chain_masks(seg_uri, cls_uri, free), []
+
+        def predict(rec: Record, sample: dict[str, Any]) -> Mapping[str, np.ndarray]:
+            if 0 <= rec.label < len(names) and names[rec.label] in free and sample["mask"].any():
+                with_lesion.append(rec.id)
+            return chain_masks(rec, sample)
+
+        scores = {k: float(v["dice"]) for k, v in _score_records(records, cfg, predict).items()}
         if with_lesion:
             warnings.warn(f"data.lesion_free_classes={list(free)}, but {len(with_lesion)} "
                           f"validation image(s) of them have a lesion (e.g. {with_lesion[0]}): "
                           "their masks are not cleared", stacklevel=2)
+            scores = {}
         else:
-            scores = {k: float(v["dice"]) for k, v in
-                      chain_scores(seg_uri, cls_uri, records, cfg, free).items()}
             chosen = free if scores["cleared"] > scores["kept"] else ()
             print(f"[clear masks] validation Dice through the chain: masks kept "
                   f"{scores['kept']:.4f}, those of images classified {'/'.join(free)} cleared "
@@ -208,9 +223,3 @@ def choose_mask_clearing(cls_uri: str, seg_uri: str | None, records: list[Record
                        metrics, f"{base}+clear" if chosen else base)
     return chosen
 
-
-def _has_lesion(record: Record, cfg: dict[str, Any]) -> bool:
-    try:
-        return bool(load_any_record(record, cfg)["mask"].any())
-    except BAD_INPUT_ERRORS:  # scored (and reported) with the others
-        return False
