@@ -32,10 +32,12 @@ from pipelines.runlog import join
 from pipelines.train import run, run_dir
 
 PRESETS = {
-    # 2 CPU cores, 30 minutes: 128 px, the instance-norm improved U-Net (fast, stable from scratch)
+    # 2 CPU cores, 30 minutes: 128 px, the instance-norm improved U-Net (fast, stable from scratch);
+    # bf16 where the CPU computes it natively (1.4x faster end to end here, same test Dice)
     "cpu": [
         "data=busi", "data.image_size=[128,128]", "model=improved_unet", "model.dropout=0.1",
-        "trainer=local", "train.batch_size=8", "train.epochs=24", "train.classifier_epochs=12",
+        "trainer=local", "trainer.cpu_bf16=true", "train.batch_size=8", "train.epochs=24",
+        "train.classifier_epochs=12",
         "train.optimizer.lr=0.002", "classifier.widths=[16,32,64,128]",
         # the classifier learns from, and is selected on, the masks the chain will give it
         "train.classifier_masks.predicted=1.0", "train.classifier_masks.validate=predicted",

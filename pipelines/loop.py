@@ -34,6 +34,7 @@ from medseg_core.checkpoint import (
 from medseg_core.engine import (
     FrozenSegmenter,
     StepConfig,
+    amp_dtype,
     build_optimizer,
     build_scheduler,
     seed_everything,
@@ -97,7 +98,8 @@ class StageSpec:
     seed: int = 0
     early_stopping_patience: int = 0
     gpu_augment: dict[str, Any] | None = None
-    bf16: bool = False
+    bf16: bool = False           # bf16 autocast on GPUs
+    cpu_bf16: bool = False       # and on CPUs with native bf16 (engine.native_bf16)
     channels_last: bool = False
     ema_decay: float = 0.0       # > 0: validate and save an exponential moving average of the weights
     fail_at_epoch: int = -1      # fault injection for tests: raise once at this epoch
@@ -266,11 +268,15 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
     step = StepConfig(
         device=ctx.device, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
         grad_clip=spec.grad_clip, threshold=spec.threshold,
-        amp_dtype=torch.bfloat16 if spec.bf16 and ctx.device.type == "cuda" else None,
+        amp_dtype=amp_dtype(ctx.device, gpu=spec.bf16, cpu=spec.cpu_bf16),
         channels_last=spec.channels_last, augment=spec.gpu_augment,
         mask_model=load_mask_segmenter(spec, ctx.device) if spec.uses_segmenter else None,
         mask_prob=spec.predicted_masks,
     )
+    if spec.cpu_bf16 and ctx.device.type == "cpu" and step.amp_dtype is None and ctx.rank == 0:
+        warnings.warn("trainer.cpu_bf16=true, but this CPU has no native bf16 (AVX512-BF16 or "
+                      "AMX), where bf16 is slower than float32: training in float32",
+                      stacklevel=1)
     plain = getattr(model, "module", model)
     average = None if ema is None else (lambda *_: ema.update_parameters(plain))
     val_step = step if spec.validate_masks == "predicted" else replace(step, mask_model=None)

@@ -193,6 +193,7 @@ def stage_spec(cfg: dict[str, Any], stage: str) -> StageSpec:
         ema_decay=float(train.get("ema_decay") or 0.0),
         gpu_augment=dict(data["augment"]) if gpu_aug else None,
         bf16=bool(trainer.get("bf16", True)),
+        cpu_bf16=bool(trainer.get("cpu_bf16", False)),
         channels_last=bool(trainer.get("channels_last", False)),
         fail_at_epoch=int(fail.get(stage, -1)),
         fail_marker=join(run_dir(cfg), f".fail-{stage}") if fail.get(stage, -1) >= 0 else None,
@@ -329,6 +330,9 @@ def check_trainer(trainer: dict[str, Any]) -> None:
     backend = trainer.get("backend", "local")
     if backend not in ("local", "ray"):
         raise ValueError(f"unknown trainer.backend {backend!r}; expected local or ray")
+    for key in ("bf16", "cpu_bf16", "channels_last"):
+        if not isinstance(trainer.get(key, False), bool):
+            raise ValueError(f"trainer.{key} must be true or false, got {trainer[key]!r}")
     if backend == "local":
         check_whole(trainer.get("loader_workers", 0), "trainer.loader_workers", 0)
         return
