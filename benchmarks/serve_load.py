@@ -76,6 +76,9 @@ def parse_args() -> argparse.Namespace:
                    help="batched run's batch_wait_timeout_s (default: serving/config.yaml)")
     p.add_argument("--inference-batch-size", type=int, default=None,
                    help="images per forward pass inside a Serve batch (default: config)")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast in both model deployments (args.amp=true) and in the "
+                        "in-process Chain: on CPUs with native bf16, see README")
     p.add_argument("--model-cpus", type=float, default=1.0,
                    help="num_cpus (and so torch threads) of each model replica")
     p.add_argument("--model-gpus", type=float, default=0.0,
@@ -193,6 +196,8 @@ def main() -> None:
     model_args: dict[str, Any] = {}
     if args.inference_batch_size is not None:
         model_args["inference_batch_size"] = args.inference_batch_size
+    if args.amp:
+        model_args["amp"] = True
     app["args"] = merge(app["args"], {"segmenter": {"bundle_uri": seg_uri, **model_args},
                                       "classifier": {"bundle_uri": cls_uri, **model_args},
                                       "auth": {"token_env": None}})
@@ -236,7 +241,9 @@ def main() -> None:
 
     threads = max(1, int(args.model_cpus))
     device = "cuda" if args.model_gpus > 0 else "cpu"
-    chain = Chain(Segmenter(load_bundle(seg_uri), device), Classifier(load_bundle(cls_uri), device))
+    amp = True if args.amp else None
+    chain = Chain(Segmenter(load_bundle(seg_uri), device, amp=amp),
+                  Classifier(load_bundle(cls_uri), device, amp=amp))
     asyncio.run(load(url, payload, 4, 16))  # warm-up
     chain_ms, http_ms = paired_overhead(chain, image, url, payload, args.pairs, threads)
     print(f"paired, one at a time: in-process Chain p50 {chain_ms:.1f} ms "

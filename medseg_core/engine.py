@@ -34,7 +34,7 @@ class StepConfig:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.25, 0.25, 0.25)
     grad_clip: float | None = 1.0
-    amp_dtype: torch.dtype | None = None  # torch.bfloat16: see `amp_dtype`
+    amp_dtype: torch.dtype | None = None  # torch.bfloat16: see `precision.amp_dtype`
     channels_last: bool = False
     augment: dict[str, Any] | None = None  # cfg for transforms.augment_batch (on device)
     threshold: float = 0.5
@@ -178,27 +178,6 @@ def _training_masks(images: torch.Tensor, masks: torch.Tensor, step: StepConfig,
         return pred
     pick = torch.rand(masks.shape[0], device=masks.device, generator=generator) < step.mask_prob
     return torch.where(pick[:, None, None, None], pred, masks)
-
-
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether `device` computes in bf16 natively: a CUDA GPU that supports it, or a CPU with
-    AVX512-BF16 or AMX instructions. Elsewhere bf16 is emulated and slower than float32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    # private probes, present since torch 2.1; a build without them counts as no support
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def amp_dtype(device: torch.device | str, gpu: bool, cpu: bool) -> torch.dtype | None:
-    """The autocast dtype training uses on `device`: bf16 where asked for that kind of device
-    (`gpu`, `cpu`) and `native_bf16` there, else None (float32)."""
-    kind = torch.device(device).type
-    wanted = gpu if kind == "cuda" else cpu if kind == "cpu" else False
-    return torch.bfloat16 if wanted and native_bf16(device) else None
 
 
 def _autocast(step: StepConfig):

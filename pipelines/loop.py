@@ -34,7 +34,6 @@ from medseg_core.checkpoint import (
 from medseg_core.engine import (
     FrozenSegmenter,
     StepConfig,
-    amp_dtype,
     build_optimizer,
     build_scheduler,
     seed_everything,
@@ -46,6 +45,7 @@ from medseg_core.inference import mask_settings
 from medseg_core.losses import build_loss
 from medseg_core.metrics import ClassificationMeter, metrics_from_counts, thresholded_jaccard
 from medseg_core.models import build_model
+from medseg_core.precision import amp_dtype
 from pipelines.runlog import next_epoch
 
 

@@ -154,6 +154,8 @@ class ChainPredictor:
         mask_threshold: ground-truth mask pixels above this (8-bit) are foreground.
         model_batch_size: images per forward pass inside `Chain` (default: 1 on CPU, where
             one image at a time is fastest, 16 on GPU).
+        amp: bf16 autocast (`medseg_core.inference.Segmenter`'s ``amp``): None, on for cuda only;
+            True also on a CPU with native bf16.
         credentials: AWS_* values captured on the driver (`EnvCredentials`), applied to
             ``s3://`` reads; kept in memory only, never in configs or logs.
         bundle_storage_options: fsspec options for the bundles where they differ from the
@@ -178,6 +180,7 @@ class ChainPredictor:
         channels: int = 3,
         mask_threshold: int = 127,
         model_batch_size: int | None = None,
+        amp: bool | None = None,
         credentials: EnvCredentials | None = None,
         bundle_storage_options: dict | None = None,
     ) -> None:
@@ -193,12 +196,13 @@ class ChainPredictor:
         bundles = (self.reader if bundle_storage_options is None
                    else _Reader(bundle_storage_options, credentials, max_bytes))
         segmenter = Segmenter(
-            load_bundle(seg_uri, storage_options=bundles.options(seg_uri) or None), device, bs
+            load_bundle(seg_uri, storage_options=bundles.options(seg_uri) or None), device, bs,
+            amp=amp,
         )
         classifier = None
         if cls_uri is not None:
             bundle = load_bundle(cls_uri, storage_options=bundles.options(cls_uri) or None)
-            classifier = Classifier(bundle, device, bs)
+            classifier = Classifier(bundle, device, bs, amp=amp)
         self.chain = Chain(segmenter, classifier)
         self.versions = self.chain.versions
         self.threshold = threshold

@@ -693,6 +693,7 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
                         ("retry_errors", cfg.get("retry_errors")),
                         ("ground_truth", cfg.get("ground_truth")),
                         ("batch.hausdorff", batch.get("hausdorff")),
+                        ("batch.amp", batch.get("amp")),
                         ("storage.anonymous", storage.get("anonymous")),
                         ("storage.forward_credentials", storage.get("forward_credentials")),
                         *((f"storage.{role}.anonymous", (storage.get(role) or {}).get("anonymous"))
@@ -921,6 +922,7 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
             "max_bytes": batch.get("max_bytes"),
             "mask_threshold": int(batch.get("mask_threshold", 127)),
             "model_batch_size": batch.get("model_batch_size"),
+            "amp": batch.get("amp"),
         },
         forward_credentials=bool((cfg.get("storage") or {}).get("forward_credentials", True)),
         max_tasks_in_flight_per_actor=batch.get("max_tasks_in_flight_per_actor"),

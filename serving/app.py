@@ -185,6 +185,8 @@ class _ModelReplica:
             "lesion_free_classes": config.get("lesion_free_classes") or [],
             "inference": config.get("inference"),
             "device": self.device,
+            # bf16 where `amp` asked for it and the device computes it (medseg_core.precision)
+            "precision": "bfloat16" if self.runner.amp_dtype is not None else "float32",
             "torch_threads": torch.get_num_threads(),
             "batching": self.batching.model_dump(),
         }

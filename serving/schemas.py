@@ -36,7 +36,10 @@ class ModelArgs(_Strict):
     inference_batch_size: int = Field(
         16, ge=1, description="Images (or tiles) per forward pass inside one Serve batch."
     )
-    amp: bool | None = Field(None, description="bf16 autocast; null = on for CUDA, off on CPU.")
+    amp: bool | None = Field(
+        None, description="bf16 autocast; null = on for CUDA, off on CPU; true = also on a CPU "
+                          "with native bf16 (AVX512-BF16 or AMX), float32 with a warning elsewhere."
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch.set_num_threads in the replica; null leaves Ray's default."
     )
@@ -220,6 +223,9 @@ class ModelInfo(BaseModel):
         "gets an empty mask (chosen on validation when the bundle was trained)")
     inference: dict[str, Any] | None
     device: str
+    precision: Literal["float32", "bfloat16"] = Field(
+        description="what the model computes in: bfloat16 where `amp` asked for it and the "
+                    "device computes it natively")
     torch_threads: int
     batching: dict[str, Any]
 

@@ -394,3 +394,49 @@ def test_chain_clears_the_masks_of_images_classified_lesion_free(root: Path, seg
             assert after["lesion_area_fraction"] == 0.0 and after["bbox"] is None
         else:
             assert np.array_equal(after["mask"], before["mask"]) and after["bbox"] == before["bbox"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_on_a_cpu_runs_bf16_only_where_the_cpu_has_it(root: Path, seg_model, cls_uri: str,
+                                                          monkeypatch, native: bool) -> None:
+    """`amp=True` on a CPU: bf16 autocast where the CPU computes bf16 natively, results close to
+    float32's and still float32 arrays; elsewhere a warning and exactly the float32 results.
+    The default (None) stays float32 on CPUs."""
+    import warnings
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    uri = _save_seg(root, "seg_amp", seg_model, [TILE, TILE], mode="resize")
+    images = images_for(12, [(40, 56), (48, 48)])
+    plain = Segmenter(load_bundle(uri))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        amp = Segmenter(load_bundle(uri), amp=True)
+        clf_amp = Classifier(load_bundle(cls_uri), amp=True)
+    warned = [w for w in caught if "no native bf16" in str(w.message)]
+    assert len(warned) == (0 if native else 2)
+    assert plain.amp_dtype is None
+    assert amp.amp_dtype == clf_amp.amp_dtype == (torch.bfloat16 if native else None)
+
+    computed: list[torch.dtype] = []
+    conv = next(m for m in amp.model.modules() if isinstance(m, torch.nn.Conv2d))
+    hook = conv.register_forward_hook(lambda m, i, out: computed.append(out.dtype))
+    try:
+        got = amp.predict_proba(images)
+    finally:
+        hook.remove()
+    assert set(computed) == {torch.bfloat16 if native else torch.float32}
+    masks = plain.predict(images)
+    probs = [c.predict(images, masks) for c in (clf_amp, Classifier(load_bundle(cls_uri)))]
+    for a, b in zip(got, plain.predict_proba(images)):
+        assert a.dtype == np.float32
+        if native:
+            np.testing.assert_allclose(a, b, atol=0.05)  # bf16 keeps 8 bits of mantissa
+            assert not np.array_equal(a, b)
+        else:
+            np.testing.assert_array_equal(a, b)
+    assert probs[0].dtype == np.float32
+    if native:
+        np.testing.assert_allclose(probs[0], probs[1], atol=0.05)
+    else:
+        np.testing.assert_array_equal(probs[0], probs[1])

@@ -264,6 +264,7 @@ def test_bad_settings_are_refused_before_anything_is_deleted(tmp_path):
                          (["overwrite=true", "batch.num_gpus=-1"], "num_gpus must be"),
                          (["overwrite=true", "batch.io_threads=0"], "io_threads must be"),
                          (["overwrite=true", "batch.max_pixels=0"], "max_pixels must be"),
+                         (["overwrite=true", "batch.amp=1"], "batch.amp must be true or false"),
                          (["overwrite=true", "limit=-1"], "limit must be"),
                          (["overwrite=true", "limit=2.5"], "limit must be"),
                          (["overwrite=true", "limit=true"], "limit must be"),

@@ -1198,7 +1198,7 @@ def test_cpu_bf16_trains_in_bf16_only_on_a_cpu_with_native_bf16(tmp_path, monkey
     import warnings
 
     import pipelines.loop as loop
-    from medseg_core.engine import amp_dtype
+    from medseg_core.precision import amp_dtype
 
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
