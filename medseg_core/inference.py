@@ -181,8 +181,8 @@ class Segmenter(_Runner):
         mode, tile_overlap: override ``config["inference"]`` (``tile_overlap``: pixels, or a
             fraction of the tile size when below 1; default 0.25).
         amp: bf16 autocast; default on for CUDA devices, off on CPUs. True on a CPU turns it on
-            where the CPU computes bf16 natively (`precision.native_bf16`; 1.8x faster for the
-            default U-Net there), and warns and stays float32 where it does not.
+            where the CPU computes bf16 natively (`precision.native_bf16`; the default U-Net
+            ran 1.9x faster on such a CPU), and warns and stays float32 where it does not.
         channels_last: run the model in NHWC memory format (override of
             ``config["inference"]["channels_last"]``; default: `prefers_channels_last`).
         flip: test-time augmentation, the probabilities averaged over the image and its

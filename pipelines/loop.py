@@ -99,7 +99,7 @@ class StageSpec:
     early_stopping_patience: int = 0
     gpu_augment: dict[str, Any] | None = None
     bf16: bool = False           # bf16 autocast on GPUs
-    cpu_bf16: bool = False       # and on CPUs with native bf16 (engine.native_bf16)
+    cpu_bf16: bool = False       # and on CPUs with native bf16 (precision.native_bf16)
     channels_last: bool = False
     ema_decay: float = 0.0       # > 0: validate and save an exponential moving average of the weights
     fail_at_epoch: int = -1      # fault injection for tests: raise once at this epoch
