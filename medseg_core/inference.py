@@ -10,7 +10,6 @@ runs both and summarises each lesion.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
@@ -147,12 +146,8 @@ class _Runner:
         self.in_channels = int(self.config.get("in_channels", 3))
         self.mean = self.config.get("mean", 0.0)
         self.std = self.config.get("std", 1.0)
-        self.amp = self.device.type == "cuda" if amp is None else bool(amp)
-        self.amp_dtype = amp_dtype(self.device, gpu=self.amp, cpu=self.amp)
-        if self.amp and self.amp_dtype is None:
-            warnings.warn(f"amp=true, but {self.device} has no native bf16 (on a CPU: AVX512-BF16 "
-                          "or AMX), where bf16 is slower than float32: running in float32",
-                          stacklevel=3)
+        wanted = self.device.type == "cuda" if amp is None else bool(amp)
+        self.amp_dtype = amp_dtype(self.device, gpu=wanted, cpu=wanted, setting="amp")
 
     @property
     def version(self) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -18,9 +20,19 @@ def native_bf16(device: torch.device | str) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def amp_dtype(device: torch.device | str, gpu: bool, cpu: bool) -> torch.dtype | None:
+def amp_dtype(device: torch.device | str, gpu: bool, cpu: bool,
+              setting: str | None = None) -> torch.dtype | None:
     """The autocast dtype for `device`: bf16 where it is asked for on that kind of device (`gpu`,
-    `cpu`) and `native_bf16` there, else None (float32)."""
+    `cpu`) and `native_bf16` there, else None (float32). Asked for where it is not native, it
+    warns naming `setting` (None: silently)."""
     kind = torch.device(device).type
     wanted = gpu if kind == "cuda" else cpu if kind == "cpu" else False
-    return torch.bfloat16 if wanted and native_bf16(device) else None
+    if not wanted:
+        return None
+    if native_bf16(device):
+        return torch.bfloat16
+    if setting is not None:
+        warnings.warn(f"{setting}=true, but {device} has no native bf16 (on a CPU: AVX512-BF16 "
+                      "or AMX), where bf16 is slower than float32: running in float32",
+                      stacklevel=2)
+    return None

@@ -54,6 +54,13 @@ def check_number(value: Any, name: str, low: float, strict: bool = False,
                          f"got {value!r}")
 
 
+def check_flag(value: Any, name: str, none: bool = False) -> None:
+    """A true/false setting (null too with `none`): ValueError naming it otherwise (a number or
+    a word would act as true or false without saying so)."""
+    if not isinstance(value, bool) and not (none and value is None):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def check_actor_pool(pool: dict[str, Any], where: str) -> None:
     """A Ray Data actor pool's `concurrency` (null, a number of actors >= 1, or [min, max]),
     `num_cpus` (> 0) and `num_gpus` (>= 0), each null for its default."""

@@ -268,15 +268,13 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
     step = StepConfig(
         device=ctx.device, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
         grad_clip=spec.grad_clip, threshold=spec.threshold,
-        amp_dtype=amp_dtype(ctx.device, gpu=spec.bf16, cpu=spec.cpu_bf16),
+        amp_dtype=amp_dtype(ctx.device, gpu=spec.bf16, cpu=spec.cpu_bf16,
+                            setting="trainer.cpu_bf16" if ctx.device.type == "cpu" and ctx.rank == 0
+                            else None),
         channels_last=spec.channels_last, augment=spec.gpu_augment,
         mask_model=load_mask_segmenter(spec, ctx.device) if spec.uses_segmenter else None,
         mask_prob=spec.predicted_masks,
     )
-    if spec.cpu_bf16 and ctx.device.type == "cpu" and step.amp_dtype is None and ctx.rank == 0:
-        warnings.warn("trainer.cpu_bf16=true, but this CPU has no native bf16 (AVX512-BF16 or "
-                      "AMX), where bf16 is slower than float32: training in float32",
-                      stacklevel=1)
     plain = getattr(model, "module", model)
     average = None if ema is None else (lambda *_: ema.update_parameters(plain))
     val_step = step if spec.validate_masks == "predicted" else replace(step, mask_model=None)

@@ -84,7 +84,13 @@ from medseg_core.metrics import metrics_from_counts
 from medseg_core.results import error_row
 from pipelines import CONF_DIR
 from pipelines.cluster import check_fits, connect, disconnect
-from pipelines.config import check_actor_pool, check_whole, explained_storage_errors, resolve
+from pipelines.config import (
+    check_actor_pool,
+    check_flag,
+    check_whole,
+    explained_storage_errors,
+    resolve,
+)
 from pipelines.data import is_s3
 from pipelines.data import storage_options as _storage_options
 from pipelines.predict import RESULT_FIELDS, ChainPredictor, predict_records, rows_to_table
@@ -698,8 +704,7 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
                         ("storage.forward_credentials", storage.get("forward_credentials")),
                         *((f"storage.{role}.anonymous", (storage.get(role) or {}).get("anonymous"))
                           for role in STORAGE_ROLES)):
-        if value is not None and not isinstance(value, bool):  # null: the default
-            raise ValueError(f"{name} must be true or false, got {value!r}")
+        check_flag(value, name, none=True)  # null: the default
     check_whole(cfg.get("limit"), "limit", 0, none=True)
     check_whole(cfg.get("compact_rows"), "compact_rows", 0, none=True)
     check_whole(cfg.get("compact_min_parts"), "compact_min_parts", 0, none=True)

@@ -37,7 +37,13 @@ from medseg_core.losses import build_loss
 from medseg_core.transforms import build_transforms
 from pipelines import CONF_DIR
 from pipelines.cluster import disconnect
-from pipelines.config import check_number, check_whole, explained_storage_errors, resolve
+from pipelines.config import (
+    check_flag,
+    check_number,
+    check_whole,
+    explained_storage_errors,
+    resolve,
+)
 from pipelines.data import (
     data_report,
     load_any_record,
@@ -331,8 +337,7 @@ def check_trainer(trainer: dict[str, Any]) -> None:
     if backend not in ("local", "ray"):
         raise ValueError(f"unknown trainer.backend {backend!r}; expected local or ray")
     for key in ("bf16", "cpu_bf16", "channels_last"):
-        if not isinstance(trainer.get(key, False), bool):
-            raise ValueError(f"trainer.{key} must be true or false, got {trainer[key]!r}")
+        check_flag(trainer.get(key, False), f"trainer.{key}")
     if backend == "local":
         check_whole(trainer.get("loader_workers", 0), "trainer.loader_workers", 0)
         return

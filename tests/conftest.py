@@ -61,3 +61,16 @@ def ray_cluster():
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture
+def fake_native_bf16(monkeypatch):
+    """`fake_native_bf16(native)`: make torch's CPU probes report native bf16 (AVX512-BF16,
+    AMX) or not, whatever this CPU has (`medseg_core.precision.native_bf16` reads them)."""
+    import torch
+
+    def patch(native: bool) -> None:
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+
+    return patch

@@ -398,14 +398,13 @@ def test_chain_clears_the_masks_of_images_classified_lesion_free(root: Path, seg
 
 @pytest.mark.parametrize("native", [True, False])
 def test_amp_on_a_cpu_runs_bf16_only_where_the_cpu_has_it(root: Path, seg_model, cls_uri: str,
-                                                          monkeypatch, native: bool) -> None:
+                                                          fake_native_bf16, native: bool) -> None:
     """`amp=True` on a CPU: bf16 autocast where the CPU computes bf16 natively, results close to
     float32's and still float32 arrays; elsewhere a warning and exactly the float32 results.
     The default (None) stays float32 on CPUs."""
     import warnings
 
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    fake_native_bf16(native)
     uri = _save_seg(root, "seg_amp", seg_model, [TILE, TILE], mode="resize")
     images = images_for(12, [(40, 56), (48, 48)])
     plain = Segmenter(load_bundle(uri))

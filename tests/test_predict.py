@@ -294,14 +294,13 @@ def test_predict_records_on_ray_equals_chain_in_process(ray_cluster, bundles, ar
         assert decode_mask(rows[rid]["mask_png"]).shape == out["mask"].shape
 
 
-def test_the_bulk_jobs_amp_setting_reaches_both_models(bundles, monkeypatch):
+def test_the_bulk_jobs_amp_setting_reaches_both_models(bundles, fake_native_bf16):
     """`batch.amp=true` on CPU actors: bf16 where the CPU has it (see test_inference)."""
     import torch
 
     from pipelines.predict import ChainPredictor
 
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        monkeypatch.setattr(torch.cpu, probe, lambda: True, raising=False)
+    fake_native_bf16(True)
     for amp, dtype in ((None, None), (False, None), (True, torch.bfloat16)):
         chain = ChainPredictor(*bundles, amp=amp).chain
         assert chain.segmenter.amp_dtype == chain.classifier.amp_dtype == dtype

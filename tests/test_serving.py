@@ -628,13 +628,13 @@ def test_classifier_replica_passes_on_the_classes_whose_masks_the_chain_clears(b
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_amp_true_on_a_cpu_replica_runs_bf16_where_the_cpu_has_it(bundles, monkeypatch, native):
+def test_amp_true_on_a_cpu_replica_runs_bf16_where_the_cpu_has_it(bundles, fake_native_bf16,
+                                                                    native):
     """`args.segmenter.amp: true` on a CPU replica: bf16 where the CPU computes it natively
     (the default U-Net ran 1.9x faster), float32 elsewhere; /v1/models says which."""
     from serving.app import ClassifierDeployment, SegmenterDeployment
 
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    fake_native_bf16(native)
     for cls, uri in ((SegmenterDeployment, bundles["segmenter"]),
                      (ClassifierDeployment, bundles["classifier"])):
         for amp, precision in ((None, "float32"), (True, "bfloat16" if native else "float32")):

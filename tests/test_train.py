@@ -1191,7 +1191,8 @@ def test_optimizer_settings_name_the_bad_key():
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_cpu_bf16_trains_in_bf16_only_on_a_cpu_with_native_bf16(tmp_path, monkeypatch, native):
+def test_cpu_bf16_trains_in_bf16_only_on_a_cpu_with_native_bf16(tmp_path, monkeypatch,
+                                                                 fake_native_bf16, native):
     """`trainer.cpu_bf16`: autocast to bf16 on a CPU whose instructions compute it (there it
     trained the CPU preset 1.6x faster); elsewhere emulated bf16 is slower than float32, so the
     loop warns and stays in float32. `trainer.bf16` alone never changes CPU training."""
@@ -1200,8 +1201,7 @@ def test_cpu_bf16_trains_in_bf16_only_on_a_cpu_with_native_bf16(tmp_path, monkey
     import pipelines.loop as loop
     from medseg_core.precision import amp_dtype
 
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    fake_native_bf16(native)
     assert amp_dtype("cpu", gpu=True, cpu=False) is None
     assert amp_dtype("cpu", gpu=False, cpu=True) == (torch.bfloat16 if native else None)
 
