@@ -16,8 +16,8 @@ _started_here = False  # this process started the local Ray instance it is conne
 def connect(address: str | None = None, num_cpus: float | None = None,
             runtime_env: dict[str, Any] | None = None, dashboard: bool | None = None) -> None:
     """Join the running cluster (`address`, RAY_ADDRESS, `ray job submit`, or the one `ray start`
-    started on this machine, as under `ray submit`), or start a local one with `num_cpus`
-    logical CPUs and this source tree on the workers' path.
+    started on this machine, as under `ray submit`), or start a local one (no address, or
+    `local`) with `num_cpus` logical CPUs and this source tree on the workers' path.
 
     A local cluster gets Ray's dashboard (`dashboard=None`, Ray's default) unless `dashboard` is
     False (the test session, benchmarks): Ray's state API runs in it, and without it Ray Train's
@@ -28,14 +28,14 @@ def connect(address: str | None = None, num_cpus: float | None = None,
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":  # "local": Ray's word for a new local instance
         ray.init(address=address, runtime_env=runtime_env)
         return
     if runtime_env is None and (_ROOT / "medseg_core").is_dir():
         runtime_env = {"env_vars": {"PYTHONPATH": str(_ROOT)}}
     try:
-        ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=dashboard,
-                 runtime_env=runtime_env)
+        ray.init(address=address, num_cpus=int(num_cpus) if num_cpus else None,
+                 include_dashboard=dashboard, runtime_env=runtime_env)
         _started_here = True
     except ValueError as e:
         # With no address Ray joins the cluster that `ray start` recorded on this machine (the

@@ -164,3 +164,21 @@ def test_a_local_cluster_an_entry_point_starts_serves_rays_state_api():
              "ray.get(a.__ray_ready__.remote())\n"
              "print('STATE', get_actor(a._actor_id.hex()).state)\n")
     assert "STATE ALIVE" in _probe_on_its_own_cluster(probe, "msd")
+
+
+def test_ray_address_local_starts_the_cluster_the_entry_point_asks_for():
+    """RAY_ADDRESS=local is Ray's word for "start a new local instance": the entry point starts
+    it as with no address (its CPU count and dashboard setting, this tree on the workers' path,
+    refusals of what it can never grant) instead of a bare one, where each epoch's read tasks
+    of a Ray Train run waited ~3 s for a worker process."""
+    probe = ("import ray\n"
+             "from pipelines import cluster\n"
+             "cluster.connect(num_cpus=3, dashboard=False)\n"
+             "print('CPUS', ray.cluster_resources()['CPU'], 'STARTED', cluster._started_here)\n"
+             "try:\n"
+             "    cluster.check_fits({'CPU': 4}, 'this run')\n"
+             "except RuntimeError as e:\n"
+             "    print('REFUSED', e)\n")
+    out = _probe_on_its_own_cluster(probe, "msw", RAY_ADDRESS="local")
+    assert "CPUS 3.0 STARTED True" in out, out
+    assert "REFUSED this run needs 4 CPU" in out, out
