@@ -917,7 +917,8 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
             "device": device,
             "output": out.url,
             "output_options": out.storage_options,
-            "bundle_storage_options": so_bundles,
+            # {} rather than None, which would read them with the input's options
+            "bundle_storage_options": so_bundles or {},
             "run_id": run_id,
             "io_threads": 8 if batch.get("io_threads") is None else int(batch["io_threads"]),
             "torch_threads": batch.get("torch_threads"),

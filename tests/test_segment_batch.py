@@ -550,6 +550,34 @@ def test_input_and_output_on_different_object_stores(s3, ray_cluster, bundles, t
         other.stop()
 
 
+def test_bundles_are_read_with_their_own_storage_settings(s3, ray_cluster, bundles, tmp_path,
+                                                          monkeypatch):
+    """An archive on another store (`storage.input.endpoint_url`), the bundles on the one the
+    environment names (no `storage.bundles.*`): the actors read the bundles from it. They read
+    them with the input's options instead (here the other store, where no bundle is; with
+    `storage.input.anonymous=true`, unsigned), although the driver had checked them rightly."""
+    from s3server import start_moto
+
+    local = make_busi_archive(tmp_path / "busi", per_class=1, seed=4)
+    s3.create_bucket("medseg-models")
+    for name, path in zip(("seg", "cls"), bundles):
+        s3.upload_dir(path, f"s3://medseg-models/{name}")
+    other = start_moto()
+    try:
+        other.upload_dir(local, "s3://hospital/archive")
+        for key, value in s3.env.items():  # the bundles' store is the environment's
+            monkeypatch.setenv(key, value)
+        manifest = run_job(["input=s3://hospital/archive", "layout=busi",
+                            "bundles.segmenter=s3://medseg-models/seg",
+                            "bundles.classifier=s3://medseg-models/cls",
+                            f"output={tmp_path / 'out'}", "batch.batch_size=4",
+                            f"storage.input.endpoint_url={other.endpoint}"])
+    finally:
+        other.stop()
+    assert manifest["run"]["processed"] == 3 and manifest["totals"]["errors"] == 0
+    assert manifest["bundles"]["segmenter"]["uri"] == "s3://medseg-models/seg"
+
+
 def test_limit_rerun_repair_and_overwrite_keep_exactly_once(ray_cluster, bundles, tmp_path):
     archive = make_busi_archive(tmp_path / "busi", per_class=4, seed=2)
     bad = add_corrupt_files(archive)
