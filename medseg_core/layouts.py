@@ -704,6 +704,7 @@ def check_found(arc: _Archive, layout: str, problems: Sequence[Skipped],
     under the prefix), the layout recognised none of the files found, or (unless
     `allow_empty`) there are no files."""
     url = valid_text(arc.url)
+    files = None
     if not arc.saw_files and not problems:
         try:
             exists, is_dir = arc.fs.exists(arc.root), arc.fs.isdir(arc.root)
@@ -714,12 +715,16 @@ def check_found(arc: _Archive, layout: str, problems: Sequence[Skipped],
                               "under that prefix): check the URL")
         if not is_dir:
             raise LayoutError(f"{url}: the archive is a file, not a folder of images")
-        if allow_empty:
-            return
-        raise LayoutError(f"{url}: no files found for layout '{layout}' (the folder is empty, "
-                          "or has no files where the layout looks)")
+        # the layout looked only where its files belong (isic2018's folders, a folder layout's
+        # image_dir, the top level without `recursive`): files elsewhere mean a wrong layout
+        files = arc.find()
+        if not files:
+            if allow_empty:
+                return
+            raise LayoutError(f"{url}: no files found for layout '{layout}' (the folder is "
+                              "empty)")
     first = min(problems, key=lambda s: (s.path, s.reason)) if problems else None
-    n_files = len(arc.find())  # listed again on this error path only
+    n_files = len(arc.find() if files is None else files)  # listed again on error paths only
     raise LayoutError(f"{url}: layout '{layout}' found no record among the "
                       f"{n_files} file(s) found, {len(problems)} skipped by the layout"
                       + (f" (first: {first.path}: {first.reason})" if first else "")

@@ -254,6 +254,14 @@ def test_a_layout_that_matches_no_file_is_an_error_naming_it(tmp_path):
                            r"file\(s\) found, 0 skipped"):
             list_records(url, "dsb2018", strict=strict)
     assert len(list_records(url, "images").records) == 3
+    # layouts that look only in their own folders found none of these files: a wrong layout
+    # or option, not an empty archive (the bulk job reported it empty and ended with 0 images)
+    for layout, options in (("isic2018", {}), ("folder", {"image_dir": "imgs"}),
+                            ("images", {"recursive": False})):
+        root = url if layout != "images" else str(tmp_path)  # its files one folder down
+        with pytest.raises(LayoutError, match=rf"layout '{layout}' found no record among the 3 "
+                           r"file\(s\) found, 0 skipped"):
+            list_records(root, layout, allow_empty=True, **options)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / ".DS_Store").write_bytes(b"x")  # hidden: not a file of the archive
     listing = list_records(str(tmp_path / "empty"), "images", strict=False, allow_empty=True)
