@@ -33,16 +33,32 @@ def connect(address: str | None = None, num_cpus: float | None = None,
         return
     if runtime_env is None and (_ROOT / "medseg_core").is_dir():
         runtime_env = {"env_vars": {"PYTHONPATH": str(_ROOT)}}
+    if address is None and _recorded_cluster() is not None:
+        # With no address Ray joins the cluster that `ray start` recorded on this machine (the
+        # head node under `ray submit`), whose autoscaler may add the nodes a request needs
+        ray.init(runtime_env=runtime_env)
+        return
     try:
         ray.init(address=address, num_cpus=int(num_cpus) if num_cpus else None,
                  include_dashboard=dashboard, runtime_env=runtime_env)
         _started_here = True
     except ValueError as e:
-        # With no address Ray joins the cluster that `ray start` recorded on this machine (the
-        # head node under `ray submit`), and refuses resource arguments for it: join as it is.
+        # a cluster `ray start` recorded since the check above: Ray refuses resource arguments
+        # for it, join it as it is
         if "existing cluster" not in str(e):
             raise
         ray.init(runtime_env=runtime_env)
+
+
+def _recorded_cluster() -> str | None:
+    """The address `ray.init()` without one joins: the cluster `ray start` recorded on this
+    machine, if one is running (Ray's own lookup)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(None)
+    except ConnectionError:
+        return None
 
 
 def disconnect() -> None:

@@ -111,6 +111,18 @@ def test_entry_points_join_a_cluster_started_with_ray_start(tmp_path_factory):
         assert out.returncode == 0, out.stderr[-2000:]
         # the recorded cluster (1 CPU), not a new local one sized for the trainer (3 CPUs)
         assert f"JOINED {address} 1.0" in out.stdout
+        # the bulk job's default (no address, no CPU count), where `ray.init()` joins without
+        # complaint: a cluster it joined, whose autoscaler may add GPU nodes, so a GPU pool
+        # waits for them instead of being refused as by a local cluster this run started
+        probe = ("from pipelines import cluster\n"
+                 "cluster.connect(None, None)\n"
+                 "cluster.check_fits({'CPU': 1.0, 'GPU': 0.25}, 'one actor of the pool')\n"
+                 "import ray\n"
+                 "print('JOINED', ray.get_runtime_context().gcs_address, cluster._started_here)\n")
+        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"JOINED {address} False" in out.stdout
     finally:
         _kill_cluster(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
