@@ -128,12 +128,13 @@ def split_digest(ids: list[str]) -> dict[str, Any]:
     return {"count": len(ids), "sha256": digest}
 
 
-def record_splits(run_dir: str, ids: dict[str, list[str]]) -> list[str]:
-    """Write the run's `splits.json` at its first start; on a rerun return the names of the
-    splits that now hold other records than the run's first start recorded."""
+def record_splits(run_dir: str, ids: dict[str, list[str]], replace: bool = False) -> list[str]:
+    """Write the run's `splits.json` at its first start (or with `replace`: no bundle of the
+    run was trained on the recorded splits yet); on a rerun return the names of the splits
+    that now hold other records than the run's first start recorded."""
     url = join(run_dir, SPLITS_FILE)
     digests = {name: split_digest(v) for name, v in ids.items()}
-    recorded = read_splits(run_dir)
+    recorded = None if replace else read_splits(run_dir)
     if recorded is None:
         fs, path = fsspec.core.url_to_fs(url)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)

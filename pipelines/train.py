@@ -117,16 +117,24 @@ def check_resumable(cfg: dict[str, Any]) -> None:
     """Refuse to go on with a run whose latest bundles were trained on other data, another
     split or another model than `cfg` asks for. Without this, a rerun of a finished run under
     new settings skipped its stages as done, then re-chose the segmenter's post-processing on
-    the new validation split and reported the old model's test Dice on the new data."""
-    for stage in cfg["stages"]:
+    the new validation split and reported the old model's test Dice on the new data.
+
+    A stage this run does not train is checked for its training data (archive and split) only:
+    `stages=[classifier]` under another split would train and choose the mask clearing on
+    images the run's segmenter trained on."""
+    for stage in STAGES:
         latest = RunLog(run_dir(cfg), stage).resume_dir()
         if latest is None:
             continue
         _, old = read_bundle_meta(latest)
-        spec = stage_spec(cfg, stage)
-        new = json.loads(json.dumps({"model": spec.model, **spec.bundle_config}, default=str))
+        trained = stage in cfg["stages"]
+        if trained:
+            spec = stage_spec(cfg, stage)
+            new = json.loads(json.dumps({"model": spec.model, **spec.bundle_config}, default=str))
+        else:
+            new = {"model": {}, "training_data": training_data(cfg)}
         changed = []
-        for k in RUN_IDENTITY:
+        for k in RUN_IDENTITY if trained else ("training_data",):
             if k not in old or old[k] == new.get(k):
                 continue
             if isinstance(old[k], dict) and isinstance(new.get(k), dict):
@@ -424,8 +432,11 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
                                  f"{len(splits[part])} {part} records has a label (a layout "
                                  "labels them from its folders or a labels CSV, e.g. "
                                  "+data.options.labels_csv=<csv>): train stages=[segmenter]")
-    # recorded once the run is sure to start: a refused run leaves no run directory
-    moved = record_splits(run_dir(cfg), {k: [r.id for r in v] for k, v in splits.items()})
+    # recorded once the run is sure to start: a refused run leaves no run directory. Until a
+    # stage has a bundle, a start that died early holds nothing of its split: record anew
+    trained = any(RunLog(run_dir(cfg), s).resume_dir() is not None for s in STAGES)
+    moved = record_splits(run_dir(cfg), {k: [r.id for r in v] for k, v in splits.items()},
+                          replace=not trained)
     if moved:
         warnings.warn(f"run {cfg['run_name']!r}: the {', '.join(moved)} split(s) now hold other "
                       "records than when the run started (the archive changed): its validation "

@@ -159,6 +159,12 @@ def scaling_config(trainer: dict[str, Any]) -> ScalingConfig:
                          resources_per_worker=resources)
 
 
+def keep_checkpoints(trainer: dict[str, Any]) -> int | None:
+    """`trainer.num_to_keep`: how many checkpoints Ray keeps (null: every one)."""
+    keep = trainer.get("num_to_keep", 2)
+    return None if keep is None else int(keep)
+
+
 def storage(cfg: dict[str, Any]) -> str:
     """Ray Train's storage path: ``<run dir>/ray``, local (absolute) or ``s3://``. Ray resolves
     an ``s3://`` path with pyarrow, which, like fsspec for the run's other files, takes the
@@ -237,7 +243,7 @@ def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]], stage: str) ->
             storage_path=path,
             failure_config=FailureConfig(max_failures=int(trainer.get("max_failures", 3))),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=int(trainer.get("num_to_keep", 2)),
+                num_to_keep=keep_checkpoints(trainer),
                 checkpoint_score_attribute=score_key(spec),
                 checkpoint_score_order="max",
             ),

@@ -410,10 +410,42 @@ def test_a_run_name_resumes_only_under_its_own_data_split_and_model(tmp_path, ca
                             dirs_exist_ok=True)
         with pytest.raises(ValueError, match=f"other settings .*{named}"):
             run(config(tmp_path, *base, override))
+    # a stage the rerun does not train holds it to its split too: the classifier would train,
+    # and the mask clearing be chosen, on images the run's segmenter trained on
+    with pytest.raises(ValueError, match="holds a segmenter trained with other settings "
+                                         r"\(training_data.split differ"):
+        run(config(tmp_path, "trainer=local", "stages=[classifier]", "run_name=same",
+                   "data.split.ratios=[0.6,0.2,0.2]"))
+    assert not (tmp_path / "runs" / "same" / "classifier").exists()
     assert ((best / "version").read_text(), (best / "config.yaml").read_text()) == before
     capsys.readouterr()
     run(config(tmp_path, *base, "train.batch_size=2"))  # not part of what the run is
     assert "[segmenter] already trained (1 of 1 epochs done)" in capsys.readouterr().out
+
+
+def test_a_start_that_died_before_its_first_bundle_does_not_fix_the_runs_split(tmp_path):
+    """splits.json was written once, at a run's first start: a start that died before its
+    first epoch's bundle left it, and a rerun under another split (nothing to resume, so not
+    refused) trained on that split while splits.json named the dead start's. Evaluation then
+    refused the run's own test split and took the dead start's, whose images it trained on."""
+    import json
+    import warnings
+
+    from pipelines.data import load_splits
+    from pipelines.runlog import read_splits, split_digest
+    from pipelines.train import run
+
+    base = ["trainer=local", "stages=[segmenter]", "train.epochs=1", "run_name=died"]
+    with pytest.raises(RuntimeError, match="injected failure at epoch 0"):
+        run(config(tmp_path, *base, "+trainer.fail_at_epoch.segmenter=0"))
+    first = read_splits(str(tmp_path / "runs" / "died"))
+    cfg = config(tmp_path, *base, "data.split.seed=1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the archive changed" warning: nothing was trained
+        run(cfg)
+    recorded = read_splits(str(tmp_path / "runs" / "died"))
+    assert recorded == {k: split_digest([r.id for r in v]) for k, v in load_splits(cfg).items()}
+    assert recorded != first, json.dumps(first)
 
 
 def test_a_kill_while_the_postprocess_choice_is_written_leaves_a_usable_best(tmp_path,
@@ -1243,3 +1275,16 @@ def test_precision_switches_must_be_true_or_false(tmp_path):
         with pytest.raises(ValueError, match=f"{key} must be true or false"):
             run(cfg)
         assert not (tmp_path / "runs").exists(), bad
+
+
+def test_num_to_keep_null_keeps_every_ray_checkpoint():
+    """`trainer.num_to_keep: null` passes the settings check (Ray reads None as "keep all"),
+    and then crashed the run with int(None) after the archive was listed."""
+    from ray.train import CheckpointConfig
+
+    from pipelines.train import check_settings
+    from pipelines.train_ray import keep_checkpoints
+
+    check_settings(load_config(["trainer=ray", "trainer.num_to_keep=null"]))
+    assert CheckpointConfig(num_to_keep=keep_checkpoints({"num_to_keep": None})).num_to_keep is None
+    assert keep_checkpoints({}) == 2 and keep_checkpoints({"num_to_keep": 5}) == 5
