@@ -446,7 +446,9 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
     else:  # "ray" (check_settings refused any other)
         from pipelines.train_ray import run_ray as train_stage
     bundles = {}
-    for stage in cfg["stages"]:
+    # the segmenter first, whatever the order asked: the classifier's masks and its mask
+    # clearing are chosen with it (`stages=[classifier,segmenter]` skipped that choice)
+    for stage in (s for s in STAGES if s in cfg["stages"]):
         bundles[stage] = train_stage(cfg, splits, stage)
         if stage == "segmenter":
             # before the classifier stage: the masks it trains on are made with the options

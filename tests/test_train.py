@@ -1288,3 +1288,17 @@ def test_num_to_keep_null_keeps_every_ray_checkpoint():
     check_settings(load_config(["trainer=ray", "trainer.num_to_keep=null"]))
     assert CheckpointConfig(num_to_keep=keep_checkpoints({"num_to_keep": None})).num_to_keep is None
     assert keep_checkpoints({}) == 2 and keep_checkpoints({"num_to_keep": 5}) == 5
+
+
+def test_the_segmenter_stage_runs_first_whatever_the_order_asked(tmp_path, capsys):
+    """`stages=[classifier,segmenter]` trained the classifier first: its mask clearing
+    (`train.clear_masks=auto`), chosen through the chain on validation, found no segmenter
+    and was skipped without a word, for good."""
+    from pipelines.train import run
+
+    run(config(tmp_path, "trainer=local", "stages=[classifier,segmenter]", "train.epochs=1",
+               "train.classifier_epochs=1", "train.clear_masks=auto"))
+    out = capsys.readouterr().out
+    order = [out.index(f"[{stage}] training in-process") for stage in ("segmenter", "classifier")]
+    assert order == sorted(order)
+    assert "[clear masks] validation Dice through the chain" in out
