@@ -94,7 +94,7 @@ def _archive_name(url: str) -> str:
     parts = urlsplit(str(url))
     if not parts.scheme or parts.scheme == "file":
         return os.path.abspath(os.path.expanduser(parts.path if parts.scheme else str(url)))
-    return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+    return urlunsplit((parts.scheme, parts.hostname or "", parts.path.rstrip("/"), "", ""))
 
 
 def training_data(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +127,9 @@ def check_resumable(cfg: dict[str, Any]) -> None:
         if latest is None:
             continue
         _, old = read_bundle_meta(latest)
+        if isinstance(old.get("training_data"), dict) and old["training_data"].get("url"):
+            # as `training_data` names it now (bundles before kept a URL's trailing slash)
+            old["training_data"]["url"] = _archive_name(old["training_data"]["url"])
         trained = stage in cfg["stages"]
         if trained:
             spec = stage_spec(cfg, stage)

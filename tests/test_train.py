@@ -1302,3 +1302,24 @@ def test_the_segmenter_stage_runs_first_whatever_the_order_asked(tmp_path, capsy
     order = [out.index(f"[{stage}] training in-process") for stage in ("segmenter", "classifier")]
     assert order == sorted(order)
     assert "[clear masks] validation Dice through the chain" in out
+
+
+def test_an_archive_url_is_the_same_with_or_without_a_trailing_slash(tmp_path):
+    """A URL's trailing slash stayed in `training_data` (a local path's did not): a rerun naming
+    the same bucket prefix with or without it was refused as other data."""
+    import yaml
+
+    from pipelines.train import check_resumable, run, training_data
+
+    base = ["trainer=local", "stages=[segmenter]", "train.epochs=1", "run_name=slash"]
+    run(config(tmp_path, *base))
+    url = "s3://bucket/busi"
+    assert training_data(config(tmp_path, f"data.url={url}/"))["url"] == url
+    latest = tmp_path / "runs" / "slash" / "segmenter" / "latest" / "config.yaml"
+    meta = yaml.safe_load(latest.read_text())
+    meta["training_data"]["url"] = url + "/"  # as bundles recorded it before
+    latest.write_text(yaml.safe_dump(meta, sort_keys=False))
+    for named in (url, url + "/"):
+        check_resumable(config(tmp_path, *base, f"data.url={named}"))
+    with pytest.raises(ValueError, match=r"training_data\.url differ"):
+        check_resumable(config(tmp_path, *base, "data.url=s3://bucket/other"))
