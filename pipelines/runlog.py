@@ -180,13 +180,22 @@ class RunLog:
         recover_dir(self.best)
         return self.latest if recover_dir(self.latest) else None
 
-    def resume_epoch(self) -> int:
-        """The epoch a rerun of this stage starts at (0 without a latest bundle)."""
+    def train_state(self) -> dict[str, Any]:
+        """The latest bundle's `train_state` (empty without one)."""
         latest = self.resume_dir()
         if latest is None:
-            return 0
+            return {}
         fs, path = fsspec.core.url_to_fs(join(latest, METRICS_FILE))
-        return next_epoch(json.loads(fs.cat_file(path)).get("train_state", {}))
+        return json.loads(fs.cat_file(path)).get("train_state", {})
+
+    def resume_epoch(self) -> int:
+        """The epoch a rerun of this stage starts at (0 without a latest bundle)."""
+        return next_epoch(self.train_state())
+
+    def finished(self, epochs: int) -> bool:
+        """Whether the stage has nothing left to train for `epochs` (done or stopped early)."""
+        state = self.train_state()
+        return bool(state) and (bool(state.get("stopped_early")) or next_epoch(state) >= epochs)
 
     def record(self, metrics: dict[str, float], bundle_dir: str | None,
                history: list[dict[str, Any]]) -> None:

@@ -451,6 +451,9 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
         warnings.warn(f"run {cfg['run_name']!r}: the {', '.join(moved)} split(s) now hold other "
                       "records than when the run started (the archive changed): its validation "
                       "and test figures are no longer of the images it held out", stacklevel=2)
+    # a finished stage keeps the inference choices made on its own validation split
+    keep_choices = {s for s in cfg["stages"]
+                    if moved and RunLog(run_dir(cfg), s).finished(stage_spec(cfg, s).epochs)}
     if backend == "local":
         train_stage = run_local
     else:  # "ray" (check_settings refused any other)
@@ -460,7 +463,10 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
     # clearing are chosen with it (`stages=[classifier,segmenter]` skipped that choice)
     for stage in (s for s in STAGES if s in cfg["stages"]):
         bundles[stage] = train_stage(cfg, splits, stage)
-        if stage == "segmenter":
+        if stage in keep_choices:
+            print(f"[{stage}] finished before the splits changed: its inference choices stay",
+                  flush=True)
+        elif stage == "segmenter":
             # before the classifier stage: the masks it trains on are made with the options
             # the chain will use
             choose_postprocess(bundles[stage], splits["val"], cfg)

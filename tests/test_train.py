@@ -1343,3 +1343,32 @@ def test_an_archive_url_is_the_same_with_or_without_a_trailing_slash(tmp_path):
         check_resumable(config(tmp_path, *base, f"data.url={named}"))
     with pytest.raises(ValueError, match=r"training_data\.url differ"):
         check_resumable(config(tmp_path, *base, "data.url=s3://bucket/other"))
+
+
+def test_a_finished_stage_keeps_its_inference_choice_when_the_archive_changed(tmp_path, capsys):
+    """A rerun of a finished run after the archive changed warned so, skipped the stage, and
+    then chose the segmenter's post-processing again on the new validation split, rewriting
+    the shipped `best/` bundle (its version and options) that training had scored."""
+    import shutil
+    import warnings
+
+    from pipelines.data import ensure_dataset
+    from pipelines.train import run
+
+    base = ["trainer=local", "stages=[segmenter]", "train.epochs=1", "run_name=kept"]
+    cfg = config(tmp_path, *base)
+    run(cfg)
+    best = tmp_path / "runs" / "kept" / "segmenter" / "best"
+    before = {p.name: p.read_bytes() for p in best.iterdir()}
+    archive = Path(ensure_dataset(cfg["data"]))
+    for suffix in ("", "_mask"):  # one more normal image: every split may change
+        shutil.copy(archive / "normal" / f"normal (1){suffix}.png",
+                    archive / "normal" / f"normal (99){suffix}.png")
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the archive changed", as intended
+        run(config(tmp_path, *base))
+    out = capsys.readouterr().out
+    assert "[segmenter] finished before the splits changed: its inference choices stay" in out
+    assert "[postprocess]" not in out
+    assert {p.name: p.read_bytes() for p in best.iterdir()} == before
