@@ -161,17 +161,24 @@ def test_packed_archive_on_s3_is_detected_and_read(ray_cluster, s3, synthetic_ar
 
 
 def test_pack_command_line(synthetic_archive, tmp_path):
+    """The pack command; its bad-input report goes beside the pack (it replaced the report of
+    the training run that `output_dir` and `run_name` name)."""
+    arc = tmp_path / "arc"
+    shutil.copytree(synthetic_archive, arc)
+    (arc / "benign" / "benign (2).png").write_bytes(b"")
     out = tmp_path / "cli"
     env = dict(os.environ, PYTHONPATH=str(ROOT_DIR))
     proc = subprocess.run(
         [sys.executable, str(ROOT_DIR / "pipelines" / "pack.py"), f"output_dir={tmp_path}/o",
-         f"data.url={synthetic_archive}", f"pack.out={out}", "pack.backend=local",
-         "pack.shard_size=8"],
+         f"data.url={arc}", f"pack.out={out}", "pack.backend=local", "pack.shard_size=8"],
         capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "packed 15 records into 2 shard(s)" in proc.stdout
+    assert "packed 14 records into 2 shard(s)" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["source"]["layout"] == "busi" and manifest["records"] == 15
+    assert manifest["source"]["layout"] == "busi" and manifest["records"] == 14
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["by_stage"] == {"pack": 1} and "benign (2).png" in report["entries"][0]["path"]
+    assert not (tmp_path / "o" / "runs").exists()
     assert len(list_archive(make_cfg(tmp_path, synthetic_archive)["data"]).records) == 15
 
 
