@@ -155,16 +155,13 @@ def tta_flips(ev: Mapping[str, Any]) -> tuple[str, ...] | None:
     tta = ev.get("tta") or {}
     if isinstance(tta, bool):
         return FLIPS if tta else None
-    if not tta.get("enabled"):
-        return None
     flips = tta.get("flips")
-    if flips is None:
-        return FLIPS
-    flips = tuple(str(f) for f in flips)
+    flips = FLIPS if flips is None else tuple(str(f) for f in flips)
+    # checked with TTA off too: switching it on later must not be the first to find the typo
     if not flips or any(f not in FLIPS for f in flips):
         raise ValueError(f"evaluate.tta.flips must name at least one of {list(FLIPS)}, got "
                          f"{list(flips)}")
-    return flips
+    return flips if tta.get("enabled") else None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -270,6 +270,11 @@ def test_bad_settings_are_refused_before_any_prediction(workspace, monkeypatch) 
                           f"evaluate.out={root / 'eval-bad'}")
         with pytest.raises(ValueError, match=message):
             ev.evaluate(cfg)
+    for bad in ("evaluate.tta.flips=[]", "evaluate.tta.flips=[rot90]"):  # with TTA off too
+        cfg = eval_config(root, archive, bad, "evaluate.split=all",
+                          f"evaluate.out={root / 'eval-bad'}")
+        with pytest.raises(ValueError, match="tta.flips must name"):
+            ev.evaluate(cfg)
 
 
 def test_a_missing_bundle_or_one_of_another_task_is_refused_first(workspace, monkeypatch):
