@@ -331,6 +331,26 @@ def _flip_p(value: float | bool | None) -> float:
     return float(value)
 
 
+# augmentation amplitudes and the ranges that keep them meaningful (a negative one switched the
+# step off without a word; contrast above 1 inverted images)
+_AMPLITUDES = {"rotate": (180.0, True), "shift": (1.0, False), "brightness": (1.0, True),
+               "contrast": (1.0, False)}
+
+
+def check_augment(cfg: dict[str, Any]) -> None:
+    """Refuse augmentation settings outside their meaning, naming the key: flip probabilities
+    in [0, 1], rotate in [0, 180] degrees, shift and contrast in [0, 1), brightness in [0, 1]."""
+    for key in ("hflip", "vflip"):
+        p = _flip_p(cfg.get(key))
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{key} is a probability in [0, 1], got {cfg.get(key)!r}")
+    for key, (top, closed) in _AMPLITUDES.items():
+        value = float(cfg.get(key) or 0.0)
+        if not (0.0 <= value <= top if closed else 0.0 <= value < top):
+            raise ValueError(f"{key} must be in [0, {top:g}{']' if closed else ')'}, "
+                             f"got {cfg.get(key)!r}")
+
+
 def build_transforms(cfg: dict[str, Any], train: bool) -> Compose:
     """Pipeline from config keys size, hflip, vflip, rotate, shift, scale, brightness, contrast.
 
@@ -345,6 +365,7 @@ def build_transforms(cfg: dict[str, Any], train: bool) -> Compose:
         steps.append(Resize(cfg["size"]))
     if not train:
         return Compose(steps)
+    check_augment(cfg)
     p_h, p_v = _flip_p(cfg.get("hflip")), _flip_p(cfg.get("vflip"))
     if p_h > 0 or p_v > 0:
         steps.append(RandomFlip(p_h, p_v))

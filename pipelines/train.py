@@ -389,8 +389,11 @@ def check_settings(cfg: dict[str, Any]) -> None:
                          f"epoch and early stopping are chosen on it; got {split.get('ratios')}")
     check_scheduler(cfg["train"]["scheduler"])
     # bad augmentation ranges raise here rather than in the read tasks
-    build_transforms({"size": list(cfg["data"]["image_size"]), **dict(cfg["data"]["augment"])},
-                     train=True)
+    try:
+        build_transforms({"size": list(cfg["data"]["image_size"]),
+                          **dict(cfg["data"]["augment"])}, train=True)
+    except ValueError as exc:
+        raise ValueError(f"data.augment: {exc}") from exc
     for stage in stages:
         spec = stage_spec(cfg, stage)
         seg = stage == "segmenter"

@@ -996,6 +996,12 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("train.early_stopping_patience=-3", "early_stopping_patience must"),
                          ("train.ema_decay=1.0", "train.ema_decay must be in"),
                          ("data.augment.scale=[1.1,0.9]", "scale_range must be"),
+                         # passed, then switched the step off or inverted images
+                         ("data.augment.hflip=2", r"data.augment: hflip is a probability"),
+                         ("data.augment.contrast=-0.5", r"data.augment: contrast must be in"),
+                         ("data.augment.contrast=5", r"data.augment: contrast must be in"),
+                         ("data.augment.shift=-0.3", r"data.augment: shift must be in"),
+                         ("data.augment.rotate=-5", r"data.augment: rotate must be in \[0, 180\]"),
                          ("data.split.ratios=[0.9,0,0.1]", "validation split no share"),
                          # crashed on the first classifier batch, after the whole segmenter
                          ("classifier.num_classes=7", "classifier.num_classes=7 but"),
