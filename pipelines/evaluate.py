@@ -503,6 +503,22 @@ def _out_so(cfg: Mapping[str, Any], url: str) -> dict | None:
     return storage_options(cfg["data"], url) if "://" in url else None
 
 
+# what an evaluation may write under evaluate.out besides report.html, summary.json and
+# per_image.*: a rerun into the same folder removes those it does not write again
+FIGURES = ("cases", "confusion_matrix", "curves_segmenter", "curves_classifier")
+NO_TTA_TABLES = ("per_image_no_tta.csv", "per_image_no_tta.parquet")
+REPORT_NAME = "data_report.json"
+
+
+def remove_outputs(out: str, so: dict | None, names: Sequence[str]) -> None:
+    """Delete the files `names` (relative to `out`) that exist: an earlier evaluation's."""
+    fs, root = fsspec.core.url_to_fs(out, **(so or {}))
+    for name in names:
+        path = f"{root.rstrip('/')}/{name}"
+        if fs.exists(path):
+            fs.rm(path)
+
+
 # ----------------------------------------------------------------------------------------------
 # The job
 
@@ -548,6 +564,10 @@ def evaluate(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> 
     check_bundle_task(ev["segmenter"], "segmentation", "evaluate.segmenter",
                       _bundle_so(cfg, ev["segmenter"]))
     class_names = checked_class_names(cfg)
+    out = str(ev["out"]).rstrip("/")
+    so = _out_so(cfg, out)
+    if data.get("report") and str(data["report"]) == join(out, REPORT_NAME):
+        remove_outputs(out, so, [REPORT_NAME])  # this run's, written only where it drops files
     records = select_records(cfg)
     backend = choose_backend(str(ev.get("backend", "local")), len(records),
                              int(ev.get("auto_ray_min_images", 2000)), is_packed(data))
@@ -579,9 +599,9 @@ def evaluate(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> 
         if found is not None:
             figures[f"curves_{stage}"], notes[f"curves_{stage}"] = found
 
-    out = str(ev["out"]).rstrip("/")
-    so = _out_so(cfg, out)
     table = table_records(main, class_names)
+    remove_outputs(out, so, [*([] if flips else NO_TTA_TABLES),
+                             *(f"figures/{f}.png" for f in FIGURES if f not in figures)])
     outputs: dict[str, Any] = {"report": join(out, "report.html"),
                                "summary": join(out, "summary.json"),
                                "per_image": write_tables(table, join(out, "per_image"), so)}

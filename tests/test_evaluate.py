@@ -323,6 +323,33 @@ def test_bad_inputs_are_reported_beside_the_evaluation(workspace) -> None:
     assert not training_report.exists()
 
 
+def test_a_rerun_into_the_same_folder_leaves_no_file_of_the_earlier_one(workspace, local_run,
+                                                                         tmp_path) -> None:
+    """An evaluation into the folder of an earlier one kept that one's per_image_no_tta.*
+    beside a summary without TTA, its confusion matrix without a classifier, and its
+    data_report.json naming a file that was no longer there."""
+    from pipelines.evaluate import evaluate
+
+    root, archive = workspace
+    out = tmp_path / "eval"
+    shutil.copytree(local_run[1], out)  # with TTA and the classifier
+    assert (out / "per_image_no_tta.csv").exists()
+    assert (out / "figures" / "confusion_matrix.png").exists()
+    plain = ["evaluate.split=test", "evaluate.classifier=null", f"evaluate.out={out}"]
+    with pytest.warns(UserWarning, match="dropped"):
+        evaluate(eval_config(root, archive, *plain))
+    assert not (out / "per_image_no_tta.csv").exists()
+    assert not (out / "per_image_no_tta.parquet").exists()
+    assert not (out / "figures" / "confusion_matrix.png").exists()
+    assert (out / "figures" / "cases.png").exists() and (out / "data_report.json").exists()
+    clean = tmp_path / "clean"  # the bad mask's record gone from the archive
+    shutil.copytree(archive, clean)
+    for name in ("benign (2).png", "benign (2)_mask.png"):
+        (clean / "benign" / name).unlink()
+    evaluate(eval_config(root, str(clean), *plain))
+    assert not (out / "data_report.json").exists()
+
+
 def test_split_is_the_training_split(workspace, capsys) -> None:
     """split=test evaluates exactly the held-out split of pipelines.data.load_splits."""
     from pipelines.data import load_splits
