@@ -101,28 +101,27 @@ def test_entry_points_join_a_cluster_started_with_ray_start(tmp_path_factory):
                         "--include-dashboard=false", "--disable-usage-stats"],
                        env=env, check=True, capture_output=True, timeout=180)
         address = (Path(tmp) / "ray" / "ray_current_cluster").read_text().strip()
-        probe = ("from pipelines.train_ray import init_ray\n"
-                 "init_ray({'num_workers': 2, 'cpus_per_worker': 1})\n"
-                 "import ray\n"
-                 "print('JOINED', ray.get_runtime_context().gcs_address, "
-                 "ray.cluster_resources()['CPU'])\n")
-        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=180)
-        assert out.returncode == 0, out.stderr[-2000:]
+
+        def joined(probe: str) -> str:
+            out = subprocess.run([sys.executable, "-c", probe + "import ray\nprint('JOINED', "
+                                  "ray.get_runtime_context().gcs_address, SHOW)\n"], cwd=ROOT,
+                                 env=env, capture_output=True, text=True, timeout=180)
+            assert out.returncode == 0, out.stderr[-2000:]
+            return out.stdout
+
         # the recorded cluster (1 CPU), not a new local one sized for the trainer (3 CPUs)
-        assert f"JOINED {address} 1.0" in out.stdout
+        assert f"JOINED {address} 1.0" in joined(
+            "from pipelines.train_ray import init_ray\n"
+            "init_ray({'num_workers': 2, 'cpus_per_worker': 1})\n"
+            "SHOW = __import__('ray').cluster_resources()['CPU']\n")
         # the bulk job's default (no address, no CPU count), where `ray.init()` joins without
         # complaint: a cluster it joined, whose autoscaler may add GPU nodes, so a GPU pool
         # waits for them instead of being refused as by a local cluster this run started
-        probe = ("from pipelines import cluster\n"
-                 "cluster.connect(None, None)\n"
-                 "cluster.check_fits({'CPU': 1.0, 'GPU': 0.25}, 'one actor of the pool')\n"
-                 "import ray\n"
-                 "print('JOINED', ray.get_runtime_context().gcs_address, cluster._started_here)\n")
-        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=180)
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert f"JOINED {address} False" in out.stdout
+        assert f"JOINED {address} False" in joined(
+            "from pipelines import cluster\n"
+            "cluster.connect(None, None)\n"
+            "cluster.check_fits({'CPU': 1.0, 'GPU': 0.25}, 'one actor of the pool')\n"
+            "SHOW = cluster._started_here\n")
     finally:
         _kill_cluster(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
