@@ -714,9 +714,16 @@ def load_splits(cfg: dict[str, Any], check: bool = False) -> dict[str, list[Reco
     of the archive as listed, and the bad records leave their split after it: every reader
     of the archive, checked (the in-process trainer) or not (Ray tasks, evaluation), gets the
     same splits; dropped first, one bad file moved other records between splits."""
+    return split_views(cfg, check)[0]
+
+
+def split_views(cfg: dict[str, Any], check: bool = False
+                ) -> tuple[dict[str, list[Record]], dict[str, list[Record]]]:
+    """`load_splits`, and the same splits as listed: with the bad records that a check with
+    dedup off found still in them, as unchecked readers (Ray's) split the archive."""
     records, hashes, bad = _checked_listing(cfg, True if check else None)
-    splits = split_records(records, hashes, cfg["data"]["split"])
-    return {name: [r for r in part if r.id not in bad] for name, part in splits.items()}
+    listed = split_records(records, hashes, cfg["data"]["split"])
+    return {name: [r for r in part if r.id not in bad] for name, part in listed.items()}, listed
 
 
 # ----------------------------------------------------------------------------------------------

@@ -158,6 +158,13 @@ def next_epoch(train_state: dict[str, Any]) -> int:
     return int(train_state.get("epoch", -1)) + 1
 
 
+def finished(train_state: dict[str, Any], epochs: int) -> bool:
+    """Whether a stage at `train_state` has nothing left to train for `epochs` (done or
+    stopped early); False for none."""
+    return bool(train_state) and (bool(train_state.get("stopped_early"))
+                                  or next_epoch(train_state) >= epochs)
+
+
 class RunLog:
     """Publishes epoch results of one stage: bundles, CSV, curves and TensorBoard scalars."""
 
@@ -191,11 +198,6 @@ class RunLog:
     def resume_epoch(self) -> int:
         """The epoch a rerun of this stage starts at (0 without a latest bundle)."""
         return next_epoch(self.train_state())
-
-    def finished(self, epochs: int) -> bool:
-        """Whether the stage has nothing left to train for `epochs` (done or stopped early)."""
-        state = self.train_state()
-        return bool(state) and (bool(state.get("stopped_early")) or next_epoch(state) >= epochs)
 
     def record(self, metrics: dict[str, float], bundle_dir: str | None,
                history: list[dict[str, Any]]) -> None:

@@ -47,12 +47,12 @@ from pipelines.config import (
 from pipelines.data import (
     data_report,
     load_any_record,
-    load_splits,
     read_settings,
     split_mode,
+    split_views,
 )
 from pipelines.loop import StageSpec, epoch_seed, fit_stage
-from pipelines.runlog import RunLog, join, record_splits
+from pipelines.runlog import RunLog, finished, join, record_splits
 from pipelines.tuning import (
     chain_scores,
     choose_mask_clearing,
@@ -425,7 +425,7 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
 
         join_cluster(cfg["trainer"])
     # the in-process trainer's DataLoader cannot drop a bad record: check them all first
-    splits = load_splits(cfg, check=backend == "local")
+    splits, listed = split_views(cfg, check=backend == "local")
     print("split sizes: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()), flush=True)
     if not splits["val"]:
         raise ValueError(f"the validation split is empty ({len(splits['train'])} train records): "
@@ -440,14 +440,13 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
                                  "+data.options.labels_csv=<csv>): train stages=[segmenter]")
     # recorded once the run is sure to start: a refused run leaves no run directory. Until a
     # stage has a bundle, a start that died early holds nothing of its split: record anew
-    trained = any(RunLog(run_dir(cfg), s).resume_dir() is not None for s in STAGES)
+    states = {s: RunLog(run_dir(cfg), s).train_state() for s in STAGES}
     moved = record_splits(run_dir(cfg), {k: [r.id for r in v] for k, v in splits.items()},
-                          replace=not trained)
-    if moved and backend == "local":
+                          replace=not any(states.values()))
+    if moved and listed != splits:
         # a start under trainer=ray recorded the splits as listed, where a split holds a bad
-        # record that its readers drop (dedup off); this trainer's splits leave it out. (The
+        # record that its readers drop (dedup off); the in-process trainer's leave it out. (The
         # other way round the check would decode the archive on the driver: not done.)
-        listed = load_splits(cfg, check=False)
         if not record_splits(run_dir(cfg), {k: [r.id for r in v] for k, v in listed.items()}):
             moved = []
     if moved:
@@ -456,7 +455,7 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
                       "and test figures are no longer of the images it held out", stacklevel=2)
     # a finished stage keeps the inference choices made on its own validation split
     keep_choices = {s for s in cfg["stages"]
-                    if moved and RunLog(run_dir(cfg), s).finished(stage_spec(cfg, s).epochs)}
+                    if moved and finished(states[s], stage_spec(cfg, s).epochs)}
     if backend == "local":
         train_stage = run_local
     else:  # "ray" (check_settings refused any other)
