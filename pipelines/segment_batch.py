@@ -121,8 +121,9 @@ SUMMARY_SCHEMA = pa.schema([
 ])
 RESULT_SCHEMA = pa.schema(RESULT_FIELDS)
 INDEX_COLUMNS = ("id", "mask_path", "error", "processed_at")
-SUMMARY_COLUMNS = (*INDEX_COLUMNS, "segmenter_version", "classifier_version", "tp", "fp", "fn",
-                   "tn", "dice", "iou", "hd95")
+VERSION_COLUMNS = ("segmenter_version", "classifier_version")
+SUMMARY_COLUMNS = (*INDEX_COLUMNS, *VERSION_COLUMNS, "tp", "fp", "fn", "tn", "dice", "iou",
+                   "hd95")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,9 +662,29 @@ def _totals(state: State, class_names: Sequence[str]) -> dict[str, Any]:
         "error_list": sorted(errors, key=lambda e: e["id"])[:LIST_CAP],
         "masks": len(state.masks),
         "parts": len(state.parts),
-        "bundle_versions": [{"segmenter": s, "classifier": c, "images": n}
-                            for (s, c), n in sorted(versions.items(), key=str)],
+        "bundle_versions": _version_rows(versions),
     }
+
+
+def done_by_other_bundles(state: State, ids: set[str], seg_info: Mapping[str, Any] | None,
+                          cls_info: Mapping[str, Any] | None) -> Counter[tuple[Any, Any]]:
+    """(segmenter version, classifier version) -> count of the committed result rows of `ids`
+    that bundles other than this run's made (error rows made none)."""
+    want = (seg_info["version"] if seg_info else None, cls_info["version"] if cls_info else None)
+    rows = zip(state.ids, state.rows.column("error").to_pylist(),
+               *(state.rows.column(c).to_pylist() for c in VERSION_COLUMNS))
+    return Counter((sv, cv) for i, e, sv, cv in rows
+                   if i in ids and e is None and (sv, cv) != want)
+
+
+def _version_rows(versions: Counter[tuple[Any, Any]]) -> list[dict[str, Any]]:
+    return [{"segmenter": sv, "classifier": cv, "images": n}
+            for (sv, cv), n in sorted(versions.items(), key=str)]
+
+
+def _version_list(versions: Counter[tuple[Any, Any]]) -> str:
+    return "; ".join(f"segmenter {r['segmenter']}, classifier {r['classifier']}: {r['images']}"
+                     for r in _version_rows(versions))
 
 
 def _write_json(out: Output, rel: str, obj: Any) -> None:
@@ -756,7 +777,7 @@ def run(cfg: Mapping[str, Any], release: Callable[[], None] | None = None) -> di
         out.delete_tree(RESULTS_DIR)
         out.delete_tree(MASKS_DIR)
 
-    state, repaired = repair(out, State(out))
+    state, repaired = repair(out, State(out, (*INDEX_COLUMNS, *VERSION_COLUMNS)))
     # retried errors: their rows stay until the image is committed again (`repair` then keeps
     # the new row)
     retried = {i for i, e in zip(state.ids, state.rows.column("error").to_pylist())
@@ -772,6 +793,13 @@ def run(cfg: Mapping[str, Any], release: Callable[[], None] | None = None) -> di
           f"({len(listing.skipped)} files skipped by the layout), "
           f"{len(listing.records) - len(pending)} already done, "
           f"{len(todo)} to process", flush=True)
+
+    stale = done_by_other_bundles(state, {r.id for r in listing.records} & done,
+                                  seg_info, cls_info)
+    if stale:
+        print(f"[segment_batch] {sum(stale.values())} of the images already done were "
+              f"segmented by other bundles ({_version_list(stale)}); their rows are kept "
+              "(overwrite=true processes every image again with these bundles)", flush=True)
 
     progress = Progress()
     if todo:
@@ -810,6 +838,7 @@ def run(cfg: Mapping[str, Any], release: Callable[[], None] | None = None) -> di
         "run": {
             "processed": n_processed,
             "already_done": len(listing.records) - len(pending),
+            "done_by_other_bundles": _version_rows(stale),
             "limit": limit,
             "remaining": remaining,
             "complete": remaining == 0,

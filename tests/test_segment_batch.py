@@ -674,6 +674,33 @@ def test_limit_rerun_repair_and_overwrite_keep_exactly_once(ray_cluster, bundles
 
 
 @pytest.mark.ray
+def test_a_rerun_with_new_bundles_names_the_images_done_by_the_old_ones(ray_cluster, bundles,
+                                                                        tmp_path, capsys):
+    """Done images are skipped whatever bundles made them; a run with retrained bundles says how
+    many that leaves to the old ones, in its output and its manifest."""
+    archive = make_busi_archive(tmp_path / "busi", per_class=2, seed=4)
+    out = tmp_path / "out"
+    base = [f"input={archive}", "layout=busi", f"bundles.classifier={bundles[1]}",
+            f"output={out}", "batch.concurrency=1"]
+    first = run_job([*base, f"bundles.segmenter={bundles[0]}"])
+    assert first["run"]["processed"] == 6 and first["run"]["done_by_other_bundles"] == []
+    capsys.readouterr()
+    retrained = tmp_path / "seg-v2"
+    shutil.copytree(bundles[0], retrained)
+    (retrained / "version").write_text("seg-v2\n")
+
+    again = run_job([*base, f"bundles.segmenter={retrained}"])
+    assert again["run"]["processed"] == 0 and again["run"]["already_done"] == 6
+    assert again["run"]["done_by_other_bundles"] == [
+        {"segmenter": "seg-v1", "classifier": "cls-v1", "images": 6}]
+    assert ("6 of the images already done were segmented by other bundles (segmenter seg-v1, "
+            "classifier cls-v1: 6)") in capsys.readouterr().out
+    redo = run_job([*base, f"bundles.segmenter={retrained}", "overwrite=true"])
+    assert redo["run"]["processed"] == 6 and redo["run"]["done_by_other_bundles"] == []
+    assert run_job([*base, f"bundles.segmenter={retrained}"])["run"]["done_by_other_bundles"] == []
+    assert "segmented by other bundles" not in capsys.readouterr().out
+
+@pytest.mark.ray
 def test_killed_driver_then_rerun_processes_every_image_once(ray_cluster, bundles, tmp_path):
     import ray
 
