@@ -52,6 +52,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, "") and (_ROOT / "medseg_core").is_dir():  # `python pipelines/X.py`
     sys.path.insert(0, str(_ROOT))
 
+import copy
 import hashlib
 import io
 import json
@@ -579,8 +580,18 @@ def storage_options(cfg: Mapping[str, Any], role: str, url: str) -> dict | None:
     archive read unsigned, results written with the environment's credentials); credential
     keys are refused (environment only)."""
     storage = dict(cfg.get("storage") or {})
-    merged = {k: storage.get(k) for k in _STORAGE_KEYS}
-    merged.update({k: v for k, v in dict(storage.get(role) or {}).items() if v is not None})
+    own = {k: v for k, v in dict(storage.get(role) or {}).items() if v is not None}
+    shared = copy.deepcopy(dict(storage.get("storage_options") or {}))
+    # the role's endpoint, region and access also beat the shared options' spelling of them
+    client = dict(shared.pop("client_kwargs", None) or {})
+    for key, option in (("endpoint_url", "endpoint_url"), ("region", "region_name")):
+        if key in own:
+            client.pop(option, None)
+    if client:
+        shared["client_kwargs"] = client
+    if "anonymous" in own:
+        shared.pop("anon", None)
+    merged = {**{k: storage.get(k) for k in _STORAGE_KEYS}, "storage_options": shared, **own}
     return _storage_options(merged, url)
 
 

@@ -369,6 +369,19 @@ def test_each_url_gets_the_storage_settings_of_its_role():
     assert so_bundles == {"client_kwargs": {"endpoint_url": "http://shared",
                                             "region_name": "eu-west-1"}}
     assert storage_options(cfg, "input", "/local/archive") is None
+    # a role's own setting also beats the shared fsspec options' spelling of it
+    cfg = job_config(["input=s3://a/x", "output=s3://b/y", "bundles.segmenter=s3://b/seg",
+                      "+storage.storage_options.client_kwargs.endpoint_url=http://shared",
+                      "+storage.storage_options.client_kwargs.region_name=us-east-1",
+                      "+storage.storage_options.anon=true",
+                      "storage.input.endpoint_url=http://hospital", "storage.input.region=eu-1",
+                      "storage.output.anonymous=false"])
+    assert storage_options(cfg, "input", "s3://a/x") == {
+        "anon": True, "client_kwargs": {"endpoint_url": "http://hospital", "region_name": "eu-1"}}
+    assert storage_options(cfg, "output", "s3://b/y") == {
+        "client_kwargs": {"endpoint_url": "http://shared", "region_name": "us-east-1"}}
+    assert storage_options(cfg, "bundles", "s3://b/seg") == {
+        "anon": True, "client_kwargs": {"endpoint_url": "http://shared", "region_name": "us-east-1"}}
 
 
 def test_a_part_that_fails_to_read_is_not_quarantined(tmp_path, monkeypatch):
