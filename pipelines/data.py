@@ -643,6 +643,15 @@ def split_mode(split_cfg: Mapping[str, Any] | None) -> str:
     return mode
 
 
+def split_identity(split_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The `data.split` settings that decide the split: the other mode's keys (`n_folds` and
+    `fold` in ratio mode, `ratios` in kfold mode) are left out, as `split_records` ignores
+    them."""
+    split = dict(split_cfg or {})
+    unused = ("n_folds", "fold") if split_mode(split) == "ratio" else ("ratios",)
+    return {k: v for k, v in split.items() if k not in unused}
+
+
 def split_records(records: list[Record], hashes: list[int] | None,
                   split_cfg: dict[str, Any]) -> dict[str, list[Record]]:
     """`medseg_core.splits.split_records` driven by the `data.split` config."""

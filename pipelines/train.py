@@ -48,6 +48,7 @@ from pipelines.data import (
     data_report,
     load_any_record,
     read_settings,
+    split_identity,
     split_mode,
     split_views,
 )
@@ -103,7 +104,7 @@ def training_data(cfg: dict[str, Any]) -> dict[str, Any]:
     data = cfg["data"]
     return json.loads(json.dumps({
         "url": _archive_name(data["url"]), "layout": data.get("layout"),
-        "options": dict(data.get("options") or {}), "split": dict(data.get("split") or {}),
+        "options": dict(data.get("options") or {}), "split": split_identity(data.get("split")),
         "seed": int(cfg.get("seed", 0))}, default=str))
 
 
@@ -127,9 +128,14 @@ def check_resumable(cfg: dict[str, Any]) -> None:
         if latest is None:
             continue
         _, old = read_bundle_meta(latest)
-        if isinstance(old.get("training_data"), dict) and old["training_data"].get("url"):
-            # as `training_data` names it now (bundles before kept a URL's trailing slash)
-            old["training_data"]["url"] = _archive_name(old["training_data"]["url"])
+        if isinstance(old.get("training_data"), dict):
+            # as `training_data` names them now: bundles before kept a URL's trailing slash
+            # and the other split mode's keys
+            before = old["training_data"]
+            if before.get("url"):
+                before["url"] = _archive_name(before["url"])
+            if isinstance(before.get("split"), dict):
+                before["split"] = split_identity(before["split"])
         trained = stage in cfg["stages"]
         if trained:
             spec = stage_spec(cfg, stage)

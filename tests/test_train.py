@@ -421,6 +421,9 @@ def test_a_run_name_resumes_only_under_its_own_data_split_and_model(tmp_path, ca
     capsys.readouterr()
     run(config(tmp_path, *base, "train.batch_size=2"))  # not part of what the run is
     assert "[segmenter] already trained (1 of 1 epochs done)" in capsys.readouterr().out
+    # nor are the k-fold settings of a ratio split, which splitting ignores
+    run(config(tmp_path, *base, "data.split.n_folds=3", "data.split.fold=2"))
+    assert "[segmenter] already trained (1 of 1 epochs done)" in capsys.readouterr().out
 
 
 def test_a_start_that_died_before_its_first_bundle_does_not_fix_the_runs_split(tmp_path):
@@ -1332,7 +1335,8 @@ def test_the_segmenter_stage_runs_first_whatever_the_order_asked(tmp_path, capsy
 
 def test_an_archive_url_is_the_same_with_or_without_a_trailing_slash(tmp_path):
     """A URL's trailing slash stayed in `training_data` (a local path's did not): a rerun naming
-    the same bucket prefix with or without it was refused as other data."""
+    the same bucket prefix with or without it was refused as other data. Likewise the k-fold
+    keys of a ratio split, which bundles recorded before."""
     import yaml
 
     from pipelines.train import check_resumable, run, training_data
@@ -1344,11 +1348,16 @@ def test_an_archive_url_is_the_same_with_or_without_a_trailing_slash(tmp_path):
     latest = tmp_path / "runs" / "slash" / "segmenter" / "latest" / "config.yaml"
     meta = yaml.safe_load(latest.read_text())
     meta["training_data"]["url"] = url + "/"  # as bundles recorded it before
+    assert "n_folds" not in meta["training_data"]["split"]
+    meta["training_data"]["split"].update(n_folds=5, fold=0)  # and the unused k-fold keys
     latest.write_text(yaml.safe_dump(meta, sort_keys=False))
     for named in (url, url + "/"):
         check_resumable(config(tmp_path, *base, f"data.url={named}"))
+    check_resumable(config(tmp_path, *base, f"data.url={url}", "data.split.n_folds=3"))
     with pytest.raises(ValueError, match=r"training_data\.url differ"):
         check_resumable(config(tmp_path, *base, "data.url=s3://bucket/other"))
+    with pytest.raises(ValueError, match=r"training_data\.split differ"):
+        check_resumable(config(tmp_path, *base, f"data.url={url}", "data.split.mode=kfold"))
 
 
 def test_a_finished_stage_keeps_its_inference_choice_when_the_archive_changed(tmp_path, capsys):
