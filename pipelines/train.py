@@ -459,9 +459,12 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
         warnings.warn(f"run {cfg['run_name']!r}: the {', '.join(moved)} split(s) now hold other "
                       "records than when the run started (the archive changed): its validation "
                       "and test figures are no longer of the images it held out", stacklevel=2)
-    # a finished stage keeps the inference choices made on its own validation split
+    # a finished stage keeps the inference choices made on its own validation split (a named
+    # setting, chosen on no split, is applied as always)
+    chosen = {"segmenter": postprocess_mode(cfg) == "auto",
+              "classifier": clear_masks_mode(cfg) == "auto"}
     keep_choices = {s for s in cfg["stages"]
-                    if moved and finished(states[s], stage_spec(cfg, s).epochs)}
+                    if moved and chosen[s] and finished(states[s], stage_spec(cfg, s).epochs)}
     if backend == "local":
         train_stage = run_local
     else:  # "ray" (check_settings refused any other)

@@ -1367,6 +1367,8 @@ def test_a_finished_stage_keeps_its_inference_choice_when_the_archive_changed(tm
     import shutil
     import warnings
 
+    import yaml
+
     from pipelines.data import ensure_dataset
     from pipelines.train import run
 
@@ -1387,3 +1389,17 @@ def test_a_finished_stage_keeps_its_inference_choice_when_the_archive_changed(tm
     assert "[segmenter] finished before the splits changed: its inference choices stay" in out
     assert "[postprocess]" not in out
     assert {p.name: p.read_bytes() for p in best.iterdir()} == before
+    # a setting the rerun names is chosen on no split: it applies, as on an unchanged archive
+    for suffix in ("", "_mask"):
+        shutil.copy(archive / "normal" / f"normal (1){suffix}.png",
+                    archive / "normal" / f"normal (98){suffix}.png")
+    def options() -> tuple[bool, bool]:
+        inference = yaml.safe_load((best / "config.yaml").read_text())["inference"]
+        return bool(inference.get("flip")), bool(inference.get("keep_largest"))
+
+    named = "none" if any(options()) else "flip+largest"  # not what was chosen
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(config(tmp_path, *base, f"train.postprocess={named}"))
+    assert any("the archive changed" in str(w.message) for w in caught)
+    assert options() == ((False, False) if named == "none" else (True, True))
