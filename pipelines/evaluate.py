@@ -364,6 +364,10 @@ def predict_ray(records: Sequence[Record], cfg: Mapping[str, Any], flips: Sequen
             "max_bytes": _max_bytes(data),
             "io_threads": int(read_settings(data)["io_threads"]),
             "model_batch_size": int(ev.get("batch_size", 8)),
+            # as the driver checked them (the archive's options are for the images)
+            "bundle_storage_options": _bundle_so(cfg, next(
+                (u for u in (ev["segmenter"], ev.get("classifier")) if u and "://" in str(u)),
+                ev["segmenter"])) or {},
         },
         forward_credentials=bool(data.get("forward_credentials", True)),
     )

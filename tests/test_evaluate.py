@@ -436,6 +436,33 @@ def test_ray_backend_gives_the_same_rows(ray_cluster, workspace, local_run) -> N
 
 
 @pytest.mark.ray
+def test_ray_backend_reads_the_bundles_with_their_own_storage_settings(
+        ray_cluster, workspace, s3, monkeypatch) -> None:
+    """A local archive and a segmenter on a store `data.endpoint_url` names: the driver checked
+    the bundle there, and the Ray actors looked for it with the archive's options (none: the
+    environment's store) and failed."""
+    from s3server import start_moto
+
+    from pipelines.evaluate import evaluate
+
+    root, archive = workspace
+    for key, value in s3.env.items():  # the environment names another store
+        monkeypatch.setenv(key, value)
+    models = start_moto()
+    try:
+        models.upload_dir(str(root / "runs" / "tiny" / "segmenter" / "best"), "s3://models/seg")
+        cfg = eval_config(root, archive, "evaluate.split=all", "evaluate.backend=ray",
+                          "evaluate.ray.concurrency=1", "evaluate.segmenter=s3://models/seg",
+                          "evaluate.classifier=null", f"data.endpoint_url={models.endpoint}",
+                          f"evaluate.out={root / 'eval-ray-s3'}")
+        summary = evaluate(cfg)
+    finally:
+        models.stop()
+    assert summary["run"]["backend"] == "ray"
+    assert (summary["n_images"], summary["n_errors"]) == (15, 1)  # the workspace's corrupt mask
+    assert "benign (2)_mask.png" in summary["errors"][0]["error"]
+
+@pytest.mark.ray
 def test_both_backends_refuse_files_over_data_max_bytes(ray_cluster, workspace) -> None:
     from pipelines.evaluate import evaluate
 
