@@ -337,18 +337,37 @@ _AMPLITUDES = {"rotate": (180.0, True), "shift": (1.0, False), "brightness": (1.
                "contrast": (1.0, False)}
 
 
+def _number(cfg: dict[str, Any], key: str, convert: Callable[[Any], float]) -> float:
+    try:
+        return convert(cfg.get(key))
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"{key} must be a number, got {cfg.get(key)!r}") from None
+
+
 def check_augment(cfg: dict[str, Any]) -> None:
     """Refuse augmentation settings outside their meaning, naming the key: flip probabilities
-    in [0, 1], rotate in [0, 180] degrees, shift and contrast in [0, 1), brightness in [0, 1]."""
+    in [0, 1], rotate in [0, 180] degrees, shift and contrast in [0, 1), brightness in [0, 1],
+    scale a number in [0, 1) or a range (low, high) with 0 < low <= high."""
     for key in ("hflip", "vflip"):
-        p = _flip_p(cfg.get(key))
+        p = _number(cfg, key, _flip_p)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{key} is a probability in [0, 1], got {cfg.get(key)!r}")
     for key, (top, closed) in _AMPLITUDES.items():
-        value = float(cfg.get(key) or 0.0)
+        value = _number(cfg, key, lambda v: float(v or 0.0))
         if not (0.0 <= value <= top if closed else 0.0 <= value < top):
             raise ValueError(f"{key} must be in [0, {top:g}{']' if closed else ')'}, "
                              f"got {cfg.get(key)!r}")
+    scale = cfg.get("scale")
+    is_range = isinstance(scale, Sequence) and not isinstance(scale, str) and len(scale) == 2
+    try:
+        if not (scale is None or isinstance(scale, (int, float)) or is_range):
+            raise ValueError
+        low, high = _scale_range(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a number or a range [low, high], got {scale!r}") from None
+    if not 0.0 < low <= high:
+        raise ValueError(f"scale must be a number in [0, 1) or a range [low, high] with "
+                         f"0 < low <= high, got {scale!r}")
 
 
 def build_transforms(cfg: dict[str, Any], train: bool) -> Compose:

@@ -998,7 +998,14 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("train.classifier_epochs=0", "train.classifier_epochs must be"),
                          ("train.early_stopping_patience=-3", "early_stopping_patience must"),
                          ("train.ema_decay=1.0", "train.ema_decay must be in"),
-                         ("data.augment.scale=[1.1,0.9]", "scale_range must be"),
+                         ("data.augment.scale=[1.1,0.9]", r"data.augment: scale must be a "
+                          r"number in \[0, 1\) or a range"),
+                         ("data.augment.scale=[0.9]", r"data.augment: scale must be a number "
+                          r"or a range \[low, high\], got \[0.9\]"),
+                         # a bare TypeError, naming no setting
+                         ("data.augment.rotate=[-10,10]", r"data.augment: rotate must be a "
+                          r"number, got \[-10, 10\]"),
+                         ("data.augment.hflip=[0.5]", r"data.augment: hflip must be a number"),
                          # passed, then switched the step off or inverted images
                          ("data.augment.hflip=2", r"data.augment: hflip is a probability"),
                          ("data.augment.contrast=-0.5", r"data.augment: contrast must be in"),
