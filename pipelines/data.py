@@ -134,6 +134,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("medseg.data")
 
 MANIFEST_NAME = "manifest.json"
+REPORT_NAME = "data_report.json"  # the bad-input report's name where an entry point places it
 PACKED_FORMAT = "medseg-packed"
 PACKED_MARK = "#rg="
 # Errors that mean "this file is bad": dropped and reported (or fatal in strict). Anything else
@@ -328,6 +329,12 @@ def report_path(cfg: Mapping[str, Any]) -> str | None:
     return str(path) if path else None
 
 
+def report_options(cfg: Mapping[str, Any]) -> dict | None:
+    """fsspec options of `data.report`: `data.report_storage_options`, which pack and evaluate
+    set to their output's (training's reports, like its bundles, use the environment's)."""
+    return cfg.get("data", cfg).get("report_storage_options") or None
+
+
 def _summarize(problems: Iterable[Problem], strict: bool) -> dict[str, Any]:
     items = sorted(problems, key=lambda p: (p.stage, p.path, p.reason))
     by_stage: dict[str, int] = {}
@@ -343,8 +350,8 @@ def _summarize(problems: Iterable[Problem], strict: bool) -> dict[str, Any]:
             "entries": [asdict(p) for p in items]}
 
 
-def _write_json(url: str, obj: Any) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
+def _write_json(url: str, obj: Any, storage_options: dict | None = None) -> None:
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if is_local(fs):
         fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp" if is_local(fs) else path
@@ -361,9 +368,11 @@ class ProblemLedger:
     arrives (at most once a second for large reports; `flush` always writes).
     """
 
-    def __init__(self, path: str | None, strict: bool = False):
+    def __init__(self, path: str | None, strict: bool = False,
+                 storage_options: dict | None = None):
         self.path = path
         self.strict = strict
+        self.storage_options = storage_options
         self.items: dict[tuple[str, str, str], Problem] = {}
         self.dirty = False
         self.last_write = 0.0
@@ -384,7 +393,7 @@ class ProblemLedger:
     def flush(self) -> dict[str, Any]:
         rep = self.report()
         if self.path and (self.dirty or self.last_write == 0.0):
-            _write_json(self.path, rep)
+            _write_json(self.path, rep, self.storage_options)
             self.last_write = time.time()
             self.dirty = False
         return rep
@@ -412,7 +421,7 @@ def problem_ledger(cfg: Mapping[str, Any]) -> ActorHandle:
     path = report_path(cfg)
     strict = bool(cfg["data"].get("strict", False))
     ledger = _LEDGER_ACTOR.options(name=_ledger_name(path), get_if_exists=True).remote(
-        path, strict)
+        path, strict, report_options(cfg))
     with _LOCK:
         pending = list(_DRIVER_PROBLEMS.pop(path, {}).values())
     ray.get(ledger.add.remote(pending))
@@ -441,7 +450,8 @@ def record_problems(cfg: Mapping[str, Any], problems: Sequence[Problem]) -> None
             bucket[p.key] = p
         items = list(bucket.values())
     if path:
-        _write_json(path, _summarize(items, bool(cfg["data"].get("strict", False))))
+        _write_json(path, _summarize(items, bool(cfg["data"].get("strict", False))),
+                    report_options(cfg))
 
 
 def _existing_ledger(path: str | None) -> ActorHandle | None:
@@ -472,7 +482,7 @@ def data_report(cfg: Mapping[str, Any], warn: bool = True) -> dict[str, Any]:
             items = list(_DRIVER_PROBLEMS.get(path, {}).values())
         rep = _summarize(items, strict)
         if path:
-            _write_json(path, rep)
+            _write_json(path, rep, report_options(cfg))
     if warn and rep["problems"]:
         names = ", ".join(e["path"] for e in rep["entries"][:5])
         more = " ..." if rep["problems"] > 5 else ""

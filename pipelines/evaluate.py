@@ -64,6 +64,7 @@ from pipelines import CONF_DIR
 from pipelines.cluster import connect, disconnect
 from pipelines.config import check_actor_pool, check_whole, explained_storage_errors, resolve
 from pipelines.data import (
+    REPORT_NAME,
     _max_bytes,
     _max_pixels,
     blamed_path,
@@ -72,6 +73,8 @@ from pipelines.data import (
     load_records,
     load_splits,
     read_settings,
+    report_options,
+    report_path,
     storage_options,
 )
 from pipelines.predict import ChainPredictor, error_text, predict_records, rows_to_table
@@ -511,7 +514,6 @@ def _out_so(cfg: Mapping[str, Any], url: str) -> dict | None:
 # per_image.*: a rerun into the same folder removes those it does not write again
 FIGURES = ("cases", "confusion_matrix", "curves_segmenter", "curves_classifier")
 NO_TTA_TABLES = ("per_image_no_tta.csv", "per_image_no_tta.parquet")
-REPORT_NAME = "data_report.json"
 
 
 def remove_outputs(out: str, so: dict | None, names: Sequence[str]) -> None:
@@ -570,8 +572,12 @@ def evaluate(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> 
     class_names = checked_class_names(cfg)
     out = str(ev["out"]).rstrip("/")
     so = _out_so(cfg, out)
-    if data.get("report") and str(data["report"]) == join(out, REPORT_NAME):
-        remove_outputs(out, so, [REPORT_NAME])  # this run's, written only where it drops files
+    # an earlier evaluation's report goes whether or not this one writes it there (it does only
+    # where it drops files); this one's is written as the other outputs are
+    remove_outputs(out, so, [REPORT_NAME])
+    if report_path(cfg) and not report_options(cfg):
+        data = {**data, "report_storage_options": _out_so(cfg, str(report_path(cfg)))}
+        cfg = {**cfg, "data": data}
     records = select_records(cfg)
     backend = choose_backend(str(ev.get("backend", "local")), len(records),
                              int(ev.get("auto_ray_min_images", 2000)), is_packed(data))

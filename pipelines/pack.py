@@ -63,6 +63,7 @@ from pipelines.data import (
     BAD_INPUT_ERRORS,
     MANIFEST_NAME,
     PACKED_FORMAT,
+    REPORT_NAME,
     BadRecordError,
     EnvCredentials,
     Problem,
@@ -76,6 +77,8 @@ from pipelines.data import (
     read_settings,
     record_bytes,
     record_problems,
+    report_options,
+    report_path,
     storage_options,
     task_credentials,
 )
@@ -242,10 +245,12 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         "out_storage_options": _out_options(cfg, out),
         "io_threads": int(read["io_threads"]),
     }
-    # the old manifest goes first: a pack that does not finish is never taken for complete
+    # the old manifest goes first: a pack that does not finish is never taken for complete;
+    # and the old pack's report, which named files this pack may not leave out
     mfs, mpath = _fs(f"{out}/{MANIFEST_NAME}", spec["out_storage_options"], spec["credentials"])
-    if mfs.exists(mpath):
-        mfs.rm(mpath)
+    for old in (mpath, f"{mpath.rsplit('/', 1)[0]}/{REPORT_NAME}"):
+        if mfs.exists(old):
+            mfs.rm(old)
     shards = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
     t0 = time.time()
     if backend == "local":
@@ -280,6 +285,9 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         json.dump(manifest, f, indent=1)
     _remove_stale_shards(mfs, mpath.rsplit("/", 1)[0], {s["path"] for s in manifest["shards"]})
     if problems:
+        if report_path(cfg) and not report_options(cfg):  # written as the pack is
+            cfg = {**cfg, "data": {**data, "report_storage_options": _out_options(
+                cfg, str(report_path(cfg)))}}
         record_problems(cfg, problems)
     return manifest
 

@@ -348,6 +348,13 @@ def test_a_rerun_into_the_same_folder_leaves_no_file_of_the_earlier_one(workspac
         (clean / "benign" / name).unlink()
     evaluate(eval_config(root, str(clean), *plain))
     assert not (out / "data_report.json").exists()
+    # nor where this run sends its report elsewhere (or nowhere)
+    with pytest.warns(UserWarning, match="dropped"):
+        evaluate(eval_config(root, archive, *plain))
+    assert (out / "data_report.json").exists()
+    with pytest.warns(UserWarning, match="dropped"):
+        evaluate(eval_config(root, archive, *plain, "data.report=null"))
+    assert not (out / "data_report.json").exists()
 
 
 def test_split_is_the_training_split(workspace, capsys) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -158,6 +159,26 @@ def test_packed_archive_on_s3_is_detected_and_read(ray_cluster, s3, synthetic_ar
     local = load_splits(local_cfg)
     assert digests(build_datasets(cfg, splits)["val"]) == \
         digests(build_datasets(local_cfg, local)["val"])
+
+    # the bad-input report beside the pack is written as the pack is (it went to the store the
+    # environment names, here none); a clean repack leaves no report of the earlier one
+    arc = tmp_path / "arc"
+    shutil.copytree(synthetic_archive, arc)
+    (arc / "benign" / "benign (2).png").write_bytes(b"")
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3.endpoint})
+    options = [f"data.endpoint_url={s3.endpoint}",
+               "data.report=s3://medseg-packs/bad/data_report.json"]
+    with pytest.warns(UserWarning, match=r"benign \(2\)\.png"):
+        assert pack(tmp_path, str(arc), "s3://medseg-packs/bad", *options,
+                    backend="local")["records"] == 14
+    report = json.loads(fs.cat_file("medseg-packs/bad/data_report.json"))
+    assert report["by_stage"] == {"pack": 1}
+    (arc / "benign" / "benign (2).png").write_bytes(
+        (Path(synthetic_archive) / "benign" / "benign (2).png").read_bytes())
+    assert pack(tmp_path, str(arc), "s3://medseg-packs/bad", *options,
+                backend="local")["records"] == 15
+    fs.invalidate_cache()
+    assert not fs.exists("medseg-packs/bad/data_report.json")
 
 
 def test_pack_command_line(synthetic_archive, tmp_path):
