@@ -50,6 +50,27 @@ def connect(address: str | None = None, num_cpus: float | None = None,
         ray.init(runtime_env=runtime_env)
 
 
+# environment variable names that hold secrets: Ray writes a runtime_env, values included, to
+# its logs (runtime_env_agent.log)
+_SECRET_NAME_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "ACCESS_KEY")
+
+
+def check_runtime_env(runtime_env: Any, setting: str) -> None:
+    """Refuse a runtime_env that is no mapping, or whose `env_vars` name a secret."""
+    if runtime_env is None:
+        return
+    if not isinstance(runtime_env, dict):
+        raise ValueError(f"{setting} must be a mapping (Ray's runtime_env), got {runtime_env!r}")
+    for name in dict(runtime_env.get("env_vars") or {}):
+        upper = str(name).upper()
+        if any(part in upper for part in _SECRET_NAME_PARTS) or upper.endswith(("_KEY",
+                                                                                 "_KEY_ID")):
+            raise ValueError(
+                f"{setting}.env_vars.{name}: credentials must not be in a runtime_env, which "
+                "Ray writes to its logs; set them in the environment of the job's driver, "
+                "which hands them to the actors in memory (storage.forward_credentials)")
+
+
 def _recorded_cluster() -> str | None:
     """The address `ray.init()` without one joins: the cluster `ray start` recorded on this
     machine, if one is running (Ray's own lookup)."""

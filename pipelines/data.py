@@ -168,11 +168,13 @@ def is_s3(url: str) -> bool:
     return _protocol(url) in ("s3", "s3a")
 
 
-def _check_no_credentials(options: Mapping[str, Any], where: str = "storage_options") -> None:
+def _check_no_credentials(options: Mapping[str, Any],
+                          where: str = "data.storage_options") -> None:
+    """Refuse credential keys in fsspec options; `where` names the setting."""
     for k, v in options.items():
         if str(k).lower() in CREDENTIAL_KEYS:
             raise ValueError(
-                f"data.{where}.{k}: credentials must not be in the config; set them in the "
+                f"{where}.{k}: credentials must not be in the config; set them in the "
                 "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)")
         if isinstance(v, Mapping):
             _check_no_credentials(v, f"{where}.{k}")

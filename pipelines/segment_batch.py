@@ -84,7 +84,7 @@ from medseg_core.layouts import Listing, Record, list_records, valid_text
 from medseg_core.metrics import metrics_from_counts
 from medseg_core.results import error_row
 from pipelines import CONF_DIR
-from pipelines.cluster import check_fits, connect, disconnect
+from pipelines.cluster import check_fits, check_runtime_env, connect, disconnect
 from pipelines.config import (
     check_actor_pool,
     check_flag,
@@ -92,7 +92,7 @@ from pipelines.config import (
     explained_storage_errors,
     resolve,
 )
-from pipelines.data import is_s3
+from pipelines.data import _check_no_credentials, is_s3
 from pipelines.data import storage_options as _storage_options
 from pipelines.predict import RESULT_FIELDS, ChainPredictor, predict_records, rows_to_table
 
@@ -609,6 +609,9 @@ def check_storage(cfg: Mapping[str, Any]) -> None:
         if unknown:
             raise ValueError(f"storage.{role}: unknown setting(s) {', '.join(unknown)} "
                              f"(known: {', '.join(_STORAGE_KEYS)})")
+        _check_no_credentials(over.get("storage_options") or {},
+                              f"storage.{role}.storage_options")
+    _check_no_credentials(storage.get("storage_options") or {}, "storage.storage_options")
 
 
 def bundle_info(uri: str | None, so: dict | None, task: str, setting: str
@@ -727,6 +730,7 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
     empty the output before Ray refused a bad batch setting)."""
     batch, storage = cfg["batch"], cfg.get("storage") or {}
     check_storage(cfg)
+    check_runtime_env(cfg.get("ray_runtime_env"), "ray_runtime_env")
     for name, value in (("overwrite", cfg.get("overwrite")),
                         ("retry_errors", cfg.get("retry_errors")),
                         ("ground_truth", cfg.get("ground_truth")),

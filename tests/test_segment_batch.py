@@ -271,7 +271,19 @@ def test_bad_settings_are_refused_before_anything_is_deleted(tmp_path):
                          (["overwrite=true", "+storage.input.endpoint=http://x"],
                           "storage.input: unknown setting"),
                          (["overwrite=true", "storage.output.anonymous=1"],
-                          "storage.output.anonymous must be true or false")):
+                          "storage.output.anonymous must be true or false"),
+                         # credentials: named by their own setting (they said data.*), and
+                         # never in a runtime_env, which Ray writes to its logs
+                         (["overwrite=true",
+                           "+storage.storage_options.client_kwargs.aws_secret_access_key=s"],
+                          r"storage\.storage_options\.client_kwargs\.aws_secret_access_key: "
+                          "credentials must not be in the config"),
+                         (["overwrite=true", "storage.bundles.storage_options={secret: s}"],
+                          r"storage\.bundles\.storage_options\.secret: credentials"),
+                         (["overwrite=true",
+                           "ray_runtime_env={env_vars: {AWS_SECRET_ACCESS_KEY: s}}"],
+                          r"ray_runtime_env\.env_vars\.AWS_SECRET_ACCESS_KEY: credentials must "
+                          "not be in a runtime_env")):
         with pytest.raises(ValueError, match=message):
             run_job([*base, *bad])
         assert all(f.read_bytes() == b"committed" for f in kept), bad
