@@ -106,6 +106,7 @@ from medseg_core.io import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
+    ImageTooLargeError,
     decode_image,
     image_size,
     is_local,
@@ -1010,17 +1011,39 @@ def blamed_path(e: BaseException, rec: Record) -> str:
     return rec.image_uri
 
 
+def packed_row_budget(max_pixels: int | None, max_bytes: int | None,
+                      channels: int) -> int | None:
+    """The most uncompressed bytes a packed row may hold: an encoded image and mask file of
+    up to `max_bytes` each, or raw image and mask planes of `max_pixels` (None: no limit)."""
+    if max_pixels is None or max_bytes is None:
+        return None
+    return max(2 * max_bytes, max_pixels * (channels + 1)) + 65536  # + id, source, the rest
+
+
 def _read_row_group(shard: str, row_group: int, columns: list[str], so: dict | None,
-                    env: EnvCredentials | None):
+                    env: EnvCredentials | None, row_budget: int | None = None):
+    """One row group of a packed shard. A group whose uncompressed size (from the footer)
+    exceeds `row_budget` bytes per row is refused before its pages are decompressed: a small
+    shard could otherwise expand into gigabytes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    def read(f: Any):
+        pf = pq.ParquetFile(f)
+        meta = pf.metadata.row_group(row_group)
+        if row_budget is not None and meta.total_byte_size > meta.num_rows * row_budget:
+            raise ImageTooLargeError(
+                f"{shard}: row group {row_group} holds {meta.total_byte_size} bytes "
+                f"uncompressed for {meta.num_rows} row(s), over the limit of {row_budget} a row "
+                "(data.max_pixels, data.max_bytes)")
+        return pf.read_row_group(row_group, columns=columns)
 
     fs, path = _fs(shard, so, env)
     try:
         if is_local(fs):
-            return pq.ParquetFile(path).read_row_group(row_group, columns=columns)
+            return read(path)
         with fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).read_row_group(row_group, columns=columns)
+            return read(f)
     except (pa.ArrowInvalid, OSError) as e:
         if not corrupt_parquet(e):
             raise
@@ -1047,13 +1070,13 @@ _ROW_GROUP_CACHE_SIZE = 8
 _ROW_GROUP_LOCK = threading.Lock()
 
 
-def _cached_row_group(shard: str, row_group: int, so: dict | None):
+def _cached_row_group(shard: str, row_group: int, so: dict | None, row_budget: int | None):
     key = (shard, row_group)
     with _ROW_GROUP_LOCK:
         if key in _ROW_GROUP_CACHE:
             _ROW_GROUP_CACHE.move_to_end(key)
             return _ROW_GROUP_CACHE[key]
-    table = _read_row_group(shard, row_group, PACKED_COLUMNS, so, None)
+    table = _read_row_group(shard, row_group, PACKED_COLUMNS, so, None, row_budget)
     with _ROW_GROUP_LOCK:
         _ROW_GROUP_CACHE[key] = table
         while len(_ROW_GROUP_CACHE) > _ROW_GROUP_CACHE_SIZE:
@@ -1070,6 +1093,11 @@ def decode_packed_row(row: Mapping[str, Any], *, channels: int = 3,
     enc = row["encoding"]
     if enc == "raw":
         h, w, c = (int(v) for v in row["shape"])
+        if h <= 0 or w <= 0:
+            raise ImageDecodeError(f"{source}: packed raw image has an empty size {w}x{h}")
+        if max_pixels is not None and h * w > max_pixels:
+            raise ImageTooLargeError(f"{source}: packed raw image is {w}x{h} = {h * w} pixels, "
+                                     f"over the limit of {max_pixels}")
         for key, size in (("image", h * w * c), ("mask", h * w)):
             if row[key] is not None and len(row[key]) != size:
                 raise LayoutError(f"{source}: packed raw {key} has {len(row[key])} bytes, "
@@ -1100,7 +1128,8 @@ def decode_packed_batch(batch: Mapping[str, Sequence[Any]], spec: DecodeSpec,
                       .permutation(len(wanted))]
         try:
             table = _read_row_group(shard, rg, PACKED_COLUMNS, spec.storage_options,
-                                    spec.credentials)
+                                    spec.credentials, packed_row_budget(
+                                        spec.max_pixels, spec.max_bytes, spec.channels))
         except BAD_INPUT_ERRORS as e:  # every wanted row of the group is lost: one problem each
             reason = _reason(e, shard)
             problems += [Problem("decode", f"{shard} (row group {rg}, row {r})", reason, None,
@@ -1377,7 +1406,8 @@ def load_any_record(record: Record, cfg: Mapping[str, Any], keep_grey: bool = Fa
     threshold = int(data.get("mask_threshold", 127))
     if PACKED_MARK in record.image_uri:
         shard, rg, row = parse_packed_uri(record.image_uri)
-        table = _cached_row_group(shard, rg, so)
+        table = _cached_row_group(shard, rg, so, packed_row_budget(
+            _max_pixels(data), _max_bytes(data), int(data.get("channels", 3))))
         values = {c: table.column(c)[row].as_py() for c in PACKED_COLUMNS}
         return decode_packed_row(values, channels=int(data.get("channels", 3)),
                                  max_pixels=_max_pixels(data), threshold=threshold,

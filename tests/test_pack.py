@@ -438,3 +438,47 @@ def test_a_raw_row_of_the_wrong_size_is_bad_input_named_by_its_source():
     for key, size in (("image", 47), ("mask", 15)):
         with pytest.raises(LayoutError, match=f"/arc/a.png: packed raw {key} has {size} bytes"):
             decode_packed_row({**row, key: bytes(size)})
+
+
+def test_a_packed_raw_row_over_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path):
+    """A raw row declares its shape: one of 7000x7000 compresses to a few kB and decoded to
+    196 MB, over data.max_pixels, which only encoded images were held to."""
+    from medseg_core.io import ImageTooLargeError
+    from pipelines.data import decode_packed_row
+
+    row = {"id": "a", "label": 0, "source": "/arc/a.png", "encoding": "raw",
+           "shape": [40, 50, 3], "image": bytes(40 * 50 * 3), "mask": bytes(40 * 50)}
+    assert decode_packed_row(row, max_pixels=2000)["image"].shape == (40, 50, 3)
+    with pytest.raises(ImageTooLargeError, match=r"/arc/a.png: packed raw image is 50x40 = "
+                                                 r"2000 pixels, over the limit of 1999"):
+        decode_packed_row(row, max_pixels=1999)
+
+
+def test_a_packed_row_group_over_its_byte_budget_is_refused_unread(synthetic_archive,
+                                                                    tmp_path):
+    """Reading a row group decompressed all of it, however large its rows: a crafted shard of a
+    few kB held hundreds of MB. Its footer gives the uncompressed size, checked first."""
+    import pyarrow as pa
+
+    from medseg_core.io import ImageTooLargeError
+    from pipelines.data import list_packed
+
+    out = tmp_path / "packed"
+    pack(tmp_path, synthetic_archive, out, "+pack.resize_to=[16,16]", "+pack.encoding=raw",
+         backend="local")
+    [shard] = [f for f in out.iterdir() if f.suffix == ".parquet"][:1]
+    rows = pq.read_table(shard).to_pylist()
+    big = 300  # 300x300x3 + 300x300 bytes of zeros: 360 kB, a few hundred bytes compressed
+    rows[0].update(image=bytes(big * big * 3), mask=bytes(big * big), shape=[big, big, 3])
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(shard)), shard,
+                   compression="zstd", row_group_size=1)
+    assert shard.stat().st_size < 50_000
+    cfg = packed_cfg(tmp_path, out, "data.max_pixels=50000", "data.max_bytes=100000")
+    record = next(r for r in list_packed(str(out))[0] if r.id == rows[0]["id"])
+    with pytest.raises(ImageTooLargeError, match=r"row group 0 holds \d+ bytes uncompressed "
+                                                 r"for 1 row\(s\), over the limit of 265536"):
+        load_any_record(record, cfg)
+    # within the budget the row is read, and then refused by its pixels
+    with pytest.raises(ImageTooLargeError, match="packed raw image is 300x300 = 90000 pixels"):
+        load_any_record(record, packed_cfg(tmp_path, out, "data.max_pixels=80000",
+                                           "data.max_bytes=200000"))
