@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import warnings
@@ -372,10 +373,38 @@ def check_trainer(trainer: dict[str, Any]) -> None:
         check_whole(epoch, f"trainer.fail_at_epoch.{stage}", -1)
 
 
+def check_input_settings(data: dict[str, Any]) -> None:
+    """`data.image_size`, `channels`, `mean` and `std`, which make the model's input (a std of
+    0 trained a NaN model to the end; a bad mean or channel count failed after listing, naming
+    no setting)."""
+    size = data.get("image_size")
+    if not isinstance(size, list) or len(size) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
+        raise ValueError(f"data.image_size must be [height, width] of whole numbers >= 1, "
+                         f"got {size!r}")
+    channels = data.get("channels")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    for key in ("mean", "std"):
+        values = data.get(key)
+        if not isinstance(values, list) or len(values) not in (1, channels) or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                for v in values):
+            raise ValueError(f"data.{key} must be a list of 1 or data.channels={channels} "
+                             f"numbers, got {values!r}")
+    if not all(v > 0 for v in data["std"]):
+        raise ValueError(f"data.std must be > 0 (images are divided by it), got {data['std']!r}")
+
+
 def check_settings(cfg: dict[str, Any]) -> None:
     """Refuse bad choices before any data is read or epoch trained (they were found only
     after training, or not at all)."""
     check_trainer(cfg["trainer"])
+    check_input_settings(cfg["data"])
+    threshold = cfg["train"].get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
+            not 0.0 < threshold < 1.0:
+        raise ValueError(f"train.threshold must be strictly between 0 and 1, got {threshold!r}")
     check_whole(cfg.get("seed", 0), "seed", 0)
     train = cfg["train"]
     for key in ("epochs", "classifier_epochs", "batch_size", "eval_batch_size"):
@@ -414,9 +443,6 @@ def check_settings(cfg: dict[str, Any]) -> None:
         if not 0.0 <= spec.ema_decay < 1.0:
             raise ValueError("train.ema_decay must be in [0, 1) (0 = off; e.g. 0.995 averages "
                              f"about the last 200 steps), got {spec.ema_decay}")
-        if not 0.0 < spec.threshold < 1.0:
-            raise ValueError(f"train.threshold must be strictly between 0 and 1, got "
-                             f"{spec.threshold}")
 
 
 def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[str, str]:

@@ -209,10 +209,13 @@ def join_cluster(trainer: dict[str, Any]) -> None:
     init_ray(trainer)
     world = int(trainer["num_workers"])
     per_worker = scaling_config(trainer).resources_per_worker or {}
+    hint = ("Set trainer.use_gpu=false on a machine without GPUs, or join a cluster that has "
+            "them (trainer.address or RAY_ADDRESS)." if trainer.get("use_gpu") else
+            "Use fewer workers or CPUs per worker (trainer.num_workers, "
+            "trainer.cpus_per_worker), more CPUs for the local cluster "
+            "(trainer.local_num_cpus), or join a cluster (trainer.address or RAY_ADDRESS).")
     check_fits({k: world * float(v) for k, v in per_worker.items()},
-               f"trainer.num_workers={world} ({per_worker} each)",
-               "Set trainer.use_gpu=false on a machine without GPUs, or join a cluster that has "
-               "them (trainer.address or RAY_ADDRESS).")
+               f"trainer.num_workers={world} ({per_worker} each)", hint)
 
 
 def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]], stage: str) -> str:

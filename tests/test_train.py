@@ -272,6 +272,12 @@ def test_gpus_the_local_cluster_lacks_are_refused_not_waited_for(tmp_path, ray_c
                                            r"no GPU on this machine\)"):
         run(cfg)
     assert not (tmp_path / "runs" / "gpu").exists()  # refused before listing and splits.json
+    # more CPUs than the cluster has: the advice is about CPUs (it said to switch GPUs off)
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    with pytest.raises(RuntimeError, match=rf"needs {cpus + 1} CPU.*Use fewer workers or CPUs "
+                                           r"per worker \(trainer.num_workers"):
+        run(config(tmp_path, "trainer=ray", f"trainer.num_workers={cpus + 1}",
+                   "stages=[segmenter]", "train.epochs=1", "run_name=cpu"))
 
 
 @pytest.mark.s3
@@ -994,6 +1000,14 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("+train.scheduler.warmup_steps=-1", "warmup_steps must be"),
                          ("train.grad_clip=-1.0", "grad_clip must be > 0"),
                          ("train.threshold=1.5", "train.threshold must be strictly"),
+                         ("train.threshold=abc", "train.threshold must be strictly"),
+                         # a NaN model trained to the end; the others failed after listing,
+                         # naming no setting (image_size: "data.augment: size ...")
+                         ("data.std=[0,0,0]", r"data.std must be > 0"),
+                         ("data.mean=[0.5,0.5]", r"data.mean must be a list of 1 or "
+                          r"data.channels=3 numbers"),
+                         ("data.channels=2 model.in_channels=2", "data.channels must be 1"),
+                         ("data.image_size=[0,0]", r"data.image_size must be \[height, width\]"),
                          ("train.epochs=0", "train.epochs must be a whole number >= 1"),
                          ("train.classifier_epochs=0", "train.classifier_epochs must be"),
                          ("train.early_stopping_patience=-3", "early_stopping_patience must"),
@@ -1015,7 +1029,8 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("data.split.ratios=[0.9,0,0.1]", "validation split no share"),
                          # crashed on the first classifier batch, after the whole segmenter
                          ("classifier.num_classes=7", "classifier.num_classes=7 but"),
-                         ("data.channels=1", "model.in_channels=3 but data.channels=1"),
+                         ("data.channels=1 data.mean=[0.5] data.std=[0.25]",
+                          "model.in_channels=3 but data.channels=1"),
                          ("data.class_names=[]", "the classifier stage needs labelled data"),
                          # a division by zero after listing; Ray's or torch's errors, named
                          # after none of these settings, after reading the archive
