@@ -160,7 +160,9 @@ def check_resumable(cfg: dict[str, Any]) -> None:
             raise ValueError(
                 f"run {cfg['run_name']!r} already holds a {stage} trained with other settings "
                 f"({', '.join(changed)} differ from {latest}): resuming it would mix them. Use "
-                "another run_name for the new settings, or the run's own settings to go on")
+                "another run_name for the new settings, or the run's own settings to go on (a "
+                "Hydra multirun over such a setting needs a run_name per job, e.g. "
+                "'run_name=seed${seed}')")
 
 
 def stage_spec(cfg: dict[str, Any], stage: str) -> StageSpec:

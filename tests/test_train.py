@@ -334,6 +334,26 @@ def test_training_to_object_storage_checkpoints_there_and_resumes(tmp_path, s3):
     assert chain.predict([image])[0]["mask"].shape == (64, 64)
 
 
+def test_a_multirun_gives_each_job_its_run_and_writes_nothing_where_it_is_started(tmp_path):
+    """`-m` (Hydra multirun) put its folders under ./multirun in the working directory."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, str(root / "pipelines" / "train.py"), "-m", *TINY,
+           f"output_dir={tmp_path / 'out'}", "trainer=local", "stages=[segmenter]",
+           "train.epochs=1", "data.generate.n_per_class=5", "run_name=seed${seed}", "seed=0,1"]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert list(cwd.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == ["seed0", "seed1"]
+    [sweep] = (tmp_path / "out" / "hydra" / "multirun").iterdir()
+    assert {"0-seed0", "1-seed1"} <= {p.name for p in sweep.iterdir()}
+
 def _bn_worker(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
