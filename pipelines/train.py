@@ -46,6 +46,7 @@ from pipelines.config import (
     resolve,
 )
 from pipelines.data import (
+    _max_pixels,
     data_report,
     load_any_record,
     read_settings,
@@ -384,6 +385,10 @@ def check_input_settings(data: dict[str, Any]) -> None:
             isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
         raise ValueError(f"data.image_size must be [height, width] of whole numbers >= 1, "
                          f"got {size!r}")
+    limit = _max_pixels(data)
+    if limit is not None and size[0] * size[1] > limit:
+        raise ValueError(f"data.image_size={size} is {size[0] * size[1]} pixels, over "
+                         f"data.max_pixels={limit}")
     channels = data.get("channels")
     if channels not in (1, 3) or isinstance(channels, bool):
         raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB), got {channels!r}")
