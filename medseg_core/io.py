@@ -19,6 +19,7 @@ import io
 import os
 import posixpath
 import stat
+import struct
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import BinaryIO
@@ -54,6 +55,12 @@ class ImageTooLargeError(ImageDecodeError):
     file has more bytes than a reader allows."""
 
 
+# what Pillow raises on malformed files: besides OSError and the like, a field of the wrong type
+# in a TIFF directory (TypeError), short structs, missing table entries
+_MALFORMED = (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError,
+              struct.error, ZeroDivisionError)
+
+
 def _open(data: bytes | BinaryIO, name: str) -> Image.Image:
     """Open (parse the header only) with the allowed format plugins, mapping errors."""
     if isinstance(data, bytes | bytearray | memoryview):
@@ -71,7 +78,7 @@ def _open(data: bytes | BinaryIO, name: str) -> Image.Image:
         raise ImageTooLargeError(f"{name}: image too large to decode ({e})") from e
     except UnidentifiedImageError as e:
         raise ImageDecodeError(f"{name}: not a recognised image (PNG/JPEG/BMP/TIFF)") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except _MALFORMED as e:
         raise ImageDecodeError(f"{name}: cannot read image header: {e}") from e
 
 
@@ -98,7 +105,7 @@ def _decode(im: Image.Image, name: str) -> Image.Image:
             im.load()
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{name}: image too large to decode ({e})") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except _MALFORMED as e:
         raise ImageDecodeError(f"{name}: cannot decode image (truncated or corrupt): {e}") from e
     return im
 

@@ -274,6 +274,20 @@ def test_truncated_names_file(fmt):
         decode_image(cut, name="cut.img")
 
 
+@pytest.mark.parametrize("field_type", [5, 7, 11])  # RATIONAL, UNDEFINED, FLOAT
+def test_a_tiff_field_of_the_wrong_type_is_a_decode_error_naming_the_file(field_type):
+    """Pillow raises TypeError for a StripOffsets entry that is no integer (found by fuzzing the
+    serving endpoint, which answered 500; a read task would have failed its whole job)."""
+    data = bytearray(save(Image.fromarray(np.zeros((20, 24), np.uint8)), "TIFF"))
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, entry)[0] == 273:  # StripOffsets
+            struct.pack_into("<H", data, entry + 2, field_type)
+    with pytest.raises(ImageDecodeError, match=r"odd\.tif: cannot decode image"):
+        decode_image(bytes(data), name="odd.tif")
+
+
 def test_errors_are_value_errors():
     assert issubclass(ImageDecodeError, ValueError)
     assert issubclass(ImageTooLargeError, ImageDecodeError)
