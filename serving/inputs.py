@@ -130,10 +130,14 @@ def header_params(value: str) -> dict[str, str]:
         if key.endswith("*"):
             charset, _, rest = raw.partition("'")
             _, _, text = rest.partition("'")
+            # the two charsets RFC 5987 names; others (punycode, idna) are ignored, and decoding
+            # failed with a UnicodeError the parser let through (a 500)
+            if charset.lower() not in ("", "utf-8", "iso-8859-1"):
+                continue
             try:
                 extended[key[:-1]] = urllib.parse.unquote(text, charset or "utf-8",
                                                           errors="strict")
-            except (LookupError, UnicodeDecodeError):
+            except UnicodeError:
                 continue
         else:
             params.setdefault(key, raw)

@@ -348,6 +348,11 @@ def test_multipart_parser_edge_cases():
     up = parse_multipart(body, ct)
     assert (up.data, up.filename, up.content_type) == (b"two", "2.png", "")
     # preamble and epilogue ignored, quoted boundary, RFC 5987 filename, empty file part
+    # an RFC 5987 value in a charset other than its two is ignored (punycode raised a 500)
+    bad = "punycode''%61-%39%39%39%39%39%39%39%39%39%39"
+    up = parse_multipart(_multipart([(f'name="file"; filename*={bad}', b"png")]),
+                         f"{ct}; boundary*={bad}")
+    assert up.data == b"png"
     body = b"preamble\r\n" + _multipart(
         [("name=\"file\"; filename*=UTF-8''na%C3%AFve.png", b"")], "a b") + b"epilogue"
     up = parse_multipart(body, 'multipart/form-data; boundary="a b"')
