@@ -33,8 +33,9 @@ import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -418,15 +419,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, what in {
         400: "Not a readable PNG/JPEG/BMP/TIFF image (garbage, truncated, corrupt).",
         401: "Missing or wrong bearer token (only when the server has a token).",
+        408: "The request body did not arrive within `limits.body_timeout_s`.",
         413: "Body larger than the byte limit, image larger than the pixel limit, or (tile-mode "
              "segmenter) an image whose tiles exceed the segmenter's work limit.",
         415: "Empty body, or a Content-Type other than the accepted image types and multipart.",
         422: "Bad query values (mask_format not png/rle, threshold not in (0, 1)), or a "
              "query parameter the route does not take or given twice.",
+        500: "An error the server did not expect (logged by type, without the image).",
         503: "Model deployments not ready or overloaded, or a model replica failed "
              "mid-request (`Retry-After` says when to retry).",
     }.items()
 }
+_ERRORS[503]["headers"] = {"Retry-After": {
+    "description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 
 
 def error_response(status: int, code: str, message: str,
@@ -463,7 +468,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    if isinstance(exc, (TaskCancelledError, ClientDisconnect)):
+        # Serve cancels the request of a client that went away: nothing is wrong here
+        logger.info("%s on %s %s: the client went away", type(exc).__name__, request.method,
+                    request.url.path)
+    else:
+        logger.error("unhandled %s on %s %s", type(exc).__name__, request.method,
+                     request.url.path)
     return error_response(500, "internal_error", "internal server error")
 
 
@@ -485,8 +496,11 @@ def check_query(request: Request, accepted: tuple[str, ...]) -> None:
                        f"query parameter(s) given more than once: {', '.join(repeated)}")
 
 
-async def require_token(request: Request) -> None:
-    """Route dependency: bearer-token check, run before query and body validation."""
+async def require_token(
+        request: Request,
+        _: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False))) -> None:
+    """Route dependency: bearer-token check, run before query and body validation. (The
+    HTTPBearer dependency only declares the scheme in the OpenAPI schema, for /docs.)"""
     serve.get_replica_context().servable_object.authorize(request)
 
 
@@ -536,10 +550,14 @@ class Ingress:
                            f"Content-Type {kind!r} is not accepted; send one of: {accepted}")
         limit = self.limits.max_body_bytes
         check_content_length(request.headers.get("content-length"), limit)
+        timeout = self.limits.body_timeout_s
         try:
-            body = await read_limited(request.stream(), limit)
+            body = await asyncio.wait_for(read_limited(request.stream(), limit), timeout)
         except ClientDisconnect:
             raise ApiError(400, "bad_request", "client disconnected before the body ended") from None
+        except asyncio.TimeoutError:
+            raise ApiError(408, "request_timeout", f"the request body did not arrive within "
+                           f"{timeout:g} s (limits.body_timeout_s)") from None
         if not body:
             raise ApiError(415, "empty_body", "request body is empty; send the image bytes")
         if kind != MULTIPART:

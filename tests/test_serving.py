@@ -123,6 +123,9 @@ def chain(bundles) -> Chain:
 METRIC_PUSH_ENV = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
 
 
+BODY_TIMEOUT_S = 2.0
+
+
 def app_config(bundles: dict[str, str], s3, port: int,
                segmenter_autoscaling: dict | None = None) -> dict:
     """serving/config.yaml as `serve run` reads it, patched for the test: bundle URIs, limits,
@@ -136,7 +139,8 @@ def app_config(bundles: dict[str, str], s3, port: int,
         "segmenter": {"bundle_uri": bundles["segmenter_s3"], "inference_batch_size": 8},
         "classifier": {"bundle_uri": bundles["classifier"]},
         "storage": {"endpoint_url": s3.endpoint},
-        "limits": {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS},
+        "limits": {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS,
+                   "body_timeout_s": BODY_TIMEOUT_S},
         "auth": {"token_env": TOKEN_ENV, "required": True},
     })
     # Credentials (and the token) reach the replicas through their environment only; the
@@ -573,7 +577,38 @@ def test_healthz_and_models(server):
     assert set(op["requestBody"]["content"]) == {
         "image/png", "image/jpeg", "image/bmp", "image/tiff", "multipart/form-data"}
     assert {"mask_format", "threshold"} <= {p["name"] for p in op["parameters"]}
-    assert {"200", "400", "401", "413", "415", "422"} <= set(op["responses"])
+    assert {"200", "400", "401", "408", "413", "415", "422", "500", "503"} <= set(
+        op["responses"])
+    assert "Retry-After" in op["responses"]["503"]["headers"]
+    # the bearer scheme is declared, so that /docs can send the token
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert op["security"] == [{"HTTPBearer": []}]
+
+
+def test_a_stalled_upload_gets_a_json_408_and_frees_its_slot(server, samples):
+    """A client that declared a body and stalled held an Ingress slot until Serve's 60 s
+    request timeout (plain text): about 100 of them made the whole endpoint answer 503."""
+    import time
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(server).hostname, urlsplit(server).port
+    with socket.create_connection((host, port), timeout=30) as s:
+        s.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  "Content-Type: image/png\r\nContent-Length: 1000\r\n\r\n".encode()
+                  + b"\x89PNG\r\n\x1a\n")
+        started = time.monotonic()
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        waited = time.monotonic() - started
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), head[:200]
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert BODY_TIMEOUT_S <= waited < 30
+    assert post(server, png_bytes(samples[0]["image"][:, :, 0])).status_code == 200
 
 
 def test_predict_equals_in_process_chain(server, samples, chain):
