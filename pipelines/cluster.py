@@ -50,25 +50,35 @@ def connect(address: str | None = None, num_cpus: float | None = None,
         ray.init(runtime_env=runtime_env)
 
 
-# environment variable names that hold secrets: Ray writes a runtime_env, values included, to
-# its logs (runtime_env_agent.log)
-_SECRET_NAME_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "ACCESS_KEY")
+# words of environment variable names that hold secrets: Ray writes a runtime_env, values
+# included, to its logs (runtime_env_agent.log)
+_SECRET_WORDS = frozenset({"SECRET", "SECRETS", "TOKEN", "TOKENS", "PASSWORD", "PASSWD", "PASS",
+                           "PAT", "KEY", "KEYS", "APIKEY", "CREDENTIAL", "CREDENTIALS"})
+_FLAG_VALUES = frozenset({"", "0", "1", "true", "false", "yes", "no", "on", "off"})
+
+
+def _looks_secret(name: str, value: Any) -> bool:
+    """A variable named with a secret word (TOKEN, not TOKENIZERS) whose value is neither a
+    flag nor a file path (GOOGLE_APPLICATION_CREDENTIALS=/path/key.json names a file)."""
+    if not set(str(name).upper().split("_")) & _SECRET_WORDS:
+        return False
+    text = str(value).strip()
+    return text.lower() not in _FLAG_VALUES and not text.startswith(("/", "~", "./", "../"))
 
 
 def check_runtime_env(runtime_env: Any, setting: str) -> None:
-    """Refuse a runtime_env that is no mapping, or whose `env_vars` name a secret."""
+    """Refuse a runtime_env that is no mapping, or whose `env_vars` hold a secret."""
     if runtime_env is None:
         return
     if not isinstance(runtime_env, dict):
         raise ValueError(f"{setting} must be a mapping (Ray's runtime_env), got {runtime_env!r}")
-    for name in dict(runtime_env.get("env_vars") or {}):
-        upper = str(name).upper()
-        if any(part in upper for part in _SECRET_NAME_PARTS) or upper.endswith(("_KEY",
-                                                                                 "_KEY_ID")):
+    for name, value in dict(runtime_env.get("env_vars") or {}).items():
+        if _looks_secret(name, value):
             raise ValueError(
-                f"{setting}.env_vars.{name}: credentials must not be in a runtime_env, which "
-                "Ray writes to its logs; set them in the environment of the job's driver, "
-                "which hands them to the actors in memory (storage.forward_credentials)")
+                f"{setting}.env_vars.{name}: a secret must not be in a runtime_env, which Ray "
+                "writes to its logs; set it in the environment of the processes that need it "
+                "(for S3, the job's driver: storage.forward_credentials hands its AWS_* "
+                "variables to the actors in memory)")
 
 
 def _recorded_cluster() -> str | None:

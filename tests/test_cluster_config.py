@@ -193,3 +193,21 @@ def test_ray_address_local_starts_the_cluster_the_entry_point_asks_for():
     out = _probe_on_its_own_cluster(probe, "msw", RAY_ADDRESS="local")
     assert "CPUS 3.0 STARTED True" in out, out
     assert "REFUSED this run needs 4 CPU" in out, out
+
+
+def test_a_runtime_env_holding_a_secret_is_refused_and_ordinary_variables_pass():
+    """Ray writes a runtime_env, values included, to runtime_env_agent.log."""
+    from pipelines.cluster import check_runtime_env
+
+    for name, value in (("AWS_SECRET_ACCESS_KEY", "s"), ("AWS_SESSION_TOKEN", "t"),
+                        ("MY_API_KEYS", "abcd"), ("DB_PASS", "hunter2"), ("GITHUB_PAT", "ghp")):
+        with pytest.raises(ValueError, match=f"env_vars.{name}: a secret must not be"):
+            check_runtime_env({"env_vars": {name: value}}, "ray_runtime_env")
+    # words that only contain a secret word, flags, and variables that name a file
+    check_runtime_env({"env_vars": {
+        "PYTHONPATH": "/opt/medseg", "TOKENIZERS_PARALLELISM": "false",
+        "MY_KEYBOARD_LAYOUT": "us", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+        "AWS_SHARED_CREDENTIALS_FILE": "/root/.aws/credentials",
+        "GOOGLE_APPLICATION_CREDENTIALS": "/secrets/key.json"}}, "ray_runtime_env")
+    with pytest.raises(ValueError, match="must be a mapping"):
+        check_runtime_env("PYTHONPATH=/x", "ray_runtime_env")

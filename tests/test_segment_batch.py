@@ -282,7 +282,7 @@ def test_bad_settings_are_refused_before_anything_is_deleted(tmp_path):
                           r"storage\.bundles\.storage_options\.secret: credentials"),
                          (["overwrite=true",
                            "ray_runtime_env={env_vars: {AWS_SECRET_ACCESS_KEY: s}}"],
-                          r"ray_runtime_env\.env_vars\.AWS_SECRET_ACCESS_KEY: credentials must "
+                          r"ray_runtime_env\.env_vars\.AWS_SECRET_ACCESS_KEY: a secret must "
                           "not be in a runtime_env")):
         with pytest.raises(ValueError, match=message):
             run_job([*base, *bad])
