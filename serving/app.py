@@ -419,7 +419,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, what in {
         400: "Not a readable PNG/JPEG/BMP/TIFF image (garbage, truncated, corrupt).",
         401: "Missing or wrong bearer token (only when the server has a token).",
-        408: "The request body did not arrive within `limits.body_timeout_s`.",
+        408: "No byte of the request body arrived for `limits.body_idle_timeout_s`.",
         413: "Body larger than the byte limit, image larger than the pixel limit, or (tile-mode "
              "segmenter) an image whose tiles exceed the segmenter's work limit.",
         415: "Empty body, or a Content-Type other than the accepted image types and multipart.",
@@ -550,14 +550,10 @@ class Ingress:
                            f"Content-Type {kind!r} is not accepted; send one of: {accepted}")
         limit = self.limits.max_body_bytes
         check_content_length(request.headers.get("content-length"), limit)
-        timeout = self.limits.body_timeout_s
         try:
-            body = await asyncio.wait_for(read_limited(request.stream(), limit), timeout)
+            body = await read_limited(request.stream(), limit, self.limits.body_idle_timeout_s)
         except ClientDisconnect:
             raise ApiError(400, "bad_request", "client disconnected before the body ended") from None
-        except asyncio.TimeoutError:
-            raise ApiError(408, "request_timeout", f"the request body did not arrive within "
-                           f"{timeout:g} s (limits.body_timeout_s)") from None
         if not body:
             raise ApiError(415, "empty_body", "request body is empty; send the image bytes")
         if kind != MULTIPART:

@@ -6,6 +6,7 @@ which the app turns into a JSON error response."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -75,12 +76,23 @@ def check_content_length(header: str | None, limit: int) -> int | None:
     return size
 
 
-async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+async def read_limited(chunks: AsyncIterator[bytes], limit: int,
+                       idle_timeout: float | None = None) -> bytes:
     """Concatenate a streamed body, failing with 413 as soon as it exceeds `limit` bytes
-    (covers chunked uploads and a Content-Length that understates the body)."""
+    (covers chunked uploads and a Content-Length that understates the body), and with 408 when
+    no byte arrives for `idle_timeout` seconds (a stalled upload; a slow but steady one goes on).
+    """
     parts: list[bytes] = []
     size = 0
-    async for chunk in chunks:
+    stream = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), idle_timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(408, "request_timeout", f"no byte of the request body arrived for "
+                           f"{idle_timeout:g} s (limits.body_idle_timeout_s)") from None
         if not chunk:
             continue
         size += len(chunk)

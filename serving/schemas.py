@@ -98,10 +98,10 @@ class LimitsArgs(_Strict):
     pixel_wait_s: float = Field(
         10.0, gt=0, description="How long a request waits for its pixels before a 503."
     )
-    body_timeout_s: float = Field(
+    body_idle_timeout_s: float = Field(
         10.0, gt=0,
-        description="How long the ingress waits for a request's whole body before a 408: a "
-        "client that stalls mid-upload holds an ingress slot (max_ongoing_requests) until then.",
+        description="Longest pause while a request's body streams in, then 408: a client that "
+        "stalls mid-upload holds an ingress slot (max_ongoing_requests) until then.",
     )
 
     @model_validator(mode="after")

@@ -123,7 +123,7 @@ def chain(bundles) -> Chain:
 METRIC_PUSH_ENV = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
 
 
-BODY_TIMEOUT_S = 2.0
+BODY_IDLE_TIMEOUT_S = 2.0
 
 
 def app_config(bundles: dict[str, str], s3, port: int,
@@ -140,7 +140,7 @@ def app_config(bundles: dict[str, str], s3, port: int,
         "classifier": {"bundle_uri": bundles["classifier"]},
         "storage": {"endpoint_url": s3.endpoint},
         "limits": {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS,
-                   "body_timeout_s": BODY_TIMEOUT_S},
+                   "body_idle_timeout_s": BODY_IDLE_TIMEOUT_S},
         "auth": {"token_env": TOKEN_ENV, "required": True},
     })
     # Credentials (and the token) reach the replicas through their environment only; the
@@ -317,6 +317,23 @@ def test_the_pixel_budget_bounds_the_images_in_flight():
             PixelBudget(0, 1.0)
 
     asyncio.run(scenario())
+
+
+def test_a_body_read_times_out_on_a_pause_not_on_a_slow_steady_stream():
+    import asyncio
+
+    from serving.inputs import ApiError, read_limited
+
+    async def stream(pauses: list[float]):
+        for pause in pauses:
+            await asyncio.sleep(pause)
+            yield b"x" * 10
+
+    # 1.2 s in all, no pause as long as the limit: read whole
+    assert asyncio.run(read_limited(stream([0.2] * 6), 1000, idle_timeout=0.5)) == b"x" * 60
+    with pytest.raises(ApiError) as stalled:
+        asyncio.run(read_limited(stream([0.1, 1.0]), 1000, idle_timeout=0.5))
+    assert (stalled.value.status, stalled.value.code) == (408, "request_timeout")
 
 
 def test_multipart_parser_roundtrips_binary():
@@ -607,7 +624,7 @@ def test_a_stalled_upload_gets_a_json_408_and_frees_its_slot(server, samples):
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), head[:200]
     assert json.loads(body)["error"]["code"] == "request_timeout"
-    assert BODY_TIMEOUT_S <= waited < 30
+    assert BODY_IDLE_TIMEOUT_S <= waited < 30
     assert post(server, png_bytes(samples[0]["image"][:, :, 0])).status_code == 200
 
 
