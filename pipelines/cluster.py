@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +105,12 @@ def disconnect() -> None:
     _started_here = False
 
 
-def check_fits(need: dict[str, float], what: str, hint: str = "") -> None:
+def check_fits(need: dict[str, float], what: str, hint: str | Mapping[str, str] = "") -> None:
     """Refuse at once a request (`need`: resources of what must run together) that the local
     Ray instance this process started can never grant: nothing adds nodes to it, so Ray would
     wait for ever ("No available node types can fulfill resource request"). On a cluster it
-    joined, an autoscaler may still bring the nodes, and the request waits as usual."""
+    joined, an autoscaler may still bring the nodes, and the request waits as usual. `hint`:
+    advice, or advice per resource (that of each resource short is given)."""
     import ray
 
     if not (_started_here and ray.is_initialized()):
@@ -120,6 +122,8 @@ def check_fits(need: dict[str, float], what: str, hint: str = "") -> None:
         got = ", ".join(f"{have.get(k, 0.0):g} {k}" for k in need if need[k] > 0)
         why = (" (Ray sees no GPU on this machine)" if "GPU" in short and not have.get("GPU")
                else "")
+        if not isinstance(hint, str):
+            hint = " ".join(hint[k] for k in sorted(short, reverse=True) if k in hint)
         raise RuntimeError(f"{what} needs {ask}, and the local Ray cluster this run started has "
                            f"{got}{why}: it would wait for ever. {hint}".rstrip())
 

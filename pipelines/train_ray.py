@@ -203,19 +203,28 @@ def resumed_train_dataset(cfg: dict[str, Any], stage: str,
     return build
 
 
-def join_cluster(trainer: dict[str, Any]) -> None:
+def join_cluster(trainer: dict[str, Any], read_cpus: float) -> None:
     """Connect to Ray and refuse at once a worker group that a local cluster started here can
-    never hold (before the archive is listed or the run directory written)."""
+    never hold, with a Ray Data read task (`read_cpus`, data.read.num_cpus) beside it unless
+    the data is read before training (trainer.cache_data): the workers wait for their
+    batches, the read task for a CPU, for ever. Before the archive is listed or the run
+    directory written."""
     init_ray(trainer)
     world = int(trainer["num_workers"])
     per_worker = scaling_config(trainer).resources_per_worker or {}
-    hint = ("Set trainer.use_gpu=false on a machine without GPUs, or join a cluster that has "
-            "them (trainer.address or RAY_ADDRESS)." if trainer.get("use_gpu") else
-            "Use fewer workers or CPUs per worker (trainer.num_workers, "
-            "trainer.cpus_per_worker), more CPUs for the local cluster "
-            "(trainer.local_num_cpus), or join a cluster (trainer.address or RAY_ADDRESS).")
-    check_fits({k: world * float(v) for k, v in per_worker.items()},
-               f"trainer.num_workers={world} ({per_worker} each)", hint)
+    need = {k: world * float(v) for k, v in per_worker.items()}
+    what = f"trainer.num_workers={world} ({per_worker} each)"
+    if not trainer.get("cache_data"):
+        need["CPU"] = need.get("CPU", 0.0) + read_cpus
+        what += f" with a read task beside them (data.read.num_cpus={read_cpus:g})"
+    hints = {"GPU": "Set trainer.use_gpu=false on a machine without GPUs, or join a cluster "
+                    "that has them (trainer.address or RAY_ADDRESS).",
+             "CPU": "Use fewer workers or CPUs per worker (trainer.num_workers, "
+                    "trainer.cpus_per_worker), more CPUs for the local cluster "
+                    "(trainer.local_num_cpus), read the data before training "
+                    "(trainer.cache_data=true), or join a cluster (trainer.address or "
+                    "RAY_ADDRESS)."}
+    check_fits(need, what, hints)
 
 
 def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]], stage: str) -> str:

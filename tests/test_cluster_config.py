@@ -211,3 +211,21 @@ def test_a_runtime_env_holding_a_secret_is_refused_and_ordinary_variables_pass()
         "GOOGLE_APPLICATION_CREDENTIALS": "/secrets/key.json"}}, "ray_runtime_env")
     with pytest.raises(ValueError, match="must be a mapping"):
         check_runtime_env("PYTHONPATH=/x", "ray_runtime_env")
+
+
+def test_a_request_that_cannot_fit_gets_the_advice_of_the_resource_it_lacks(monkeypatch):
+    """A GPU run short of CPUs was told to switch its GPUs off."""
+    import ray
+
+    from pipelines import cluster
+
+    monkeypatch.setattr(cluster, "_started_here", True)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    hints = {"CPU": "fewer CPUs.", "GPU": "no GPUs."}
+    with pytest.raises(RuntimeError, match=r"needs 8 CPU, 1 GPU.* has 2 CPU, 1 GPU: it would "
+                                           r"wait for ever\. fewer CPUs\.$"):
+        cluster.check_fits({"CPU": 8, "GPU": 1}, "the group", hints)
+    with pytest.raises(RuntimeError, match=r"wait for ever\. no GPUs\. fewer CPUs\.$"):
+        cluster.check_fits({"CPU": 8, "GPU": 2}, "the group", hints)
+    cluster.check_fits({"CPU": 2, "GPU": 1}, "the group", hints)

@@ -268,16 +268,20 @@ def test_gpus_the_local_cluster_lacks_are_refused_not_waited_for(tmp_path, ray_c
         pytest.skip("this machine has a GPU")
     cfg = config(tmp_path, "trainer=ray", "trainer.use_gpu=true", "trainer.num_workers=1",
                  "stages=[segmenter]", "train.epochs=1", "run_name=gpu")
-    with pytest.raises(RuntimeError, match=r"needs 1 CPU, 1 GPU.* has \d+ CPU, 0 GPU \(Ray sees "
+    with pytest.raises(RuntimeError, match=r"needs 2 CPU, 1 GPU.* has \d+ CPU, 0 GPU \(Ray sees "
                                            r"no GPU on this machine\)"):
         run(cfg)
     assert not (tmp_path / "runs" / "gpu").exists()  # refused before listing and splits.json
-    # more CPUs than the cluster has: the advice is about CPUs (it said to switch GPUs off)
+    # a worker per CPU leaves none for the read tasks that feed them: the run hung, its
+    # workers waiting for batches and the read task for a CPU; the advice is about CPUs (it
+    # said to switch GPUs off)
     cpus = int(ray_cluster.cluster_resources()["CPU"])
-    with pytest.raises(RuntimeError, match=rf"needs {cpus + 1} CPU.*Use fewer workers or CPUs "
-                                           r"per worker \(trainer.num_workers"):
-        run(config(tmp_path, "trainer=ray", f"trainer.num_workers={cpus + 1}",
+    with pytest.raises(RuntimeError, match=rf"num_workers={cpus} .* with a read task beside "
+                                           rf"them \(data.read.num_cpus=1\) needs {cpus + 1} "
+                                           r"CPU.*Use fewer workers or CPUs per worker"):
+        run(config(tmp_path, "trainer=ray", f"trainer.num_workers={cpus}",
                    "stages=[segmenter]", "train.epochs=1", "run_name=cpu"))
+    assert not (tmp_path / "runs" / "cpu").exists()
 
 
 @pytest.mark.s3
