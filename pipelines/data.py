@@ -335,7 +335,10 @@ def report_path(cfg: Mapping[str, Any]) -> str | None:
 def report_options(cfg: Mapping[str, Any]) -> dict | None:
     """fsspec options of `data.report`: `data.report_storage_options`, which pack and evaluate
     set to their output's (training's reports, like its bundles, use the environment's)."""
-    return cfg.get("data", cfg).get("report_storage_options") or None
+    so = cfg.get("data", cfg).get("report_storage_options") or None
+    if so:
+        _check_no_credentials(so, "data.report_storage_options")
+    return so
 
 
 def _summarize(problems: Iterable[Problem], strict: bool) -> dict[str, Any]:
@@ -1071,7 +1074,7 @@ _ROW_GROUP_LOCK = threading.Lock()
 
 
 def _cached_row_group(shard: str, row_group: int, so: dict | None, row_budget: int | None):
-    key = (shard, row_group)
+    key = (shard, row_group, row_budget)  # a group read under looser limits is read again
     with _ROW_GROUP_LOCK:
         if key in _ROW_GROUP_CACHE:
             _ROW_GROUP_CACHE.move_to_end(key)

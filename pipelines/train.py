@@ -50,6 +50,7 @@ from pipelines.data import (
     data_report,
     load_any_record,
     read_settings,
+    report_options,
     split_identity,
     split_mode,
     split_views,
@@ -408,6 +409,7 @@ def check_settings(cfg: dict[str, Any]) -> None:
     after training, or not at all)."""
     check_trainer(cfg["trainer"])
     check_input_settings(cfg["data"])
+    report_options(cfg)  # credential keys refused
     threshold = cfg["train"].get("threshold")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
             not 0.0 < threshold < 1.0:

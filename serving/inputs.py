@@ -144,7 +144,7 @@ def header_params(value: str) -> dict[str, str]:
             _, _, text = rest.partition("'")
             # the two charsets RFC 5987 names; others (punycode, idna) are ignored, and decoding
             # failed with a UnicodeError the parser let through (a 500)
-            if charset.lower() not in ("", "utf-8", "iso-8859-1"):
+            if charset.lower() not in ("", "utf-8", "iso-8859-1", "us-ascii"):
                 continue
             try:
                 extended[key[:-1]] = urllib.parse.unquote(text, charset or "utf-8",

@@ -1033,6 +1033,8 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("data.channels=2 model.in_channels=2", "data.channels must be 1"),
                          ("data.image_size=[0,0]", r"data.image_size must be \[height, width\]"),
                          ("data.image_size=[100000,100000]", "over data.max_pixels"),
+                         ("+data.report_storage_options.secret=s",
+                          r"data.report_storage_options.secret: credentials must not be"),
                          ("train.epochs=0", "train.epochs must be a whole number >= 1"),
                          ("train.classifier_epochs=0", "train.classifier_epochs must be"),
                          ("train.early_stopping_patience=-3", "early_stopping_patience must"),
