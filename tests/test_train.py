@@ -321,6 +321,7 @@ def test_training_to_object_storage_checkpoints_there_and_resumes(tmp_path, s3):
 
     train(2)
     train(3)  # same run name: resumes from the checkpoint on S3 and trains epoch 2 only
+    assert not (tmp_path / "s3:").exists()  # Hydra's log folder, made locally from the URL
     fs = fsspec.filesystem("s3", **s3.storage_options)
     fs.invalidate_cache()
     stage = "medseg-train/exp/runs/s3/segmenter"
@@ -357,6 +358,17 @@ def test_a_multirun_gives_each_job_its_run_and_writes_nothing_where_it_is_starte
     assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == ["seed0", "seed1"]
     [sweep] = (tmp_path / "out" / "hydra" / "multirun").iterdir()
     assert {"0-seed0", "1-seed1"} <= {p.name for p in sweep.iterdir()}
+
+def test_hydras_folders_for_an_object_storage_output_dir_are_local():
+    import tempfile
+
+    from pipelines import local_dir
+
+    assert local_dir("./outputs") == "./outputs" and local_dir("/data/o") == "/data/o"
+    assert local_dir("file:///data/o") == "/data/o"
+    assert local_dir("s3://bucket/exp/") == f"{tempfile.gettempdir()}/medseg-hydra/s3/bucket/exp"
+    assert local_dir("gs://b/a b") == f"{tempfile.gettempdir()}/medseg-hydra/gs/b/a_b"
+
 
 def _bn_worker(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
