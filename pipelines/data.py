@@ -773,6 +773,15 @@ def is_packed(data_cfg: Mapping[str, Any]) -> bool:
         return False
 
 
+def packed_size(data_cfg: Mapping[str, Any]) -> list[int] | None:
+    """[h, w] its images and masks were resized to where the archive is a pre-resized pack
+    (`pack.resize_to`): scores on it are at that size, not the images' original one."""
+    if not is_packed(data_cfg):
+        return None
+    resized = read_manifest(str(data_cfg["url"]), storage_options(data_cfg)).get("resize_to")
+    return [int(v) for v in resized] if resized else None
+
+
 def read_manifest(url: str, so: dict | None = None) -> dict[str, Any]:
     """The manifest of a packed archive (raises naming the URL when there is none)."""
     murl = _manifest_url(url)

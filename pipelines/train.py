@@ -49,6 +49,7 @@ from pipelines.data import (
     _max_pixels,
     data_report,
     load_any_record,
+    packed_size,
     read_settings,
     report_options,
     split_identity,
@@ -344,7 +345,10 @@ def summarize(cfg: dict[str, Any], bundles: dict[str, str],
         agg, chain = scores["kept"], scores["cleared"]
     else:
         agg, chain = test_dice(bundles["segmenter"], held_out, cfg), None
-    lines += ["", f"{name} split ({len(held_out)} images): Dice {agg['dice']:.4f}  "
+    resized = packed_size(cfg["data"])
+    at = (f", at the pack's {resized[0]}x{resized[1]}, not the images' original size"
+          if resized else "")
+    lines += ["", f"{name} split ({len(held_out)} images{at}): Dice {agg['dice']:.4f}  "
                   f"IoU {agg['iou']:.4f}"]
     if chain is not None:
         lines.append(f"  through the chain (masks of images classified {'/'.join(free)} "

@@ -228,7 +228,7 @@ def test_reading_a_pack_under_other_class_names_is_refused(synthetic_archive, tm
     assert {k: [r.id for r in v] for k, v in seg_only.items()} == ids
 
 
-def test_in_process_trainer_reads_packed_archives(synthetic_archive, tmp_path):
+def test_in_process_trainer_reads_packed_archives(synthetic_archive, tmp_path, capsys):
     """trainer=local reads a packed archive through the same decoding as the Ray pipeline."""
     import csv
 
@@ -236,10 +236,19 @@ def test_in_process_trainer_reads_packed_archives(synthetic_archive, tmp_path):
 
     out = tmp_path / "packed-local"
     pack(tmp_path, synthetic_archive, out, backend="local")
-    cfg = packed_cfg(tmp_path, out, "trainer=local", "train.epochs=1", "stages=[segmenter]",
-                     "model=improved_unet", "model.widths=[8,16]", "train.batch_size=4")
+    tiny = ["trainer=local", "train.epochs=1", "stages=[segmenter]", "model=improved_unet",
+            "model.widths=[8,16]", "train.batch_size=4"]
+    cfg = packed_cfg(tmp_path, out, *tiny)
     splits = load_splits(cfg)
     bundles = run(cfg)
+    assert "images): Dice" in capsys.readouterr().out  # the originals: at their own size
+    # a pre-resized pack's closing Dice is at the pack's size, and says so
+    small = tmp_path / "packed-32"
+    pack(tmp_path, synthetic_archive, small, "+pack.resize_to=[32,32]", "+pack.encoding=png",
+         backend="local")
+    run(packed_cfg(tmp_path, small, *tiny, "run_name=small"))
+    assert "images, at the pack's 32x32, not the images' original size): Dice" in \
+        capsys.readouterr().out
     assert (Path(bundles["segmenter"]) / "version").exists()
     with open(tmp_path / "out" / "runs" / "t" / "segmenter" / "metrics.csv") as f:
         row = list(csv.DictReader(f))[-1]
