@@ -689,7 +689,8 @@ def _checked_listing(cfg: dict[str, Any], check: bool | None
     if is_packed(data_cfg):
         records, hashes, problems = list_packed(
             str(data_cfg["url"]), so, strict, data_cfg.get("class_names") or None,
-            channels=int(data_cfg.get("channels", 3)), image_size=data_cfg.get("image_size"))
+            channels=int(data_cfg.get("channels", 3)), image_size=data_cfg.get("image_size"),
+            mask_budget=packed_row_budget(_max_pixels(data_cfg), _max_bytes(data_cfg), 0))
         if strict and problems:  # left out when it was packed: strict means the same as raw
             p = problems[0]
             raise BadRecordError(f"{p.path}: {p.reason} (left out when the archive was packed; "
@@ -810,9 +811,28 @@ def parse_packed_uri(uri: str) -> tuple[str, int, int]:
     return shard, int(rg), int(row)
 
 
-def _rows_with_masks(pf: Any) -> list[bool]:
+def _check_columns_fit(pf: Any, shard: str, columns: Sequence[str], row_budget: int | None,
+                       row_groups: Sequence[int] | None = None) -> None:
+    """Refuse, before decompressing them, columns of a packed shard whose footer declares more
+    uncompressed bytes than `row_budget` a row (ImageTooLargeError, bad input)."""
+    if row_budget is None:
+        return
+    md = pf.metadata
+    index = [pf.schema_arrow.get_field_index(c) for c in columns]
+    for rg in range(md.num_row_groups) if row_groups is None else row_groups:
+        group = md.row_group(rg)
+        size = sum(group.column(i).total_uncompressed_size for i in index if i >= 0)
+        if size > group.num_rows * row_budget:
+            raise ImageTooLargeError(
+                f"{shard}: row group {rg} declares {size} bytes uncompressed in "
+                f"{', '.join(columns)} for {group.num_rows} row(s), over the limit of "
+                f"{row_budget} a row (data.max_pixels, data.max_bytes)")
+
+
+def _rows_with_masks(pf: Any, shard: str = "", mask_budget: int | None = None) -> list[bool]:
     """Which rows of a packed shard hold a mask (an images-only archive packs none), from each
-    row group's null count in the footer; only a row group with and without masks is read."""
+    row group's null count in the footer; only a row group with and without masks is read
+    (refused unread over `mask_budget` bytes a row)."""
     md = pf.metadata
     col = pf.schema_arrow.get_field_index("mask")
     out: list[bool] = []
@@ -823,13 +843,14 @@ def _rows_with_masks(pf: Any) -> list[bool]:
         if nulls in (0, n):
             out += [nulls == 0] * n
         else:
+            _check_columns_fit(pf, shard, ["mask"], mask_budget, [rg])
             out += pf.read_row_group(rg, columns=["mask"]).column("mask").is_valid().to_pylist()
     return out
 
 
 def list_packed(url: str, so: dict | None = None, strict: bool = False,
                 class_names: Sequence[str] | None = None, channels: int | None = None,
-                image_size: Sequence[int] | None = None
+                image_size: Sequence[int] | None = None, mask_budget: int | None = None
                 ) -> tuple[list[Record], list[int], list[Problem]]:
     """Records, split hashes and problems of a packed archive, without decoding: those packing
     reported, and one per record of a shard that cannot be read (truncated, overwritten), which
@@ -872,8 +893,10 @@ def list_packed(url: str, so: dict | None = None, strict: bool = False,
         try:
             with fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
+                _check_columns_fit(pf, shard_uri, ["id", "label", "phash"],
+                                   None if mask_budget is None else 65536)  # ids, numbers
                 table = pf.read(columns=["id", "label", "phash"])
-                masked = _rows_with_masks(pf)
+                masked = _rows_with_masks(pf, shard_uri, mask_budget)
         except (*BAD_INPUT_ERRORS, pa.ArrowInvalid, OSError) as e:
             if not (isinstance(e, BAD_INPUT_ERRORS) or corrupt_parquet(e)):
                 raise  # the storage failed (network, permissions), not the shard's bytes
@@ -1026,10 +1049,12 @@ def blamed_path(e: BaseException, rec: Record) -> str:
 def packed_row_budget(max_pixels: int | None, max_bytes: int | None,
                       channels: int) -> int | None:
     """The most uncompressed bytes a packed row may hold: an encoded image and mask file of
-    up to `max_bytes` each, or raw image and mask planes of `max_pixels` (None: no limit)."""
+    up to `max_bytes` each, or raw image and mask planes of `max_pixels` (None: no limit).
+    `channels=0`: the mask alone."""
     if max_pixels is None or max_bytes is None:
         return None
-    return max(2 * max_bytes, max_pixels * (channels + 1)) + 65536  # + id, source, the rest
+    files = 2 if channels else 1
+    return max(files * max_bytes, max_pixels * (channels + 1)) + 65536  # + id, source, ...
 
 
 def _read_row_group(shard: str, row_group: int, columns: list[str], so: dict | None,

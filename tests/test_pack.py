@@ -491,3 +491,13 @@ def test_a_packed_row_group_over_its_byte_budget_is_refused_unread(synthetic_arc
     with pytest.raises(ImageTooLargeError, match="packed raw image is 300x300 = 90000 pixels"):
         load_any_record(record, packed_cfg(tmp_path, out, "data.max_pixels=80000",
                                            "data.max_bytes=200000"))
+    # listing reads a row group's masks only where some of its rows have one and others not:
+    # held to the mask's budget (such a group was decompressed whole)
+    rows[0].update(mask=bytes(600 * 600), image=bytes(600 * 600 * 3), shape=[600, 600, 3])
+    rows[1]["mask"] = None
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(shard)), shard,
+                   compression="zstd", row_group_size=2)
+    with pytest.warns(UserWarning, match="dropped"):
+        load_splits(cfg)
+    reasons = [e["reason"] for e in data_report(cfg, warn=False)["entries"]]
+    assert any("row group 0 declares" in r and "in mask for 2 row(s)" in r for r in reasons)
