@@ -140,12 +140,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ctx.log.close()
 
 
-def init_ray(trainer: dict[str, Any]) -> None:
-    """Connect, leaving Ray Data's read tasks a CPU beside the trainer workers on a cluster
-    started here (otherwise the run waits forever for resources)."""
+def init_ray(trainer: dict[str, Any], read_cpus: float = 1.0) -> None:
+    """Connect, leaving Ray Data's read tasks `read_cpus` (data.read.num_cpus) beside the
+    trainer workers on a cluster started here (otherwise the run waits forever for resources)."""
     num_cpus = trainer.get("local_num_cpus")
     if not num_cpus:
-        need = int(trainer["num_workers"]) * float(trainer.get("cpus_per_worker", 1)) + 1
+        need = int(trainer["num_workers"]) * float(trainer.get("cpus_per_worker", 1)) + read_cpus
         num_cpus = max(os.cpu_count() or 1, math.ceil(need))
     connect(trainer.get("address"), num_cpus)
 
@@ -209,7 +209,7 @@ def join_cluster(trainer: dict[str, Any], read_cpus: float) -> None:
     the data is read before training (trainer.cache_data): the workers wait for their
     batches, the read task for a CPU, for ever. Before the archive is listed or the run
     directory written."""
-    init_ray(trainer)
+    init_ray(trainer, read_cpus)
     world = int(trainer["num_workers"])
     per_worker = scaling_config(trainer).resources_per_worker or {}
     need = {k: world * float(v) for k, v in per_worker.items()}
