@@ -209,7 +209,9 @@ def test_class_names_must_be_the_layouts(workspace) -> None:
     with pytest.raises(LayoutError, match="data.class_names=\\[\"normal\",\"benign\""):
         from pipelines.config import load_config
 
-        run(load_config([f"output_dir={root / 'train-names'}", f"data.url={archive}", names]))
+        # in-process: the session's 2-CPU Ray cluster has no room for the default Ray group
+        run(load_config([f"output_dir={root / 'train-names'}", f"data.url={archive}", names,
+                         "trainer=local"]))
 
 
 def test_a_packed_archive_without_masks_has_no_ground_truth(workspace) -> None:
