@@ -811,21 +811,25 @@ def parse_packed_uri(uri: str) -> tuple[str, int, int]:
     return shard, int(rg), int(row)
 
 
-def _check_columns_fit(pf: Any, shard: str, columns: Sequence[str], row_budget: int | None,
-                       row_groups: Sequence[int] | None = None) -> None:
-    """Refuse, before decompressing them, columns of a packed shard whose footer declares more
-    uncompressed bytes than `row_budget` a row (ImageTooLargeError, bad input)."""
+def _check_columns_fit(pf: Any, shard: str, columns: Sequence[str] | None,
+                       row_budget: int | None, row_groups: Sequence[int] | None = None) -> None:
+    """Refuse, before decompressing them, row groups of a packed shard (`columns` of them, or
+    whole with None) whose footer declares more uncompressed bytes than `row_budget` a row
+    (ImageTooLargeError, bad input): a small shard could otherwise expand into gigabytes."""
     if row_budget is None:
         return
     md = pf.metadata
-    index = [pf.schema_arrow.get_field_index(c) for c in columns]
+    index = [] if columns is None else [pf.schema_arrow.get_field_index(c) for c in columns]
     for rg in range(md.num_row_groups) if row_groups is None else row_groups:
         group = md.row_group(rg)
-        size = sum(group.column(i).total_uncompressed_size for i in index if i >= 0)
+        if columns is None:
+            size, what = group.total_byte_size, f"holds {group.total_byte_size} bytes uncompressed"
+        else:
+            size = sum(group.column(i).total_uncompressed_size for i in index if i >= 0)
+            what = f"declares {size} bytes uncompressed in {', '.join(columns)}"
         if size > group.num_rows * row_budget:
             raise ImageTooLargeError(
-                f"{shard}: row group {rg} declares {size} bytes uncompressed in "
-                f"{', '.join(columns)} for {group.num_rows} row(s), over the limit of "
+                f"{shard}: row group {rg} {what} for {group.num_rows} row(s), over the limit of "
                 f"{row_budget} a row (data.max_pixels, data.max_bytes)")
 
 
@@ -1059,20 +1063,14 @@ def packed_row_budget(max_pixels: int | None, max_bytes: int | None,
 
 def _read_row_group(shard: str, row_group: int, columns: list[str], so: dict | None,
                     env: EnvCredentials | None, row_budget: int | None = None):
-    """One row group of a packed shard. A group whose uncompressed size (from the footer)
-    exceeds `row_budget` bytes per row is refused before its pages are decompressed: a small
-    shard could otherwise expand into gigabytes."""
+    """One row group of a packed shard, refused unread over `row_budget` bytes a row
+    (`_check_columns_fit`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     def read(f: Any):
         pf = pq.ParquetFile(f)
-        meta = pf.metadata.row_group(row_group)
-        if row_budget is not None and meta.total_byte_size > meta.num_rows * row_budget:
-            raise ImageTooLargeError(
-                f"{shard}: row group {row_group} holds {meta.total_byte_size} bytes "
-                f"uncompressed for {meta.num_rows} row(s), over the limit of {row_budget} a row "
-                "(data.max_pixels, data.max_bytes)")
+        _check_columns_fit(pf, shard, None, row_budget, [row_group])
         return pf.read_row_group(row_group, columns=columns)
 
     fs, path = _fs(shard, so, env)

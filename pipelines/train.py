@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from medseg_core.checkpoint import BundleError, read_bundle_meta
 from medseg_core.dataset import RecordDataset, collate
 from medseg_core.engine import check_scheduler, optimizer_settings
+from medseg_core.inference import check_threshold
 from medseg_core.layouts import Record
 from medseg_core.losses import build_loss
 from medseg_core.transforms import build_transforms
@@ -415,9 +416,12 @@ def check_settings(cfg: dict[str, Any]) -> None:
     check_input_settings(cfg["data"])
     report_options(cfg)  # credential keys refused
     threshold = cfg["train"].get("threshold")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
-            not 0.0 < threshold < 1.0:
-        raise ValueError(f"train.threshold must be strictly between 0 and 1, got {threshold!r}")
+    try:  # the bundle's threshold: no null here, unlike the jobs' override
+        if check_threshold(threshold) is None:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"train.threshold must be strictly between 0 and 1, got "
+                         f"{threshold!r}") from None
     check_whole(cfg.get("seed", 0), "seed", 0)
     train = cfg["train"]
     for key in ("epochs", "classifier_epochs", "batch_size", "eval_batch_size"):
