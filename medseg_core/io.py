@@ -252,6 +252,25 @@ def image_size(data: bytes | BinaryIO, name: str = "<bytes>") -> tuple[int, int]
     return im.size
 
 
+def check_url_credentials(url: str, setting: str) -> None:
+    """Refuse a URL that carries a user name or password (``scheme://user:pass@host/...``),
+    naming ``setting``. medseg takes credentials only from the environment: a URL's would be
+    echoed in logs, reports, bundle listings and error messages. The message masks them."""
+    scheme, sep, rest = str(url).partition("://")
+    if not sep:
+        return
+    netloc = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if "@" not in netloc:
+        return
+    path = rest[len(netloc):].split("?", 1)[0].split("#", 1)[0]
+    masked = f"{scheme}://***@{netloc.rpartition('@')[2]}{path[:60]}"
+    raise ValueError(
+        f"{setting}: the URL carries credentials ({masked}); they must not be in the settings, "
+        "where they would be logged. Give them through the environment: for S3 "
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a profile or role), for an HTTP server a "
+        "~/.netrc entry (or $NETRC), read with client_kwargs.trust_env=true in the storage options")
+
+
 def object_fs(uri: str, storage_options: dict | None = None
               ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of one file or object, its URI taken literally. fsspec's URL

@@ -13,6 +13,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from medseg_core.io import check_url_credentials
 from pipelines import CONF_DIR
 
 
@@ -118,6 +119,19 @@ def boolean_settings() -> frozenset[str]:
     return frozenset(names)
 
 
+def _refuse_url_credentials(node: Any, where: str = "") -> None:
+    """Every URL in the settings (archive, outputs, bundles, endpoints) checked by
+    `medseg_core.io.check_url_credentials`, naming its setting."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _refuse_url_credentials(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _refuse_url_credentials(value, f"{where}[{i}]")
+    elif isinstance(node, str):
+        check_url_credentials(node, where)
+
+
 def _refuse_boolean_words(node: Any, where: str = "") -> None:
     """A boolean setting given as a word (`no`, `off`, a quoted "false"): a string, which would
     act as true. Other settings (names, paths, env_vars) may hold any word."""
@@ -155,15 +169,20 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     own working directory, so a relative `./outputs` would land inside Ray's session. A
     required setting left at `???` is an error naming it (it would otherwise become a path
     called `???`), and so is a boolean setting spelt `no`, `off`, `yes`, `on` or a quoted
-    `"false"`: a string, which would act as true."""
+    `"false"`: a string, which would act as true. So is a URL that carries credentials
+    (`user:password@`): medseg takes them only from the environment."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"required setting(s) not given: {', '.join(missing)}; set them on "
                          f"the command line, e.g. {missing[0]}=<value>")
     if cfg.get("output_dir") is not None:
         cfg.output_dir = _absolute(cfg.output_dir)  # before interpolations that use it
+    # as written first, so the setting named is the one that holds the URL, not one that
+    # interpolates it
+    _refuse_url_credentials(OmegaConf.to_container(cfg, resolve=False))
     out = OmegaConf.to_container(cfg, resolve=True)
     _refuse_boolean_words(out)
+    _refuse_url_credentials(out)
     _resolve_progress(out)
     for dotted in PATH_KEYS:
         *parents, key = dotted.split(".")

@@ -12,13 +12,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from medseg_core.io import MAX_TILE_WORK_PIXELS, PILLOW_MAX_PIXELS
+from medseg_core.io import MAX_TILE_WORK_PIXELS, PILLOW_MAX_PIXELS, check_url_credentials
 
 IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # a refused URL may hold a password: settings errors do not repeat the value given
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 # --------------------------------------------------------------------------------- settings
@@ -50,6 +51,12 @@ class ModelArgs(_Strict):
         "this (a thin 1 x N image is about N / tile width whole tiles); null: no limit.",
     )
 
+    @field_validator("bundle_uri")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        check_url_credentials(v, "bundle_uri")  # /v1/models lists it
+        return v
+
 
 class StorageArgs(_Strict):
     """Object-store settings. Credentials never live here: they come from the environment
@@ -61,6 +68,13 @@ class StorageArgs(_Strict):
         "or $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL.",
     )
     region: str | None = Field(None, description="Region name; null = the environment's.")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_url_credentials(v, "endpoint_url")
+        return v
 
     def options_for(self, uri: str) -> dict[str, Any]:
         """fsspec storage_options for `uri` (endpoint and region only, for s3:// URLs)."""

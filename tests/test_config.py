@@ -55,6 +55,28 @@ def test_boolean_settings_spelt_as_words_are_refused_and_other_words_kept():
     assert job["input"].endswith("/no")
 
 
+@pytest.mark.parametrize("config_name, overrides, setting", [
+    ("config", ["data=busi", "data.url=https://alice:s3cr3t@archive.example/busi"], "data.url"),
+    ("config", ["output_dir=s3://AKIAX:s3cr3t@bucket/out"], "output_dir"),
+    ("segment_batch", ["input=s3://bucket/in", "output=out", "bundles.segmenter=seg",
+                       "storage.endpoint_url=http://admin:s3cr3t@127.0.0.1:8333"],
+     "storage.endpoint_url"),
+    ("evaluate", ["evaluate.segmenter=https://s3cr3t@models.example/seg"], "evaluate.segmenter"),
+    ("pack", ["pack.out=s3://alice:s3cr3t@bucket/packs"], "pack.out"),
+])
+def test_a_url_carrying_credentials_is_refused_without_repeating_them(config_name, overrides,
+                                                                       setting):
+    """Credentials come only from the environment: a user:password@ in a URL setting would be
+    printed in progress lines, error messages and reports. A `@` after the host is a name."""
+    with pytest.raises(ValueError, match="the URL carries credentials") as caught:
+        load_config(overrides, config_name=config_name)
+    message = str(caught.value)
+    assert "s3cr3t" not in message and "alice" not in message and "AKIAX" not in message
+    assert setting in message and "***@" in message
+    cfg = load_config(["data=busi", "data.url=s3://bucket/cases/a@b/x", "output_dir=/tmp/x@y"])
+    assert cfg["data"]["url"] == "s3://bucket/cases/a@b/x"
+
+
 def test_ray_data_progress_auto_is_bars_on_a_terminal_and_log_lines_elsewhere(monkeypatch):
     """Decided in the entry point's process: Ray Train's workers, where datasets also run,
     write to log files whatever the user's terminal is."""

@@ -537,6 +537,47 @@ def test_bounded_reads_over_http_take_an_unsatisfiable_range_as_an_empty_file():
         server.shutdown()
 
 
+def test_an_http_login_comes_from_netrc_not_from_the_url(tmp_path, monkeypatch):
+    """The route the refusal of `user:password@` URLs advises: a ~/.netrc entry ($NETRC), read
+    with client_kwargs.trust_env=true in the storage options."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from medseg_core.io import check_url_credentials, read_bytes
+
+    login = "Basic " + base64.b64encode(b"alice:s3cr3t").decode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            ok = self.headers.get("Authorization") == login
+            body = b"image bytes" if ok else b""
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/a.png"
+    try:
+        with pytest.raises(ValueError, match=r"data.url: the URL carries credentials "
+                                             r"\(http://\*\*\*@127.0.0.1:\d+/a.png\)"):
+            check_url_credentials(url.replace("//", "//alice:s3cr3t@"), "data.url")
+        with pytest.raises(Exception, match="401"):
+            read_bytes(url)
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login alice password s3cr3t\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))
+        assert read_bytes(url, {"client_kwargs": {"trust_env": True}}) == b"image bytes"
+    finally:
+        server.shutdown()
+
+
 def test_file_names_holding_a_double_colon_are_read_literally(tmp_path):
     """fsspec reads '::' in a URL as a chain of filesystems: `/x/a::b.png` opened `/x/a`."""
     from medseg_core.io import object_fs, read_bytes

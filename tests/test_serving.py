@@ -491,6 +491,26 @@ def test_the_token_comes_from_the_variable_or_a_file_and_matches_as_sent(tmp_pat
         LimitsArgs(max_pixels=10**9)  # Pillow itself refuses beyond its own cap
 
 
+def test_a_bundle_uri_carrying_credentials_is_refused_without_repeating_them():
+    """/v1/models lists each bundle's URI and Serve logs a refused config: a password in
+    either must not get there (pydantic's errors repeat the input value by default)."""
+    import pydantic
+
+    from serving.schemas import AppArgs
+
+    for args in ({"segmenter": {"bundle_uri": "https://alice:s3cr3t@models.example/seg"},
+                  "classifier": {"bundle_uri": "s3://bucket/cls@v2"}},
+                 {"segmenter": {"bundle_uri": "s3://bucket/seg"},
+                  "classifier": {"bundle_uri": "s3://bucket/cls"},
+                  "storage": {"endpoint_url": "http://alice:s3cr3t@127.0.0.1:8333"}}):
+        with pytest.raises(pydantic.ValidationError, match="the URL carries credentials") as e:
+            AppArgs.model_validate(args)
+        assert "s3cr3t" not in str(e.value) and "alice" not in str(e.value)
+    ok = AppArgs.model_validate({"segmenter": {"bundle_uri": "s3://bucket/seg"},
+                                 "classifier": {"bundle_uri": "s3://bucket/cls@v2"}})
+    assert ok.classifier.bundle_uri == "s3://bucket/cls@v2"
+
+
 def test_readiness_is_cached_after_both_models_answer():
     import asyncio
 
