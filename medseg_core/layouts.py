@@ -154,10 +154,21 @@ def _norm_dir(d: str | None) -> str:
 def _walk_local(base: str, recursive: bool) -> list[str]:
     """Every file under a local folder, following symlinked folders (fsspec's `find` does
     not, and an archive assembled from symlinked class folders listed as empty), each real
-    folder once (a link back to an ancestor is not followed again)."""
+    folder once (a link back to an ancestor is not followed again). A folder that cannot be
+    listed (no permission) raises, naming it."""
     seen: set[tuple[int, int]] = set()
     out: list[str] = []
-    for folder, subfolders, files in os.walk(base, followlinks=True):
+
+    def unreadable(err: OSError) -> None:
+        # a missing root is for the caller to name; a folder that vanished mid-walk holds
+        # nothing. Any other folder that cannot be listed would drop its files unseen
+        if isinstance(err, (FileNotFoundError, NotADirectoryError)):
+            return
+        raise type(err)(err.errno, f"{err.strerror}: a folder of the archive that cannot be "
+                        "listed is not skipped (its files would be missing unseen)",
+                        err.filename) from err
+
+    for folder, subfolders, files in os.walk(base, followlinks=True, onerror=unreadable):
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in seen:
             subfolders.clear()

@@ -143,6 +143,30 @@ def test_symlinked_class_folders_are_listed_and_a_link_loop_once(tmp_path):
     assert load_record(listing.records[0])["mask"].any()
 
 
+def test_a_folder_that_cannot_be_listed_fails_the_listing_naming_it(tmp_path, monkeypatch):
+    """`os.walk` skips a folder it may not list unless told otherwise: a class folder without
+    read permission left its whole class out of training, even with strict=true. The denial
+    is simulated in `os.scandir` (what `os.walk` lists with): root reads any folder."""
+    import os
+
+    busi_tree(tmp_path)
+    denied = str(tmp_path / "malignant")
+    scandir = os.scandir
+
+    def guarded(path="."):
+        if os.fspath(path) == denied:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", guarded)
+    for strict in (True, False):
+        with pytest.raises(PermissionError, match="cannot be listed is not skipped") as caught:
+            list_records(str(tmp_path), "busi", strict=strict)
+        assert caught.value.filename == denied
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert len(list_records(str(tmp_path), "busi").records) == 3
+
+
 def test_busi_class_names_option(tmp_path):
     busi_tree(tmp_path)
     listing = list_records(str(tmp_path), "busi", class_names=None)
