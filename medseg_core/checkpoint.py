@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch import nn
 
+from .io import remove_path
 from .models import build_model
 
 WEIGHTS_FILE = "weights.pt"
@@ -195,7 +196,7 @@ def save_bundle(
     fs.makedirs(path, exist_ok=True)
     version_path = _join(path, VERSION_FILE)
     if fs.exists(version_path):
-        fs.rm(version_path)
+        remove_path(fs, version_path)
     fs.pipe_file(_join(path, WEIGHTS_FILE), weights)
     fs.pipe_file(_join(path, CONFIG_FILE), config_text.encode())
     fs.pipe_file(_join(path, METRICS_FILE), metrics_text.encode())

@@ -15,6 +15,8 @@ Decoding rules (what every reader in medseg gets):
 
 from __future__ import annotations
 
+import errno
+import glob
 import io
 import os
 import posixpath
@@ -302,7 +304,12 @@ def read_limited(fs: fsspec.AbstractFileSystem, path: str,
     """
     name = name or path
     if is_local(fs):
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise ImageDecodeError(f"{name}: a loop of symbolic links") from exc
         if not stat.S_ISREG(st.st_mode):
             raise ImageDecodeError(f"{name}: not a regular file")
         if max_bytes is not None and st.st_size > max_bytes:
@@ -348,6 +355,39 @@ def write_bytes(uri: str, data: bytes, storage_options: dict | None = None) -> N
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as f:
         f.write(data)
+
+
+def remove_path(fs: fsspec.AbstractFileSystem, path: str | Sequence[str],
+                recursive: bool = False) -> None:
+    """``fs.rm(path, recursive)`` (one path or a list) with each path taken literally.
+    fsspec's object stores read ``*``, ``?`` and ``[`` in a path as a glob: on S3, removing
+    ``out/pk*x`` removed every folder whose name matched, and ``out/scan[1]`` matched nothing
+    and failed. Such a path is removed file by file from a prefix listing instead; the others
+    still go in one bulk request (the local filesystem never globs here)."""
+    paths = [path] if isinstance(path, str) else list(path)
+    if is_local(fs):
+        fs.rm(paths, recursive=recursive)
+        return
+    plain = [p for p in paths if not glob.has_magic(p)]
+    if plain:
+        fs.rm(plain[0] if len(plain) == 1 else plain, recursive=recursive)
+    for p in paths:
+        if glob.has_magic(p):
+            # as fs.rm does: folders too (stores with real folders, such as SeaweedFS, keep
+            # them), each after what it holds
+            names = {p, *fs.find(p, withdirs=True)} if recursive else {p}
+            for name in sorted(names, reverse=True):
+                fs.rm_file(name)
+            fs.invalidate_cache(p)
+
+
+def move_file(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """``fs.mv`` of one file with both names taken literally (see ``remove_path``)."""
+    if is_local(fs):
+        os.replace(src, dst)
+        return
+    fs.cp_file(src, dst)
+    fs.rm_file(src)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -55,7 +55,7 @@ from medseg_core.evaluation import (
     table_records,
 )
 from medseg_core.inference import Chain, Classifier, Segmenter, check_threshold
-from medseg_core.io import decode_mask
+from medseg_core.io import decode_mask, remove_path
 from medseg_core.layouts import Record
 from medseg_core.report import case_montage, write_report
 from medseg_core.results import error_row, prediction_row
@@ -522,7 +522,7 @@ def remove_outputs(out: str, so: dict | None, names: Sequence[str]) -> None:
     for name in names:
         path = f"{root.rstrip('/')}/{name}"
         if fs.exists(path):
-            fs.rm(path)
+            remove_path(fs, path)
 
 
 # ----------------------------------------------------------------------------------------------

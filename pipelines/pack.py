@@ -53,7 +53,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from medseg_core.io import encode_mask_png, encode_png, is_local
+from medseg_core.io import encode_mask_png, encode_png, is_local, remove_path
 from medseg_core.layouts import Record, decode_record
 from medseg_core.transforms import Resize, to_channels
 from pipelines import CONF_DIR
@@ -251,7 +251,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
     mfs, mpath = _fs(f"{out}/{MANIFEST_NAME}", spec["out_storage_options"], spec["credentials"])
     for old in (mpath, f"{mpath.rsplit('/', 1)[0]}/{REPORT_NAME}"):
         if mfs.exists(old):
-            mfs.rm(old)
+            remove_path(mfs, old)
     shards = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
     t0 = time.time()
     if backend == "local":
@@ -300,7 +300,7 @@ def _remove_stale_shards(fs: Any, folder: str, keep: set[str]) -> None:
     for entry in fs.ls(folder, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         if name.startswith("shard-") and name.endswith(".parquet") and name not in keep:
-            fs.rm(entry)
+            remove_path(fs, entry)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="pack", version_base=None)

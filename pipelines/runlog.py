@@ -22,6 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from medseg_core.checkpoint import METRICS_FILE, TRAIN_STATE_FILE, VERSION_FILE
+from medseg_core.io import remove_path
 from medseg_core.viz import plot_curves, save_png
 
 CURVE_KEYS = ("train_loss", "val_loss", "val_dice", "val_iou", "val_accuracy", "val_macro_f1")
@@ -54,7 +55,7 @@ def _remove_others(fs: Any, path: str, keep: list[str]) -> None:
     """Delete the files of `path` not named in `keep` (left from an earlier bundle)."""
     for entry in fs.ls(path, detail=False) if fs.exists(path) else []:
         if entry.rstrip("/").rsplit("/", 1)[-1] not in keep:
-            fs.rm(entry, recursive=True)
+            remove_path(fs, entry, recursive=True)
 
 
 def copy_dir(src: str, dst: str, exclude: tuple[str, ...] = ()) -> None:
@@ -77,7 +78,7 @@ def copy_dir(src: str, dst: str, exclude: tuple[str, ...] = ()) -> None:
                    key=lambda n: n == VERSION_FILE)
     staged = path + STAGED
     if fs.exists(staged):
-        fs.rm(staged, recursive=True)
+        remove_path(fs, staged, recursive=True)
     _put(fs, src, staged, names)
     if isinstance(fs, LocalFileSystem):
         aside = path + ASIDE
@@ -88,10 +89,10 @@ def copy_dir(src: str, dst: str, exclude: tuple[str, ...] = ()) -> None:
         shutil.rmtree(aside, ignore_errors=True)
         return
     if _has_version(fs, path):
-        fs.rm(f"{path}/{VERSION_FILE}")
+        remove_path(fs, f"{path}/{VERSION_FILE}")
     _remove_others(fs, path, names)
     _put(fs, src, path, names)
-    fs.rm(staged, recursive=True)
+    remove_path(fs, staged, recursive=True)
 
 
 def recover_dir(dst: str) -> bool:
@@ -114,8 +115,8 @@ def recover_dir(dst: str) -> bool:
                    key=lambda n: n == VERSION_FILE)
     _remove_others(fs, path, names)
     for name in names:
-        fs.copy(f"{found}/{name}", f"{path}/{name}")
-    fs.rm(found, recursive=True)
+        fs.cp_file(f"{found}/{name}", f"{path}/{name}")
+    remove_path(fs, found, recursive=True)
     return True
 
 

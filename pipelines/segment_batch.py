@@ -79,7 +79,7 @@ from omegaconf import DictConfig
 
 from medseg_core.checkpoint import check_bundle_task
 from medseg_core.inference import check_threshold
-from medseg_core.io import is_local
+from medseg_core.io import is_local, move_file, remove_path
 from medseg_core.layouts import Listing, Record, list_records, valid_text
 from medseg_core.metrics import metrics_from_counts
 from medseg_core.results import error_row
@@ -224,7 +224,7 @@ class Output:
             os.makedirs(posixpath.dirname(self.path(dst)), exist_ok=True)
             os.replace(self.path(rel), self.path(dst))
         else:
-            self.fs.mv(self.path(rel), self.path(dst))
+            move_file(self.fs, self.path(rel), self.path(dst))
         self.quarantined.append({"part": rel, "moved_to": dst, "reason": reason})
 
     def read(self, rel: str) -> bytes:
@@ -271,13 +271,13 @@ class Output:
                 except FileNotFoundError:
                     pass
         else:
-            self.fs.rm(paths)
+            remove_path(self.fs, paths)
 
     def delete_tree(self, sub: str) -> None:
         path = self.path(sub)
         self.fs.invalidate_cache(path)
         if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+            remove_path(self.fs, path, recursive=True)
         self._dirs.clear()
 
 

@@ -281,3 +281,39 @@ def test_optimizer_state_absent_or_unsafe(tmp_path):
     (tmp_path / "b" / TRAIN_STATE_FILE).write_bytes(buffer.getvalue())
     with pytest.raises(BundleError, match=TRAIN_STATE_FILE):
         load_train_state(url)
+
+
+@pytest.mark.s3
+def test_object_store_paths_holding_glob_characters_are_taken_literally(s3, tmp_path,
+                                                                         monkeypatch):
+    """fsspec's `rm` reads `*`, `?` and `[` as a glob: on S3 a second bundle saved into
+    `trial[1]` failed (its `version` "not found"), and clearing `pk*x` deleted the sibling
+    folders its pattern matched. Each is checked against a real S3 server."""
+    from medseg_core.io import remove_path
+    from pipelines.runlog import copy_dir
+    from pipelines.segment_batch import Output
+
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    s3.create_bucket("medseg-glob")
+    base = f"s3://medseg-glob/{uuid.uuid4().hex[:6]}"
+    fs = fsspec.filesystem("s3")
+    for name in ("pkAx", "pk-other-x", "pk*x", "nightly-1", "nightly*"):
+        fs.pipe_file(f"{base}/{name}/results/part-0.json".removeprefix("s3://"), b"{}")
+    remove_path(fs, f"{base}/pk*x/results/part-0.json".removeprefix("s3://"))
+    Output(f"{base}/nightly*").delete_tree("results")
+    left = sorted(p.split("/", 2)[2] for p in fs.find(base.removeprefix("s3://")))
+    assert left == ["nightly-1/results/part-0.json", "pk-other-x/results/part-0.json",
+                    "pkAx/results/part-0.json"]
+
+    model, config = _trained_model(), _config()
+    for run in (1, 2):  # the second save replaces the first's version file
+        save_bundle(f"{base}/trial[1]/best", model, config, version=f"v{run}")
+    assert load_bundle(f"{base}/trial[1]/best").version == "v2"
+    local = tmp_path / "bundle"
+    save_bundle(str(local), model, config, version="v3")
+    for _ in (1, 2):  # training's copy of the best bundle: staged, then over the old one
+        copy_dir(str(local), f"{base}/exp*[1]/best")
+    assert load_bundle(f"{base}/exp*[1]/best").version == "v3"
+    assert not fs.exists(f"{base}/exp*[1]/best.new".removeprefix("s3://"))
+    assert load_bundle(f"{base}/trial[1]/best").version == "v2"

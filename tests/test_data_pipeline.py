@@ -346,14 +346,18 @@ def test_oversized_and_special_files_are_refused_unread(ray_cluster, synthetic_a
     fifo = arc / "benign" / "benign (4).png"
     fifo.unlink()
     os.mkfifo(fifo)
+    loop = arc / "malignant" / "malignant (2).png"  # a link to itself: ELOOP, not a crash
+    loop.unlink()
+    loop.symlink_to(loop.name)
     cfg = make_cfg(tmp_path, str(arc), "data.max_bytes=60000",
                    *([] if dedup else ["data.split.dedup_distance=-1"]))
     with fifo_writer(fifo), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert rows(build_datasets(cfg)) == 15 - 2
+        assert rows(build_datasets(cfg)) == 15 - 3
         rep = data_report(cfg, warn=False)
     check_report(rep, {"normal (1).png": "more than max_bytes (60000)",
-                       "benign (4).png": "not a regular file"})
+                       "benign (4).png": "not a regular file",
+                       "malignant (2).png": "a loop of symbolic links"})
 
 
 def test_the_check_cache_holds_per_limits(synthetic_archive, tmp_path):
