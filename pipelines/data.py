@@ -690,7 +690,8 @@ def _checked_listing(cfg: dict[str, Any], check: bool | None
         records, hashes, problems = list_packed(
             str(data_cfg["url"]), so, strict, data_cfg.get("class_names") or None,
             channels=int(data_cfg.get("channels", 3)), image_size=data_cfg.get("image_size"),
-            mask_budget=packed_row_budget(_max_pixels(data_cfg), _max_bytes(data_cfg), 0))
+            mask_budget=packed_row_budget(_max_pixels(data_cfg), _max_bytes(data_cfg), 0),
+            mask_threshold=int(data_cfg.get("mask_threshold", 127)))
         if strict and problems:  # left out when it was packed: strict means the same as raw
             p = problems[0]
             raise BadRecordError(f"{p.path}: {p.reason} (left out when the archive was packed; "
@@ -854,7 +855,8 @@ def _rows_with_masks(pf: Any, shard: str = "", mask_budget: int | None = None) -
 
 def list_packed(url: str, so: dict | None = None, strict: bool = False,
                 class_names: Sequence[str] | None = None, channels: int | None = None,
-                image_size: Sequence[int] | None = None, mask_budget: int | None = None
+                image_size: Sequence[int] | None = None, mask_budget: int | None = None,
+                mask_threshold: int | None = None
                 ) -> tuple[list[Record], list[int], list[Problem]]:
     """Records, split hashes and problems of a packed archive, without decoding: those packing
     reported, and one per record of a shard that cannot be read (truncated, overwritten), which
@@ -862,7 +864,8 @@ def list_packed(url: str, so: dict | None = None, strict: bool = False,
 
     Reads the manifest and only the id, label and phash columns of each shard. The labels
     index the manifest's class names: given `class_names` (what the reader will call them;
-    None: no names, labels unused) must be the same list in the same order, or LayoutError.
+    None: no names, labels unused) must be the same list in the same order, or LayoutError;
+    so must `channels` for raw arrays and `mask_threshold` for the original files.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -882,6 +885,14 @@ def list_packed(url: str, so: dict | None = None, strict: bool = False,
         raise LayoutError(f"{_manifest_url(url)}: the pack holds raw {manifest['channels']}-"
                           f"channel arrays, but data.channels is {channels}: set data.channels="
                           f"{manifest['channels']} or repack")
+    packed_at = manifest.get("mask_threshold")
+    if (mask_threshold is not None and packed_at is not None
+            and manifest.get("encoding") == "file" and int(packed_at) != int(mask_threshold)):
+        # a record's single mask file is stored as it was, so it would read as another mask
+        # than the one packing checked (0/1 masks packed at 0 read empty at 127)
+        raise LayoutError(f"{_manifest_url(url)}: the pack's masks were read at "
+                          f"data.mask_threshold={packed_at}, but it is {mask_threshold} here: "
+                          f"set data.mask_threshold={packed_at}, or repack")
     resized = manifest.get("resize_to")
     if resized and image_size is not None and [int(v) for v in resized] != \
             [int(v) for v in image_size]:

@@ -290,6 +290,19 @@ def test_packing_thresholds_masks_as_reading_does_and_replaces_the_manifest_last
     got = load_any_record(packed[rid], cfg)["mask"]
     want = Resize([32, 32])(load_any_record(raw[rid], raw_cfg))["mask"]
     assert got.any() and np.array_equal(got, want)
+    # the original files (encoding file) keep a single mask file's 0/1 values: read at another
+    # threshold they would be empty masks, so that reading is refused
+    from medseg_core.layouts import LayoutError
+
+    files = tmp_path / "packed_files"
+    assert pack(tmp_path, str(arc), files, "data.mask_threshold=0",
+                backend="local")["mask_threshold"] == 0
+    with pytest.raises(LayoutError, match=r"masks were read at data.mask_threshold=0, but it is "
+                                          r"127 here: set data.mask_threshold=0"):
+        load_splits(packed_cfg(tmp_path, files))
+    cfg = packed_cfg(tmp_path, files, "data.mask_threshold=0")
+    packed = {r.id: r for split in load_splits(cfg).values() for r in split}
+    assert np.array_equal(load_any_record(packed[rid], cfg)["mask"], mask)
 
 
 def test_a_repack_replaces_every_shard_and_reads_back_its_own_records(synthetic_archive,
