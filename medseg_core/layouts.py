@@ -25,6 +25,8 @@ import io as _io
 import os
 import posixpath
 import re
+import unicodedata
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -410,7 +412,8 @@ class FolderLayout(Layout):
     ``label_column``, a two-column CSV uses its second column and a wider one is read as one-hot
     columns (ISIC task 3 style), the column names becoming the class names. Label values may be
     ints or class names (``class_names``, default the sorted distinct names). Images missing
-    from the CSV get label -1.
+    from the CSV get label -1; they and the CSV's ids that match no image are named in a
+    warning. Ids and file names are compared in Unicode NFC.
     """
 
     name = "folder"
@@ -493,6 +496,8 @@ class FolderLayout(Layout):
         labels, label_problems = self._read_labels(arc)
         problems += label_problems
         records = []
+        used: set[str] = set()
+        unlabelled: list[str] = []
         for key, paths in images.items():
             found = sorted(masks.get(key, []))
             if not found and self.require_masks:
@@ -507,7 +512,13 @@ class FolderLayout(Layout):
                     )
                 )
                 found = found[:1]
-            label = labels.get(key, labels.get(posixpath.basename(key), -1))
+            label_key = next((k for k in (_nfc(key), _nfc(posixpath.basename(key)))
+                              if k in labels), None)
+            if label_key is None:
+                unlabelled.append(key)
+            else:
+                used.add(label_key)
+            label = -1 if label_key is None else labels[label_key]
             records.append(Record(key, arc.uri(paths[0]), tuple(arc.uri(p) for p in found), label))
             for dup in paths[1:]:
                 problems.append(
@@ -518,6 +529,8 @@ class FolderLayout(Layout):
                 for p in found:
                     expected = _join(self.image_dir, key + ".*")
                     problems.append(Skipped(arc.uri(p), f"mask without image (no '{expected}')"))
+        if self.labels_csv:
+            _warn_unmatched_labels(self.labels_csv, sorted(set(labels) - used), unlabelled)
         return records, problems
 
     def _column(self, header: list[str], col: str | int, csv_uri: str) -> int:
@@ -563,6 +576,7 @@ class FolderLayout(Layout):
             key = row[id_col].strip()
             if _is_image(key):
                 key = posixpath.splitext(key)[0]
+            key = _nfc(key)  # as file names are matched: macOS writes them decomposed (NFD)
             if key in raw:
                 problems.append(Skipped(csv_uri, f"line {line}: duplicate id '{key}'"))
                 continue
@@ -601,6 +615,27 @@ class FolderLayout(Layout):
                     continue
                 labels[key] = label
         return labels, problems
+
+
+def _nfc(text: str) -> str:
+    """Unicode NFC: 'é' as one code point, whether a file system or a CSV wrote it as two."""
+    return unicodedata.normalize("NFC", text)
+
+
+def _warn_unmatched_labels(csv_ref: str, unused: Sequence[str], unlabelled: Sequence[str]
+                           ) -> None:
+    """Name the labels CSV's ids that match no image and the images it gives no label (label
+    -1: the classifier stage leaves them out), a few of each."""
+    def few(names: Sequence[str]) -> str:
+        return ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+
+    if unused:
+        warnings.warn(f"{csv_ref}: {len(unused)} labelled id(s) match no image of the archive "
+                      f"({few(unused)}); their labels are unused", stacklevel=3)
+    if unlabelled:
+        warnings.warn(f"{csv_ref}: {len(unlabelled)} image(s) have no label there "
+                      f"({few(unlabelled)}); they get label -1 and the classifier stage leaves "
+                      "them out", stacklevel=3)
 
 
 def _is_int(v: str) -> bool:

@@ -496,6 +496,30 @@ def test_folder_with_suffix_labels_and_subdirs(tmp_path):
     assert [r.label for r in by_index.records] == [0, 1, -1]
 
 
+def test_labels_match_decomposed_file_names_and_unmatched_ones_are_named(tmp_path):
+    """macOS writes 'café' in a file name as 'cafe' + a combining accent (NFD), a CSV as one
+    code point (NFC): those images lost their labels, and ids matching no image went unsaid."""
+    import unicodedata
+
+    for key in ("café", "Zürich", "plain", "unlisted"):
+        name = unicodedata.normalize("NFD", key)
+        png(tmp_path / "imgs" / f"{name}.png")
+        png(tmp_path / "masks" / f"{name}.png", mask=rand_mask())
+    (tmp_path / "labels.csv").write_text("id,label\ncafé,1\nZürich.png,0\nplain,1\nghost,0\n",
+                                         encoding="utf-8")
+    with pytest.warns(UserWarning) as caught:
+        listing = list_records(str(tmp_path), "folder", image_dir="imgs", labels_csv="labels.csv",
+                               strict=True)
+    labels = {unicodedata.normalize("NFC", r.id): r.label for r in listing.records}
+    assert labels == {"café": 1, "Zürich": 0, "plain": 1, "unlisted": -1}
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == [
+        "labels.csv: 1 image(s) have no label there ('unlisted'); they get label -1 and the "
+        "classifier stage leaves them out",
+        "labels.csv: 1 labelled id(s) match no image of the archive ('ghost'); their labels are "
+        "unused"]
+
+
 def test_folder_int_labels_and_same_dir(tmp_path):
     for key in ("p", "q"):
         png(tmp_path / "all" / f"{key}.png")
