@@ -45,6 +45,9 @@ Image.init()
 DECODE_FORMATS = tuple(
     f for f in ("PNG", "JPEG", "BMP", "DIB", "TIFF", "GIF", "WEBP", "PPM") if f in Image.OPEN
 )
+# file name extensions of those formats (lower case, with the dot)
+DECODE_EXTENSIONS = tuple(sorted(e for e, f in Image.registered_extensions().items()
+                                 if f in DECODE_FORMATS))
 
 
 

@@ -37,6 +37,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from medseg_core.io import (
+    DECODE_EXTENSIONS,
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -48,7 +49,7 @@ from medseg_core.io import (
 )
 
 CLASS_NAMES = ("normal", "benign", "malignant")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = DECODE_EXTENSIONS  # a file named otherwise is not taken for an image
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -520,6 +520,29 @@ def test_labels_match_decomposed_file_names_and_unmatched_ones_are_named(tmp_pat
         "unused"]
 
 
+def test_every_format_the_decoder_reads_is_listed(tmp_path):
+    """Only .png/.jpg/.bmp/.tif were listed: a .webp image or a Carvana-style .gif mask was
+    passed over without a word although medseg_core.io decodes both."""
+    from PIL import Image
+
+    truth = {}
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "lbl").mkdir()
+    for key, image_ext, mask_ext in (("a", ".webp", ".gif"), ("b", ".ppm", ".png"),
+                                     ("c", ".jfif", ".GIF")):
+        truth[key] = rand_mask()
+        Image.fromarray(RNG.integers(0, 256, (6, 8, 3), dtype=np.uint8)).save(
+            tmp_path / "imgs" / f"{key}{image_ext}",
+            format={".webp": "WEBP", ".ppm": "PPM", ".jfif": "JPEG"}[image_ext])
+        Image.fromarray(truth[key].astype(np.uint8) * 255).save(
+            tmp_path / "lbl" / f"{key}_mask{mask_ext}", format=mask_ext[1:].upper())
+    listing = list_records(str(tmp_path), "folder", image_dir="imgs", mask_dir="lbl",
+                           mask_suffix="_mask", strict=True)
+    assert [r.id for r in listing.records] == ["a", "b", "c"]
+    for rec in listing.records:
+        np.testing.assert_array_equal(load_record(rec)["mask"], truth[rec.id].astype(np.uint8))
+
+
 def test_folder_int_labels_and_same_dir(tmp_path):
     for key in ("p", "q"):
         png(tmp_path / "all" / f"{key}.png")
