@@ -32,7 +32,6 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
@@ -43,6 +42,7 @@ from medseg_core.io import (
     ImageDecodeError,
     decode_image,
     decode_mask,
+    object_fs,
     read_bytes,
     read_image_size,
     read_limited,
@@ -137,8 +137,13 @@ class Listing:
 # Archive access
 
 
+# folders that operating systems and NAS boxes fill with thumbnails and deleted files
+_JUNK_FOLDERS = frozenset({"__MACOSX", "@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN",
+                           "System Volume Information"})
+
+
 def _is_hidden(rel: str) -> bool:
-    return any(p.startswith(".") or p == "__MACOSX" for p in rel.split("/"))
+    return any(p.startswith(".") or p in _JUNK_FOLDERS for p in rel.split("/"))
 
 
 def _is_image(name: str) -> bool:
@@ -191,7 +196,7 @@ class _Archive:
         self.url = url
         self.storage_options = storage_options or {}
         self.max_bytes = max_bytes
-        self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
+        self.fs, self.root = object_fs(url, self.storage_options)  # '::' taken literally
         self.keep_protocol = "://" in url
         self.stamps: dict[str, str] | None = {} if stamps else None  # full path -> stamp
         self.saw_files = False  # `find` returned a non-hidden file
@@ -237,6 +242,8 @@ class _Archive:
             if not p.startswith(prefix):
                 continue
             rel = valid_text(p[len(prefix) :])
+            if not rel or rel.endswith("/"):  # an object store's folder marker ("incoming/")
+                continue
             if not _is_hidden(rel):
                 out.append((rel, p))
         out.sort()
@@ -299,7 +306,7 @@ class BusiLayout(Layout):
     """
 
     name = "busi"
-    _MASK = re.compile(r"(?P<stem>.+)_mask(?:_(?P<k>\d+))?")
+    _MASK = re.compile(r"(?P<stem>.+)_mask(?:_(?P<k>\d+))?", re.DOTALL)  # names may hold "\n"
 
     def __init__(
         self,
@@ -754,13 +761,15 @@ def check_found(arc: _Archive, layout: str, problems: Sequence[Skipped],
     files = None
     if not arc.saw_files and not problems:
         try:
-            exists, is_dir = arc.fs.exists(arc.root), arc.fs.isdir(arc.root)
+            # isfile, not `not isdir`: s3fs takes a prefix holding only its folder marker
+            # ("incoming/") for no folder, though it exists
+            exists, is_file = arc.fs.exists(arc.root), arc.fs.isfile(arc.root)
         except OSError:
-            exists = is_dir = False
+            exists, is_file = False, False
         if not exists:
             raise LayoutError(f"{url}: the archive does not exist (no such folder, or no object "
                               "under that prefix): check the URL")
-        if not is_dir:
+        if is_file:
             raise LayoutError(f"{url}: the archive is a file, not a folder of images")
         # the layout looked only where its files belong (isic2018's folders, a folder layout's
         # image_dir, the top level without `recursive`): files elsewhere mean a wrong layout

@@ -167,6 +167,22 @@ def test_a_folder_that_cannot_be_listed_fails_the_listing_naming_it(tmp_path, mo
     assert len(list_records(str(tmp_path), "busi").records) == 3
 
 
+def test_an_archive_folder_named_with_a_double_colon_and_nas_junk_folders(tmp_path):
+    """fsspec reads '::' in a URL as a chain of filesystems: an archive in `scans::2026` was
+    "the archive does not exist". Synology's @eaDir thumbnails and recycle bins are no data."""
+    arc = tmp_path / "scans::2026"
+    busi_tree(arc)
+    for junk in ("@eaDir/a.png", "#recycle/benign/old.png", "$RECYCLE.BIN/x.png"):
+        png(arc / "benign" / junk)
+    png(arc / "normal" / "two\nlines.png")  # a mask's name is matched across the newline
+    png(arc / "normal" / "two\nlines_mask.png", mask=rand_mask())
+    listing = list_records(str(arc), "busi", strict=True)
+    assert [r.id for r in listing.records] == ["benign/a", "malignant/b", "normal/c",
+                                               "normal/two\nlines"]
+    assert listing.records[0].image_uri == str(arc / "benign" / "a.png")
+    assert load_record(listing.records[0])["mask"].any()
+
+
 def test_busi_class_names_option(tmp_path):
     busi_tree(tmp_path)
     listing = list_records(str(tmp_path), "busi", class_names=None)
@@ -362,6 +378,19 @@ def test_s3_listing_yields_s3_uris(s3, tmp_path):
     with pytest.raises(LayoutError, match="s3://medseg-layouts/bsui: the archive does not exist"):
         list_records("s3://medseg-layouts/bsui", "busi", storage_options=s3.storage_options,
                      strict=False, allow_empty=True)
+    # folder markers (the zero-byte "name/" objects an S3 console makes) are not files: a
+    # marker alone is an empty folder, as locally, not a file that matches no layout
+    client = s3.client()
+    for key in ("busi/", "busi/benign/", "incoming/"):
+        client.put_object(Bucket="medseg-layouts", Key=key, Body=b"")
+    marked = list_records("s3://medseg-layouts/busi", "busi", storage_options=s3.storage_options,
+                          strict=True)
+    assert [r.id for r in marked.records] == ["benign/a", "malignant/b", "normal/c"]
+    (tmp_path / "incoming").mkdir()
+    for url in ("s3://medseg-layouts/incoming", str(tmp_path / "incoming")):
+        empty = list_records(url, "images", storage_options=s3.storage_options, strict=True,
+                             allow_empty=True)
+        assert empty.records == [] and empty.skipped == []
 
 
 # ----------------------------------------------------------------------------------------------
