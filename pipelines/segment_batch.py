@@ -230,10 +230,17 @@ class Output:
     def read(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
 
+    def _forget_listings(self) -> None:
+        """Drop every cached listing: other processes (the actors) wrote here. Forgetting only
+        the folder listed kept its sub-folders' listings from the run's start, and s3fs
+        answers a file missing from a cached listing with FileNotFoundError unasked: the
+        parts committed since then were left out, and their masks deleted as orphans."""
+        self.fs.invalidate_cache()
+
     def list(self, sub: str) -> list[str]:
         """Relative paths of the files under ``sub`` (hidden and temporary files left out)."""
         base = self.path(sub)
-        self.fs.invalidate_cache(base)  # other processes (the actors) wrote here
+        self._forget_listings()
         try:
             found = self.fs.find(base, withdirs=False)
         except (FileNotFoundError, NotADirectoryError):
@@ -252,7 +259,7 @@ class Output:
 
     def hidden(self, sub: str) -> list[str]:
         """Leftover temporary files (``.tmp-*``) under ``sub``."""
-        self.fs.invalidate_cache(self.path(sub))
+        self._forget_listings()
         try:
             found = self.fs.find(self.path(sub), withdirs=False)
         except (FileNotFoundError, NotADirectoryError):
@@ -275,7 +282,7 @@ class Output:
 
     def delete_tree(self, sub: str) -> None:
         path = self.path(sub)
-        self.fs.invalidate_cache(path)
+        self._forget_listings()
         if self.fs.exists(path):
             remove_path(self.fs, path, recursive=True)
         self._dirs.clear()
