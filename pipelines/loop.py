@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import fsspec
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -46,7 +47,7 @@ from medseg_core.losses import build_loss
 from medseg_core.metrics import ClassificationMeter, metrics_from_counts, thresholded_jaccard
 from medseg_core.models import build_model
 from medseg_core.precision import amp_dtype
-from pipelines.runlog import next_epoch
+from pipelines.runlog import next_epoch, stays_stopped
 
 
 class WorkerContext(Protocol):
@@ -239,13 +240,16 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
         best = float(state.get("best", -math.inf))
         stale = int(state.get("stale", 0))
         history = list(state.get("history", []))
-        if state.get("stopped_early"):
+        stopped = stays_stopped(state, spec.early_stopping_patience)
+        if stopped:
             start_epoch = spec.epochs
         if start_epoch >= spec.epochs and ctx.rank == 0:
-            why = ("stopped early" if state.get("stopped_early")
-                   else f"{start_epoch} of {spec.epochs} epochs done")
-            sys.stdout.write(f"[{spec.stage}] already trained ({why}): nothing to do; a larger "
-                             "epoch count goes on from here\n")
+            why, more = ((f"stopped early: no better validation score in {stale} epochs",
+                          "a larger train.early_stopping_patience (or 0, off)") if stopped
+                         else (f"{start_epoch} of {spec.epochs} epochs done",
+                               "a larger epoch count"))
+            sys.stdout.write(f"[{spec.stage}] already trained ({why}): nothing to do; {more} "
+                             "goes on from here\n")
             sys.stdout.flush()
     model = model.to(ctx.device)
     if spec.channels_last:
@@ -333,9 +337,10 @@ def _maybe_fail(spec: StageSpec, epoch: int) -> None:
     """Fault injection: raise once at `fail_at_epoch`, remembered by a marker file."""
     if spec.fail_at_epoch != epoch or not spec.fail_marker:
         return
-    marker = Path(spec.fail_marker)
-    if marker.exists():
+    # in the run directory, wherever it is (a worker restarted on another node must find it)
+    fs, path = fsspec.core.url_to_fs(spec.fail_marker)
+    if fs.exists(path):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"epoch": epoch, "time": time.time()}))
-    raise RuntimeError(f"injected failure at epoch {epoch} (marker {marker})")
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, json.dumps({"epoch": epoch, "time": time.time()}).encode())
+    raise RuntimeError(f"injected failure at epoch {epoch} (marker {spec.fail_marker})")

@@ -159,10 +159,17 @@ def next_epoch(train_state: dict[str, Any]) -> int:
     return int(train_state.get("epoch", -1)) + 1
 
 
-def finished(train_state: dict[str, Any], epochs: int) -> bool:
-    """Whether a stage at `train_state` has nothing left to train for `epochs` (done or
-    stopped early); False for none."""
-    return bool(train_state) and (bool(train_state.get("stopped_early"))
+def stays_stopped(train_state: dict[str, Any], patience: int) -> bool:
+    """Whether a stage that stopped early at `train_state` stops there under `patience` too
+    (a larger patience, or 0 = off, would have gone on: a rerun goes on)."""
+    return (bool(train_state.get("stopped_early")) and patience > 0
+            and int(train_state.get("stale", 0)) >= patience)
+
+
+def finished(train_state: dict[str, Any], epochs: int, patience: int) -> bool:
+    """Whether a stage at `train_state` has nothing left to train for `epochs` under early
+    stopping `patience` (done, or stopped early for good); False for none."""
+    return bool(train_state) and (stays_stopped(train_state, patience)
                                   or next_epoch(train_state) >= epochs)
 
 

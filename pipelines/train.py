@@ -116,7 +116,7 @@ def training_data(cfg: dict[str, Any]) -> dict[str, Any]:
 # bundle settings that fix what a run trains: a rerun under the same run_name resumes it only
 # where they are unchanged
 RUN_IDENTITY = ("task", "dataset", "input_size", "in_channels", "mean", "std", "class_names",
-                "training_data")
+                "threshold", "training_data")
 
 
 def check_resumable(cfg: dict[str, Any]) -> None:
@@ -507,7 +507,8 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
     chosen = {"segmenter": postprocess_mode(cfg) == "auto",
               "classifier": clear_masks_mode(cfg) == "auto"}
     keep_choices = {s for s in cfg["stages"]
-                    if moved and chosen[s] and finished(states[s], stage_spec(cfg, s).epochs)}
+                    if moved and chosen[s] and finished(states[s], stage_spec(cfg, s).epochs,
+                                                       stage_spec(cfg, s).early_stopping_patience)}
     if backend == "local":
         train_stage = run_local
     else:  # "ray" (check_settings refused any other)

@@ -443,7 +443,9 @@ def test_a_run_name_resumes_only_under_its_own_data_split_and_model(tmp_path, ca
                             ("data.split.ratios=[0.6,0.2,0.2]", "training_data.split"),
                             ("data.image_size=[32,32]", "input_size"),
                             ("model.widths=[8,16,24]", "model.widths"),
-                            ("data.class_names=[normal,benign,malignant,other]", "class_names")):
+                            ("data.class_names=[normal,benign,malignant,other]", "class_names"),
+                            # the validation Dice that picked the best epoch is taken at it
+                            ("train.threshold=0.3", "threshold")):
         if override.startswith("data.generate"):
             # the same archive under another name: a different data.url
             override = f"data.url={tmp_path / 'data' / 'synthetic'}-copy"
@@ -466,6 +468,28 @@ def test_a_run_name_resumes_only_under_its_own_data_split_and_model(tmp_path, ca
     # nor are the k-fold settings of a ratio split, which splitting ignores
     run(config(tmp_path, *base, "data.split.n_folds=3", "data.split.fold=2"))
     assert "[segmenter] already trained (1 of 1 epochs done)" in capsys.readouterr().out
+
+
+def test_a_stage_stopped_early_goes_on_under_a_larger_patience(tmp_path, capsys):
+    """With no learning (lr 1e-12) the validation score never beats epoch 0's, so patience 1 stops
+    at epoch 1. A rerun said "a larger epoch count goes on from here" and trained nothing under
+    any setting: a larger patience (or 0, off) would not have stopped there, so it goes on."""
+    from pipelines.train import run
+
+    base = ["trainer=local", "stages=[segmenter]", "train.epochs=5", "run_name=es",
+            "train.optimizer.lr=1e-12", "train.optimizer.weight_decay=0"]
+    csv_path = tmp_path / "runs" / "es" / "segmenter" / "metrics.csv"
+    run(config(tmp_path, *base, "train.early_stopping_patience=1"))
+    assert [r["epoch"] for r in read_csv(csv_path)] == ["0", "1"]
+    capsys.readouterr()
+    run(config(tmp_path, *base, "train.early_stopping_patience=1", "train.epochs=9"))
+    assert ("[segmenter] already trained (stopped early: no better validation score in 1 "
+            "epochs): nothing to do; a larger train.early_stopping_patience (or 0, off) goes on "
+            "from here") in capsys.readouterr().out
+    run(config(tmp_path, *base, "train.early_stopping_patience=3"))
+    assert [r["epoch"] for r in read_csv(csv_path)] == ["0", "1", "2", "3"]
+    run(config(tmp_path, *base, "train.early_stopping_patience=0"))
+    assert [r["epoch"] for r in read_csv(csv_path)] == ["0", "1", "2", "3", "4"]
 
 
 def test_a_start_that_died_before_its_first_bundle_does_not_fix_the_runs_split(tmp_path):
@@ -630,6 +654,24 @@ def _loop_spec(tmp_path, **over):
     spec = stage_spec(cfg, "segmenter")
     # augmentation on the device draws from the loop's generator, so the weights depend on it
     return replace(spec, **{"gpu_augment": dict(cfg["data"]["augment"]), "bf16": False, **over})
+
+
+def test_the_fault_injection_marker_is_written_beside_the_run_on_any_filesystem():
+    """With output_dir on S3 the marker went to a local `s3:/...` path in the worker's
+    directory: a worker restarted on another node would not find it and fail again."""
+    from types import SimpleNamespace
+
+    import fsspec
+
+    from pipelines.loop import _maybe_fail
+
+    spec = SimpleNamespace(fail_at_epoch=2,
+                           fail_marker="memory://medseg-fault/runs/x/.fail-segmenter")
+    _maybe_fail(spec, 1)
+    with pytest.raises(RuntimeError, match="marker memory://medseg-fault/runs/x/.fail-segmenter"):
+        _maybe_fail(spec, 2)
+    assert fsspec.filesystem("memory").exists("/medseg-fault/runs/x/.fail-segmenter")
+    _maybe_fail(spec, 2)  # once
 
 
 def test_resumed_training_equals_uninterrupted_training(tmp_path, loop_spy):
