@@ -3,6 +3,7 @@
     <output_dir>/runs/<run_name>/<stage>/
         latest/  best/     model bundles (medseg_core.checkpoint)
         metrics.csv        one row per epoch, rewritten from the bundle's history (idempotent)
+    <output_dir>/runs/<run_name>/.run.lock   while a training run holds the run (RunLock)
         curves.png         training curves
         tb/                TensorBoard event files
 """
@@ -15,7 +16,11 @@ import io
 import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import time
+import uuid
 from typing import Any
 
 import fsspec
@@ -123,6 +128,93 @@ def recover_dir(dst: str) -> bool:
 SPLITS_FILE = "splits.json"  # in the run directory: which records each split held
 
 
+LOCK_FILE = ".run.lock"  # in the run directory while a training run holds it
+LOCK_BEAT_S = 20.0      # how often the holder rewrites its lock
+LOCK_STALE_S = 90.0     # a lock not rewritten for this long is a dead run's
+
+
+class RunLock:
+    """One training run per run directory at a time. Two runs under one run_name used to
+    train side by side, each resuming from and overwriting the other's bundles, logs and
+    TensorBoard series, and both ended "successfully".
+
+    The holder writes `<run>/.run.lock` (host, pid, start) and rewrites it every LOCK_BEAT_S
+    from a thread. A lock counts as held while it was rewritten within LOCK_STALE_S and, on
+    this host, while its process lives: a run killed here can be rerun at once, one killed on
+    another machine after LOCK_STALE_S."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.url = join(run_dir, LOCK_FILE)
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict[str, Any] | None:
+        fs, path = fsspec.core.url_to_fs(self.url)
+        fs.invalidate_cache()
+        try:
+            return json.loads(fs.cat_file(path))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _write(self, started: float) -> None:
+        fs, path = fsspec.core.url_to_fs(self.url)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, json.dumps({
+            "token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+            "started": started, "beat": time.time()}).encode())
+
+    @staticmethod
+    def held(lock: dict[str, Any] | None, now: float | None = None) -> bool:
+        """Whether `lock` (as read from the file) belongs to a run that is still going."""
+        if not lock:
+            return False
+        if (now or time.time()) - float(lock.get("beat", 0)) > LOCK_STALE_S:
+            return False
+        if lock.get("host") == socket.gethostname():
+            try:
+                os.kill(int(lock.get("pid", 0)), 0)
+            except ProcessLookupError:
+                return False
+            except (PermissionError, ValueError, OverflowError):
+                pass
+        return True
+
+    def acquire(self, run_name: str) -> None:
+        lock = self._read()
+        if self.held(lock) and lock.get("token") != self.token:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(lock["started"])))
+            raise RuntimeError(
+                f"run {run_name!r} is being trained by another process ({lock.get('host')}, pid "
+                f"{lock.get('pid')}, since {since}; its lock {self.url} was renewed "
+                f"{time.time() - float(lock['beat']):.0f} s ago): two runs under one run_name "
+                "would resume from and overwrite each other's bundles and logs. Wait for it, "
+                f"or use another run_name; a lock not renewed for {LOCK_STALE_S:.0f} s is "
+                "taken over")
+        started = time.time()
+        self._write(started)
+        self._thread = threading.Thread(target=self._beat, args=(started,), daemon=True,
+                                        name="medseg-run-lock")
+        self._thread.start()
+
+    def _beat(self, started: float) -> None:
+        while not self._stop.wait(LOCK_BEAT_S):
+            try:
+                self._write(started)
+            except Exception:  # a storage hiccup: the next beat tries again
+                continue
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        lock = self._read()
+        if lock and lock.get("token") == self.token:
+            fs, path = fsspec.core.url_to_fs(self.url)
+            remove_path(fs, path)
+
+
 def split_digest(ids: list[str]) -> dict[str, Any]:
     """One split's record count and the SHA-256 of its sorted record ids."""
     digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
@@ -207,6 +299,38 @@ class RunLog:
         """The epoch a rerun of this stage starts at (0 without a latest bundle)."""
         return next_epoch(self.train_state())
 
+    def catch_up(self) -> int:
+        """Write the metrics.csv rows, TensorBoard scalars and curves of the epochs in the
+        latest bundle's history that the logs lack (a kill after `latest/` was written and
+        before the logs were left them short for good); returns how many epochs it added."""
+        history = self.train_state().get("history") or []
+        logged = self._logged_epochs()
+        missing = [h for h in history if int(float(h.get("epoch", -1))) not in logged]
+        if not missing:
+            return 0
+        for row in missing:
+            self._write_tb(row)
+        self._write_csv(history)
+        self._write_curves(history)
+        self.close()
+        return len(missing)
+
+    def _logged_epochs(self) -> set[int]:
+        fs, path = fsspec.core.url_to_fs(join(self.stage_dir, "metrics.csv"))
+        try:
+            text = fs.cat_file(path).decode("utf-8", "replace")
+        except FileNotFoundError:
+            return set()
+        epochs = set()
+        for row in csv.DictReader(io.StringIO(text)):
+            if None in row.values():  # a row cut short by a kill
+                continue
+            try:
+                epochs.add(int(float(row.get("epoch") or "")))
+            except ValueError:
+                continue
+        return epochs
+
     def record(self, metrics: dict[str, float], bundle_dir: str | None,
                history: list[dict[str, Any]]) -> None:
         if bundle_dir is not None:
@@ -218,6 +342,9 @@ class RunLog:
             copy_dir(bundle_dir, self.latest)
         self._write_csv(history)
         self._write_tb(metrics)
+        self._write_curves(history)
+
+    def _write_curves(self, history: list[dict[str, Any]]) -> None:
         series = {k: [h.get(k, float("nan")) for h in history] for k in CURVE_KEYS
                   if any(k in h for h in history)}
         save_png(plot_curves(series, title=f"{self.stage_dir.rsplit('/', 2)[-2]} {self.stage_name}"),
@@ -241,8 +368,13 @@ class RunLog:
         writer.writerows(rows)
         fs, path = fsspec.core.url_to_fs(join(self.stage_dir, "metrics.csv"))
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "w") as f:
-            f.write(buf.getvalue())
+        if isinstance(fs, LocalFileSystem):  # whole or not at all (an object is anyway)
+            staged = f"{path}{STAGED}"
+            with open(staged, "w", encoding="utf-8") as f:
+                f.write(buf.getvalue())
+            os.replace(staged, path)
+        else:
+            fs.pipe_file(path, buf.getvalue().encode("utf-8"))
 
     def _write_tb(self, metrics: dict[str, float]) -> None:
         from tensorboardX import SummaryWriter  # ships with ray[train]

@@ -58,7 +58,7 @@ from pipelines.data import (
     split_views,
 )
 from pipelines.loop import StageSpec, epoch_seed, fit_stage
-from pipelines.runlog import RunLog, finished, join, record_splits
+from pipelines.runlog import RunLock, RunLog, finished, join, record_splits
 from pipelines.tuning import (
     chain_scores,
     choose_mask_clearing,
@@ -487,6 +487,23 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
                                  f"{len(splits[part])} {part} records has a label (a layout "
                                  "labels them from its folders or a labels CSV, e.g. "
                                  "+data.options.labels_csv=<csv>): train stages=[segmenter]")
+    lock = RunLock(run_dir(cfg))
+    lock.acquire(str(cfg["run_name"]))
+    try:
+        return _run_locked(cfg, splits, listed, backend, release)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: dict[str, Any], splits: dict[str, list[Record]],
+                listed: dict[str, list[Record]], backend: str,
+                release: Callable[[], None] | None) -> dict[str, str]:
+    """`run` once it holds the run's lock."""
+    for stage in (s for s in STAGES if s in cfg["stages"]):
+        added = RunLog(run_dir(cfg), stage).catch_up()
+        if added:
+            print(f"[{stage}] logs caught up with the latest bundle: {added} epoch(s) added to "
+                  "metrics.csv, TensorBoard and the curves", flush=True)
     # recorded once the run is sure to start: a refused run leaves no run directory. Until a
     # stage has a bundle, a start that died early holds nothing of its split: record anew
     states = {s: RunLog(run_dir(cfg), s).train_state() for s in STAGES}

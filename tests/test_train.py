@@ -492,6 +492,76 @@ def test_a_stage_stopped_early_goes_on_under_a_larger_patience(tmp_path, capsys)
     assert [r["epoch"] for r in read_csv(csv_path)] == ["0", "1", "2", "3", "4"]
 
 
+def test_a_second_run_under_the_same_name_is_refused_while_the_first_holds_it(tmp_path):
+    """Two runs under one run_name trained side by side, each resuming from and overwriting
+    the other's bundles and logs, and both ended "successfully"."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.runlog import LOCK_FILE, LOCK_STALE_S, RunLock
+    from pipelines.train import run
+
+    base = ["trainer=local", "stages=[segmenter]", "train.epochs=1", "run_name=busy"]
+    lock_file = tmp_path / "runs" / "busy" / LOCK_FILE
+    holder = RunLock(str(tmp_path / "runs" / "busy"))
+    holder.acquire("busy")
+    try:
+        with pytest.raises(RuntimeError, match=r"run 'busy' is being trained by another process "
+                                               r"\(.*, pid \d+, since .*Wait for it, or use "
+                                               r"another run_name"):
+            run(config(tmp_path, *base))
+        assert not (tmp_path / "runs" / "busy" / "segmenter").exists()
+    finally:
+        holder.release()
+    assert not lock_file.exists()
+    run(config(tmp_path, *base))
+    assert (tmp_path / "runs" / "busy" / "segmenter" / "best").is_dir()
+    assert not lock_file.exists()  # released at the end
+    # the lock of a run killed on this machine is taken over at once: its process is gone
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    now = time.time()
+    lock = {"token": "t", "host": holder.token.split(":")[0], "pid": int(gone.stdout),
+            "started": now, "beat": now}
+    lock_file.write_text(json.dumps(lock))
+    run(config(tmp_path, *base, "train.epochs=2"))
+    assert not lock_file.exists()
+    # another machine's lock holds until it has not been renewed for LOCK_STALE_S
+    elsewhere = {**lock, "host": "another-node", "pid": 1}
+    assert RunLock.held(elsewhere, now=now + 1)
+    assert not RunLock.held(elsewhere, now=now + LOCK_STALE_S + 1)
+
+
+def test_a_rerun_writes_the_log_rows_a_kill_after_the_latest_bundle_left_out(tmp_path, capsys):
+    """A kill after `latest/` was written and before the logs left metrics.csv, TensorBoard
+    and the curves an epoch short for good: the finished stage's reruns wrote nothing."""
+    import shutil
+
+    from pipelines.train import run
+
+    base = ["trainer=local", "stages=[segmenter]", "train.epochs=2", "run_name=short"]
+    run(config(tmp_path, *base))
+    stage = tmp_path / "runs" / "short" / "segmenter"
+    rows = read_csv(stage / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    # as the kill left them: the last row missing (and the file cut inside a row), the last
+    # epoch's TensorBoard events and the curves gone
+    text = (stage / "metrics.csv").read_text()
+    (stage / "metrics.csv").write_text(text[:text.index("\n1,") + 3])
+    shutil.rmtree(stage / "tb")
+    (stage / "curves.png").unlink()
+    capsys.readouterr()
+    run(config(tmp_path, *base))
+    out = capsys.readouterr().out
+    assert "[segmenter] logs caught up with the latest bundle: 1 epoch(s) added" in out
+    assert read_csv(stage / "metrics.csv") == rows
+    assert (stage / "curves.png").is_file() and any((stage / "tb").iterdir())
+    run(config(tmp_path, *base))  # nothing missing: nothing written
+    assert "logs caught up" not in capsys.readouterr().out
+
+
 def test_a_start_that_died_before_its_first_bundle_does_not_fix_the_runs_split(tmp_path):
     """splits.json was written once, at a run's first start: a start that died before its
     first epoch's bundle left it, and a rerun under another split (nothing to resume, so not
