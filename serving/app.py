@@ -94,10 +94,12 @@ def _ms(start: float, end: float) -> float:
 def resolve_device(requested: str) -> str:
     """'auto' -> 'cuda' when Ray assigned this process a GPU and torch sees one, else 'cpu'."""
     if requested == "auto":
-        try:
-            gpus = ray.get_gpu_ids()
-        except Exception:  # not inside a Ray worker
-            gpus = []
+        gpus = []
+        if ray.is_initialized():  # ray.get_gpu_ids() would start a Ray instance otherwise
+            try:
+                gpus = ray.get_gpu_ids()
+            except Exception:  # not inside a Ray worker
+                gpus = []
         return "cuda" if gpus and torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(
@@ -138,6 +140,7 @@ class _ModelReplica:
                              f"{type(self).__name__} deployment needs a {self.task!r} one")
         self.runner = self._build(self.bundle)
         self.batching = _DEFAULT_BATCHING
+        self.batching_error: str | None = None
         self._apply_batching()
         if self.args.warmup:
             self._warmup()
@@ -157,8 +160,19 @@ class _ModelReplica:
 
     # Serve hooks
     def reconfigure(self, user_config: Mapping[str, Any] | None) -> None:
-        """Apply the deployment's user_config (BatchingConfig); runs again on every change."""
-        self.batching = BatchingConfig.model_validate(user_config or {})
+        """Apply the deployment's user_config (BatchingConfig); runs again on every change.
+
+        A bad one is logged and reported in /v1/models (`batching_error`) while the replica
+        keeps its batching: raising here made Serve stop the running replicas, and the
+        deployment answered nothing until a good config came."""
+        try:
+            batching = BatchingConfig.model_validate(user_config or {})
+        except ValueError as exc:
+            self.batching_error = " ".join(str(exc).split())
+            logger.error("%s: user_config refused, batching stays %s: %s", type(self).__name__,
+                         self.batching.model_dump(), self.batching_error)
+            return
+        self.batching, self.batching_error = batching, None
         self._apply_batching()
         logger.info("%s: batching %s", type(self).__name__, self.batching.model_dump())
 
@@ -190,6 +204,7 @@ class _ModelReplica:
             "precision": "bfloat16" if self.runner.amp_dtype is not None else "float32",
             "torch_threads": torch.get_num_threads(),
             "batching": self.batching.model_dump(),
+            "batching_error": self.batching_error,
         }
 
 
@@ -396,7 +411,8 @@ back at the image's original resolution as a base64 PNG (`mask_format=png`) or C
 (`mask_format=rle`). Errors are JSON `{"error": {"code", "message"}}`: 400 not a readable
 image, 401 missing/wrong bearer token (when the server has one), 413 too many bytes or pixels,
 415 empty body or unsupported content type, 422 bad query values, 503 models not ready,
-overloaded or a model replica failed mid-request (with `Retry-After`).
+overloaded, a model replica failed mid-request or a model did not answer in time (with
+`Retry-After`).
 """
 
 app = FastAPI(title="medseg", version="1", description=DESCRIPTION)
@@ -589,9 +605,17 @@ class Ingress:
         except ImageDecodeError as exc:
             raise ApiError(400, "invalid_image", str(exc)) from None
 
-    async def _call(self, what: str, response: Awaitable[Any]) -> Any:
+    async def _call(self, what: str, response: Any) -> Any:
         try:
-            return await response
+            return await asyncio.wait_for(response, self.settings.model_timeout_s)
+        except TimeoutError:
+            # a deployment with no running replica (one failing to start) holds requests
+            # queued until Serve's HTTP timeout, while /healthz kept its cached "ok"
+            response.cancel()
+            self.readiness.reset()
+            raise ApiError(503, "timeout", f"{what} did not answer within "
+                           f"{self.settings.model_timeout_s:g} s (no replica running, or "
+                           "overloaded); retry later", {"Retry-After": "5"}) from None
         except Exception as exc:
             if isinstance(exc, DeploymentUnavailableError):
                 self.readiness.reset()
@@ -671,10 +695,40 @@ class Ingress:
         return await self.readiness.infos(refresh=True)
 
 
+def check_deployable(settings: AppArgs) -> None:
+    """What the replicas would fail on, checked where Serve builds the application: a bad
+    `args` raises there and the running version keeps serving, while a replica that cannot
+    start made Serve stop the running ones (a missing, half-written or garbled bundle, one of
+    the other task, a missing token file). Object-store credentials are the replicas' own: a
+    bundle this process may not read is left to them."""
+    for name, task in (("segmenter", SegmenterDeployment.func_or_class.task),
+                       ("classifier", ClassifierDeployment.func_or_class.task)):
+        uri = _bundle_location(getattr(settings, name).bundle_uri)
+        setting = f"args.{name}.bundle_uri"
+        try:
+            bundle = load_bundle(uri, storage_options=settings.storage.options_for(uri) or None)
+        except Exception as exc:
+            if any(t.__name__ in ("NoCredentialsError", "PermissionError")
+                   for t in type(exc).__mro__):
+                logger.warning("%s: %s not checked here (%s); the replicas load it with their "
+                               "own credentials", setting, uri, type(exc).__name__)
+                continue
+            raise ValueError(f"{setting}: {exc}") from None
+        if bundle.config.get("task") != task:
+            raise ValueError(f"{setting}: model bundle {uri} is a {bundle.config.get('task')!r} "
+                             f"bundle; the {name} needs a {task!r} one")
+    auth = settings.auth
+    if auth.token_file and not os.path.isfile(auth.token_file):
+        # (whether a token is set at all is the Ingress's to say: the variable may be set only
+        # in its nodes' environment)
+        raise ValueError(f"args.auth.token_file: {auth.token_file} is not a file")
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """Application builder for `serve run` / `serve deploy` (`import_path:
     serving.app:build_app`); `args` is the config's `args` mapping (see `AppArgs`)."""
     settings = AppArgs.model_validate(args)
+    check_deployable(settings)
     plain = settings.model_dump(mode="json")
     segmenter = SegmenterDeployment.bind(plain["segmenter"], plain["storage"])
     classifier = ClassifierDeployment.bind(plain["classifier"], plain["storage"])

@@ -169,6 +169,12 @@ class AppArgs(_Strict):
     health_timeout_s: float = Field(
         2.0, gt=0, description="How long /healthz and /v1/models wait for each model deployment."
     )
+    model_timeout_s: float = Field(
+        45.0, gt=0,
+        description="Longest wait for a model deployment's answer to one request, queueing "
+        "included; then 503 `timeout` with Retry-After, and /healthz asks the models again. "
+        "Keep it below http_options.request_timeout_s (Serve's own plain-text 408).",
+    )
 
 
 class BatchingConfig(_Strict):
@@ -247,6 +253,9 @@ class ModelInfo(BaseModel):
                     "device computes it natively")
     torch_threads: int
     batching: dict[str, Any]
+    batching_error: str | None = Field(
+        None, description="why the deployment's last user_config was refused (the batching "
+                          "above stayed); null when it was applied")
 
 
 class ModelsResponse(BaseModel):

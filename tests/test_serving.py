@@ -213,7 +213,7 @@ def check_equal(body: dict, ref: dict, image: np.ndarray) -> None:
 # ------------------------------------------------------------------------------ no server
 
 
-def test_config_validates_against_serve_schema():
+def test_config_validates_against_serve_schema(bundles):
     from ray.serve.schema import ServeDeploySchema
 
     from serving.app import ClassifierDeployment, Ingress, SegmenterDeployment, build_app
@@ -239,14 +239,97 @@ def test_config_validates_against_serve_schema():
             batching = BatchingConfig.model_validate(d.user_config)
             assert d.max_ongoing_requests >= batching.max_batch_size
     # the builder Serve calls with `args` gives the three deployments
-    built = build_app(config["applications"][0]["args"])
-    assert built is not None
+    args = {**app.args, "segmenter": {"bundle_uri": bundles["segmenter"]},
+            "classifier": {"bundle_uri": bundles["classifier"]}}
+    assert build_app(args) is not None
     with pytest.raises(ValueError):
         build_app({"segmenter": {"bundle_uri": "x"}})  # no classifier
     with pytest.raises(ValueError):
         build_app({**app.args, "limits": {"max_pixels": 0}})
     with pytest.raises(ValueError, match="max_inflight_pixels"):
         build_app({**app.args, "limits": {"max_pixels": 1000, "max_inflight_pixels": 999}})
+
+
+def test_what_replicas_would_fail_on_is_refused_where_the_app_is_built(bundles, tmp_path,
+                                                                      caplog):
+    """Serve stopped the running replicas of a redeploy whose new ones could not start (a
+    missing, garbled or swapped bundle, a missing token file), and the endpoint answered
+    nothing until a good config came; `build_app` raising keeps the running version. A bad
+    user_config is refused by the replica, which keeps its batching and says so."""
+    import asyncio
+    import logging
+    import shutil
+
+    from serving.app import SegmenterDeployment, build_app
+
+    good = {"segmenter": {"bundle_uri": bundles["segmenter"]},
+            "classifier": {"bundle_uri": bundles["classifier"]}}
+    garbled = tmp_path / "garbled"
+    shutil.copytree(bundles["segmenter"], garbled)
+    weights = garbled / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:200])
+    for patch, message in (
+            ({"segmenter": {"bundle_uri": str(tmp_path / "missing")}},
+             r"args.segmenter.bundle_uri: .*does not exist"),
+            ({"segmenter": {"bundle_uri": str(garbled)}}, r"args.segmenter.bundle_uri: "),
+            ({"classifier": {"bundle_uri": bundles["segmenter"]}},
+             r"args.classifier.bundle_uri: .*is a 'segmentation' bundle"),
+            ({"auth": {"token_file": str(tmp_path / "no-token")}},
+             r"args.auth.token_file: .*no-token is not a file")):
+        with pytest.raises(ValueError, match=message):
+            build_app({**good, **patch})
+
+    async def reconfigure() -> tuple[dict, ...]:
+        replica = SegmenterDeployment.func_or_class(
+            {"bundle_uri": bundles["segmenter"], "warmup": False})
+        replica.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.01})
+        before = replica.info()
+        with caplog.at_level(logging.ERROR, logger="ray.serve"):
+            replica.reconfigure({"max_batch_size": 0})
+        return before, replica.info()
+
+    import ray
+
+    started = ray.is_initialized()
+    before, after = asyncio.run(reconfigure())
+    assert ray.is_initialized() == started  # device "auto" outside Ray started an instance
+    assert before["batching"] == after["batching"] == {"max_batch_size": 4,
+                                                       "batch_wait_timeout_s": 0.01}
+    assert before["batching_error"] is None
+    assert "max_batch_size" in after["batching_error"]
+    assert "user_config refused, batching stays" in caplog.text
+
+
+def test_a_model_call_that_does_not_answer_in_time_is_a_json_503_and_readiness_is_asked_again():
+    """A deployment with no running replica (one failing to start) held every prediction until
+    Serve's plain-text 408 at 60 s, while /healthz kept its cached "ok"."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serving.app import Ingress, ModelReadiness
+    from serving.inputs import ApiError
+    from serving.schemas import AppArgs
+
+    class Stuck:  # a DeploymentResponse whose replica never comes
+        cancelled = False
+
+        def __await__(self):
+            return asyncio.sleep(3600).__await__()
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    settings = AppArgs.model_validate({"segmenter": {"bundle_uri": "s"},
+                                       "classifier": {"bundle_uri": "c"}, "model_timeout_s": 0.2})
+    ingress = SimpleNamespace(settings=settings, readiness=ModelReadiness({}, 1.0))
+    ingress.readiness._infos = {"segmenter": {}, "classifier": {}}  # /healthz said ok
+    stuck = Stuck()
+    with pytest.raises(ApiError) as err:  # the Ingress's own method, on the state it uses
+        asyncio.run(Ingress.func_or_class._call(ingress, "Segmenter", stuck))
+    assert (err.value.status, err.value.code) == (503, "timeout")
+    assert "Segmenter did not answer within 0.2 s" in err.value.message
+    assert err.value.headers == {"Retry-After": "5"}
+    assert stuck.cancelled and not ingress.readiness.ready
 
 
 def test_the_pixel_budget_bounds_the_images_in_flight():
