@@ -170,7 +170,7 @@ def resize_probabilities(prob: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     """A (h, w) probability map resized bilinearly to ``size``, antialiased along each axis it
     shrinks. Where one axis shrinks and the other grows, each is resized on its own, the
     shrinking one first: in one call PyTorch's antialiased kernel took 7 s to stretch a 256 px
-    map to a 1 x 4,000,000 image (0.06 s so), and a 4,000,000 x 1 one came out unlike its
+    map to a 1 x 4,000,000 image (0.06 s in two), and a 4,000,000 x 1 one came out unlike its
     transpose."""
     h, w = prob.shape
     out = prob[None, None]

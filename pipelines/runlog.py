@@ -301,8 +301,8 @@ class RunLog:
 
     def catch_up(self) -> int:
         """Write the metrics.csv rows, TensorBoard scalars and curves of the epochs in the
-        latest bundle's history that the logs lack (a kill after `latest/` was written and
-        before the logs were left them short for good); returns how many epochs it added."""
+        latest bundle's history that the logs lack (a kill between writing `latest/` and the
+        logs left them short for good); returns how many epochs it added."""
         history = self.train_state().get("history") or []
         logged = self._logged_epochs()
         missing = [h for h in history if int(float(h.get("epoch", -1))) not in logged]
