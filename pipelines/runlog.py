@@ -299,11 +299,12 @@ class RunLog:
         """The epoch a rerun of this stage starts at (0 without a latest bundle)."""
         return next_epoch(self.train_state())
 
-    def catch_up(self) -> int:
+    def catch_up(self, train_state: dict[str, Any]) -> int:
         """Write the metrics.csv rows, TensorBoard scalars and curves of the epochs in the
-        latest bundle's history that the logs lack (a kill between writing `latest/` and the
-        logs left them short for good); returns how many epochs it added."""
-        history = self.train_state().get("history") or []
+        latest bundle's history (`train_state`, as `train_state()` reads it) that the logs lack
+        (a kill between writing `latest/` and the logs left them short for good); returns how
+        many epochs it added."""
+        history = train_state.get("history") or []
         logged = self._logged_epochs()
         missing = [h for h in history if int(float(h.get("epoch", -1))) not in logged]
         if not missing:

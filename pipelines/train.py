@@ -495,18 +495,23 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
         lock.release()
 
 
+def _finished(cfg: dict[str, Any], stage: str, train_state: dict[str, Any]) -> bool:
+    spec = stage_spec(cfg, stage)
+    return finished(train_state, spec.epochs, spec.early_stopping_patience)
+
+
 def _run_locked(cfg: dict[str, Any], splits: dict[str, list[Record]],
                 listed: dict[str, list[Record]], backend: str,
                 release: Callable[[], None] | None) -> dict[str, str]:
     """`run` once it holds the run's lock."""
+    states = {s: RunLog(run_dir(cfg), s).train_state() for s in STAGES}
     for stage in (s for s in STAGES if s in cfg["stages"]):
-        added = RunLog(run_dir(cfg), stage).catch_up()
+        added = RunLog(run_dir(cfg), stage).catch_up(states[stage])
         if added:
             print(f"[{stage}] logs caught up with the latest bundle: {added} epoch(s) added to "
                   "metrics.csv, TensorBoard and the curves", flush=True)
     # recorded once the run is sure to start: a refused run leaves no run directory. Until a
     # stage has a bundle, a start that died early holds nothing of its split: record anew
-    states = {s: RunLog(run_dir(cfg), s).train_state() for s in STAGES}
     moved = record_splits(run_dir(cfg), {k: [r.id for r in v] for k, v in splits.items()},
                           replace=not any(states.values()))
     if moved and listed != splits:
@@ -524,8 +529,7 @@ def _run_locked(cfg: dict[str, Any], splits: dict[str, list[Record]],
     chosen = {"segmenter": postprocess_mode(cfg) == "auto",
               "classifier": clear_masks_mode(cfg) == "auto"}
     keep_choices = {s for s in cfg["stages"]
-                    if moved and chosen[s] and finished(states[s], stage_spec(cfg, s).epochs,
-                                                       stage_spec(cfg, s).early_stopping_patience)}
+                    if moved and chosen[s] and _finished(cfg, s, states[s])}
     if backend == "local":
         train_stage = run_local
     else:  # "ray" (check_settings refused any other)

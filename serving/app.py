@@ -42,7 +42,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from medseg_core.checkpoint import Bundle, load_bundle
+from medseg_core.checkpoint import Bundle, check_bundle_task, load_bundle
 from medseg_core.inference import Classifier, Segmenter, summarize_prediction
 from medseg_core.io import (
     ImageDecodeError,
@@ -705,18 +705,18 @@ def check_deployable(settings: AppArgs) -> None:
                        ("classifier", ClassifierDeployment.func_or_class.task)):
         uri = _bundle_location(getattr(settings, name).bundle_uri)
         setting = f"args.{name}.bundle_uri"
+        options = settings.storage.options_for(uri) or None
         try:
-            bundle = load_bundle(uri, storage_options=settings.storage.options_for(uri) or None)
+            check_bundle_task(uri, task, setting, options)
+            load_bundle(uri, storage_options=options)  # the weights too: garbled ones fail here
         except Exception as exc:
             if any(t.__name__ in ("NoCredentialsError", "PermissionError")
                    for t in type(exc).__mro__):
                 logger.warning("%s: %s not checked here (%s); the replicas load it with their "
                                "own credentials", setting, uri, type(exc).__name__)
                 continue
-            raise ValueError(f"{setting}: {exc}") from None
-        if bundle.config.get("task") != task:
-            raise ValueError(f"{setting}: model bundle {uri} is a {bundle.config.get('task')!r} "
-                             f"bundle; the {name} needs a {task!r} one")
+            raise ValueError(str(exc) if str(exc).startswith(setting)
+                             else f"{setting}: {exc}") from None
     auth = settings.auth
     if auth.token_file and not os.path.isfile(auth.token_file):
         # (whether a token is set at all is the Ingress's to say: the variable may be set only
