@@ -6,7 +6,8 @@ Decoding rules (what every reader in medseg gets):
   compositing onto a background would change them wherever alpha < 255.
 - 16-bit images are scaled by their dtype range (x * 255 / 65535), never clipped. Mode ``I``
   (32-bit int) holding values in [0, 65535] is treated as 16-bit (that is how some readers
-  expose 16-bit PNG and TIFF); wider values are scaled by the int32 range. Mode ``F`` (float)
+  expose 16-bit PNG and TIFF), values in [-32768, 32767] with one below 0 as signed 16-bit
+  (CT-style TIFFs, scaled by the int16 range); wider values are scaled by the int32 range. Mode ``F`` (float)
   in [0, 1] is scaled by 255; any other float range is min-max scaled per image.
 - Colour to grey uses ITU-R 601 luma (as Pillow's ``convert("L")``); grey to colour repeats.
 - Pixel count is checked from the header before any pixel is decoded (decompression bombs);
@@ -135,8 +136,13 @@ def _to_uint8(im: Image.Image) -> np.ndarray:
     # of a few hundred KB to 0.8 GB while decoding
     if mode == "I":
         a = np.asarray(im)
-        if a.size == 0 or (a.min() >= 0 and a.max() <= 65535):
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo >= 0 and hi <= 65535:
             return _scale16(a)
+        if lo >= -32768 and hi <= 32767:
+            # Pillow opens signed 16-bit TIFFs as mode I: by the int32 range every value of
+            # such an image fell on one grey level
+            return _scale16(a + 32768)
         return ((a.astype(np.int64) + 2**31) * 255 // (2**32 - 1)).astype(np.uint8)
     if mode == "F":
         a = np.array(im, dtype=np.float32)
@@ -220,12 +226,18 @@ def decode_mask(
     """Decode a mask into uint8 HxW in {0, 1}: pixel > ``threshold`` after conversion to 8 bit.
 
     Colour masks use the maximum over channels (so a pure red or blue outline counts as
-    foreground, which luma would not); 16-bit masks are scaled first, as images are.
+    foreground, which luma would not); 16-bit masks are scaled first, as images are. A mask
+    whose colour is one value everywhere and whose alpha is not (an overlay exported as
+    "opaque where the lesion is") is read from its alpha.
     """
     im = _load(data, max_pixels, name)
     a = _to_uint8(im)
     if a.ndim == 3:
         a = a.max(axis=2)
+    if "A" in im.getbands() and a.size and a.min() == a.max():
+        alpha = np.asarray(im.getchannel("A"))
+        if alpha.min() != alpha.max():
+            a = alpha
     mask = (a > threshold).astype(np.uint8)
     if not mask.any() and (a.any() or (len(im.getbands()) == 1 and im.getextrema()[1])):
         _warn_faint_mask(name, threshold)

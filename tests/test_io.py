@@ -128,6 +128,30 @@ def test_mode_I_in_16bit_range_scaled_like_16bit():
     np.testing.assert_array_equal(decode_image(data, 1)[:, :, 0], scaled16(a))
 
 
+def _signed16_tiff(a: np.ndarray) -> bytes:
+    """A grey TIFF of signed 16-bit samples (SampleFormat 2), as CT exports write them."""
+    h, w = a.shape
+    pixels = a.astype("<i2").tobytes()
+    tags = [(256, w), (257, h), (258, 16), (259, 1), (262, 1), (273, None), (277, 1), (278, h),
+            (279, len(pixels)), (339, 2)]
+    offset = 8 + 2 + 12 * len(tags) + 4
+    ifd = b"".join(struct.pack("<HHII", tag, 4, 1, offset if value is None else value)
+                   for tag, value in tags)
+    return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + ifd + b"\0\0\0\0" + pixels
+
+
+def test_signed_16bit_scaled_by_the_int16_range():
+    a = np.array([[-1000, -500, 0, 500], [1000, 2000, 3000, -32768]], dtype=np.int16)
+    data = _signed16_tiff(a)
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    out = decode_image(data, 1)[:, :, 0]
+    np.testing.assert_array_equal(out, scaled16(a.astype(np.int32) + 32768))
+    assert len(np.unique(out[0])) == 4
+    ramp = np.linspace(0, 30000, 16).astype(np.int16).reshape(2, 8)
+    ramp[0, 0] = -1   # one negative pixel no longer flattens the rest
+    assert len(np.unique(decode_image(_signed16_tiff(ramp), 1))) == 16
+
+
 def test_mode_I_wide_range_uses_int32_range():
     a = np.array([[-(2**31), 0, 2**31 - 1]], dtype=np.int32)
     out = decode_image(save(Image.fromarray(a), "TIFF"), 1)[0, :, 0]
@@ -247,6 +271,19 @@ def test_colour_mask_uses_max_over_channels():
     rgb[1, 2] = (0, 0, 200)
     m = decode_mask(save(Image.fromarray(rgb), "PNG"))
     assert m.tolist() == [[1, 0, 0], [0, 0, 1]]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_a_mask_drawn_only_in_alpha_is_read_from_its_alpha(mode):
+    lesion = np.zeros((6, 7), dtype=np.uint8)
+    lesion[2:4, 1:4] = 255
+    colour = np.full((6, 7, 3 if mode == "RGBA" else 1), 255, dtype=np.uint8)
+    overlay = Image.fromarray(np.dstack([colour, lesion]), mode)
+    np.testing.assert_array_equal(decode_mask(save(overlay, "PNG")), lesion // 255)
+    # where the colour varies, it is the mask and alpha is dropped as for images
+    colour[...] = lesion[..., None]
+    coloured = Image.fromarray(np.dstack([colour, 255 - lesion]), mode)
+    np.testing.assert_array_equal(decode_mask(save(coloured, "PNG")), lesion // 255)
 
 
 # ----------------------------------------------------------------------------------------------
