@@ -45,6 +45,15 @@ def test_gpu_workers_autoscale_from_zero_and_install_the_project():
     assert "." in cfg["file_mounts"].values()
 
 
+def test_gpu_workers_have_an_instance_profile_for_the_run_storage():
+    """Ray attaches its default instance profile to the head only
+    (ray/autoscaler/_private/aws/config.py, `_configure_iam_role`): workers, where rank 0 writes
+    checkpoints and read tasks read the archive, need one named in their node config."""
+    for name, node_type in load()["available_node_types"].items():
+        profile = node_type["node_config"].get("IamInstanceProfile")
+        assert name == "head" or (profile and (profile.get("Name") or profile.get("Arn"))), name
+
+
 def _kill_cluster(tmp: str) -> None:
     """Stop the processes of the cluster whose temp dir is `tmp` (`ray stop` would stop every
     Ray process on the machine, this session's shared test cluster included)."""
