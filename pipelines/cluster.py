@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,77 @@ def task_slots(num_cpus: float = 1, num_gpus: float = 0, *,
     if num_gpus and num_gpus > 0:
         fits = min(fits, int(resources.get("GPU", 1) // num_gpus))
     return max(1, fits)
+
+
+def _local_path(url: str) -> str | None:
+    """The absolute path of a local `url` (a path or file://), None for any other filesystem."""
+    import fsspec
+
+    from medseg_core.io import is_local
+
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return path if is_local(fs) else None
+
+
+def check_shared_paths(written: Mapping[str, str], read: Mapping[str, str],
+                       resources: Mapping[str, float], count: int, what: str) -> None:
+    """On a cluster this process joined, refuse local paths that the nodes running `what`
+    (`count` tasks or workers of `resources` each) do not see: a setting in `written` (a folder
+    they write to, e.g. output_dir) or in `read` (a file or folder they read; checked where it
+    exists here). Each would otherwise write its results on its own machine, which the
+    autoscaler later terminates, or count the files it cannot find as bad input. A probe task
+    of the same shape looks for a marker written here; on a local instance started here every
+    task shares this machine, and nothing is asked."""
+    import ray
+
+    if _started_here or not ray.is_initialized():
+        return
+    markers: dict[str, str] = {}
+    for setting, url in written.items():
+        path = _local_path(url)
+        if path is not None:
+            os.makedirs(path, exist_ok=True)
+            marker = os.path.join(path, f".medseg-shared-{uuid.uuid4().hex}")
+            with open(marker, "w"):
+                pass
+            markers[setting] = marker
+    for setting, url in read.items():
+        path = _local_path(url)
+        if path is not None and os.path.exists(path):
+            markers[setting] = path
+    if not markers:
+        return
+
+    def probe(paths: dict[str, str]) -> tuple[str, list[str]]:
+        import os as _os
+
+        import ray as _ray
+
+        return (_ray.util.get_node_ip_address(),
+                [setting for setting, p in paths.items() if not _os.path.exists(p)])
+
+    shape = {k: float(v) for k, v in resources.items() if float(v) > 0}
+    task = ray.remote(probe).options(
+        num_cpus=shape.pop("CPU", 0.0), num_gpus=shape.pop("GPU", 0.0), resources=shape or None,
+        scheduling_strategy="SPREAD", max_retries=0)
+    try:
+        print(f"checking that the nodes running {what} see {', '.join(sorted(markers))} "
+              "(on an autoscaling cluster this waits for them to start)", flush=True)
+        seen = ray.get([task.remote(markers) for _ in range(max(1, int(count)))])
+    finally:
+        for setting in written:
+            if setting in markers:
+                try:
+                    os.remove(markers[setting])
+                except OSError:
+                    pass
+    here = ray.util.get_node_ip_address()
+    blind = {node: missing for node, missing in seen if missing}
+    if blind:
+        node, missing = next(iter(blind.items()))
+        names = ", ".join(f"{s}={written.get(s, read.get(s))}" for s in missing)
+        raise RuntimeError(
+            f"{names}: a path on this machine ({here}) that the node {node} running {what} "
+            "does not see. On a cluster of several machines put it on object storage "
+            "(s3://...) or on a file system every node mounts (NFS, EFS) at the same path; a "
+            "local path works only where everything runs on this machine")

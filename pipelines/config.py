@@ -86,13 +86,27 @@ def explained_storage_errors() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if not any(t.__name__ == "NoCredentialsError" for t in type(exc).__mro__):
+        if not _lacks_credentials(exc):
             raise
         raise PermissionError(
             "object storage asked for credentials and none were found: medseg takes them only "
             "from the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
-            "or the instance's role), never from its settings; for a public bucket set "
-            "data.anonymous=true (the bulk job: storage.anonymous=true)") from exc
+            "or the instance's role), never from its settings, on every node that reads or "
+            "writes (on a cluster: the workers' IamInstanceProfile in cluster.yaml); for a "
+            "public bucket set data.anonymous=true (the bulk job: storage.anonymous=true)"
+        ) from exc
+
+
+def _lacks_credentials(exc: BaseException, depth: int = 0) -> bool:
+    """Whether `exc` is botocore's NoCredentialsError, or wraps one: as its cause, or as the
+    failure of a Ray Train worker or controller (WorkerGroupError, ControllerError)."""
+    if any(t.__name__ == "NoCredentialsError" for t in type(exc).__mro__):
+        return True
+    if depth > 8:
+        return False
+    inner = [exc.__cause__, exc.__context__, getattr(exc, "controller_failure", None),
+             *dict(getattr(exc, "worker_failures", None) or {}).values()]
+    return any(isinstance(e, BaseException) and _lacks_credentials(e, depth + 1) for e in inner)
 
 
 # YAML 1.1 spellings of a boolean: Hydra (YAML 1.2) reads `overwrite=no` as the string "no",

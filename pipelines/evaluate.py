@@ -61,7 +61,7 @@ from medseg_core.report import case_montage, write_report
 from medseg_core.results import error_row, prediction_row
 from medseg_core.viz import confusion_matrix_image, plot_curves
 from pipelines import CONF_DIR
-from pipelines.cluster import connect, disconnect
+from pipelines.cluster import check_shared_paths, connect, disconnect
 from pipelines.config import check_actor_pool, check_whole, explained_storage_errors, resolve
 from pipelines.data import (
     REPORT_NAME,
@@ -345,6 +345,13 @@ def predict_ray(records: Sequence[Record], cfg: Mapping[str, Any], flips: Sequen
         concurrency = tuple(int(c) for c in concurrency)
     elif concurrency is not None:
         concurrency = int(concurrency)
+    read = {"data.url": str(data["url"]), "evaluate.segmenter": str(ev["segmenter"])}
+    if ev.get("classifier"):
+        read["evaluate.classifier"] = str(ev["classifier"])
+    actors = concurrency[-1] if isinstance(concurrency, tuple) else concurrency
+    check_shared_paths({}, read, {"CPU": float(rc.get("num_cpus") or 1),
+                                  "GPU": float(rc.get("num_gpus") or 0)},
+                       int(actors or 1), "evaluation's actors")
     ds = predict_records(
         list(records),
         seg_uri=ev["segmenter"],

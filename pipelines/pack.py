@@ -57,7 +57,7 @@ from medseg_core.io import encode_mask_png, encode_png, is_local, remove_path
 from medseg_core.layouts import Record, decode_record
 from medseg_core.transforms import Resize, to_channels
 from pipelines import CONF_DIR
-from pipelines.cluster import disconnect
+from pipelines.cluster import check_shared_paths, connect, disconnect, task_slots
 from pipelines.config import check_whole, explained_storage_errors, resolve
 from pipelines.data import (
     BAD_INPUT_ERRORS,
@@ -259,6 +259,10 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
     else:
         import ray
 
+        connect()
+        check_shared_paths({"pack.out": out}, {"data.url": str(data["url"])},
+                           {"CPU": float(read["num_cpus"])}, min(len(shards), task_slots(
+                               float(read["num_cpus"]))), "the pack tasks")
         items = [{"index": i, "records": json.dumps([r.to_dict() for r in s])}
                  for i, s in enumerate(shards)]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(

@@ -84,7 +84,7 @@ from medseg_core.layouts import Listing, Record, list_records, valid_text
 from medseg_core.metrics import metrics_from_counts
 from medseg_core.results import error_row
 from pipelines import CONF_DIR
-from pipelines.cluster import check_fits, check_runtime_env, connect, disconnect
+from pipelines.cluster import check_fits, check_runtime_env, check_shared_paths, connect, disconnect
 from pipelines.config import (
     check_actor_pool,
     check_flag,
@@ -950,6 +950,10 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
     check_fits({"CPU": num_cpus, "GPU": num_gpus}, "one actor of the bulk job's pool",
                "Use batch=cpu (or smaller batch.num_cpus / ray_num_cpus that fit) on this "
                "machine, or join a cluster that has the resources (ray_address or RAY_ADDRESS).")
+    bundles = {"bundles.segmenter": seg_uri, **({"bundles.classifier": cls_uri} if cls_uri else {})}
+    check_shared_paths({"output": out.url}, {"input": str(cfg["input"]), **bundles},
+                       {"CPU": num_cpus, "GPU": num_gpus}, _pool_size(batch, len(todo)),
+                       "the bulk job's actors")
     device = str(batch.get("device") or "auto")
     if device == "auto":
         device = "cuda" if num_gpus > 0 else "cpu"

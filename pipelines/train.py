@@ -472,7 +472,7 @@ def run(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> dict[
     if backend == "ray":
         from pipelines.train_ray import join_cluster
 
-        join_cluster(cfg["trainer"], float(read_settings(cfg["data"])["num_cpus"]))
+        join_cluster(cfg, float(read_settings(cfg["data"])["num_cpus"]))
     # the in-process trainer's DataLoader cannot drop a bad record: check them all first
     splits, listed = split_views(cfg, check=backend == "local")
     print("split sizes: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()), flush=True)

@@ -30,7 +30,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from medseg_core.layouts import Record
-from pipelines.cluster import check_fits, connect
+from pipelines.cluster import check_fits, check_shared_paths, connect
 from pipelines.data import build_dataset, build_datasets, problem_ledger, task_credentials
 from pipelines.loop import broadcast_buffers, fit_stage, score_key
 from pipelines.runlog import RunLog, join
@@ -203,12 +203,14 @@ def resumed_train_dataset(cfg: dict[str, Any], stage: str,
     return build
 
 
-def join_cluster(trainer: dict[str, Any], read_cpus: float) -> None:
+def join_cluster(cfg: dict[str, Any], read_cpus: float) -> None:
     """Connect to Ray and refuse at once a worker group that a local cluster started here can
     never hold, with a Ray Data read task (`read_cpus`, data.read.num_cpus) beside it unless
     the data is read before training (trainer.cache_data): the workers wait for their
-    batches, the read task for a CPU, for ever. Before the archive is listed or the run
-    directory written."""
+    batches, the read task for a CPU, for ever; on a cluster joined, refuse a local
+    `output_dir` or archive the workers' nodes do not see. Before the archive is listed or the
+    run directory written."""
+    trainer = cfg["trainer"]
     init_ray(trainer, read_cpus)
     world = int(trainer["num_workers"])
     per_worker = scaling_config(trainer).resources_per_worker or {}
@@ -225,6 +227,9 @@ def join_cluster(trainer: dict[str, Any], read_cpus: float) -> None:
                     "(trainer.cache_data=true), or join a cluster (trainer.address or "
                     "RAY_ADDRESS)."}
     check_fits(need, what, hints)
+    check_shared_paths({"output_dir": str(cfg["output_dir"])},
+                       {"data.url": str(cfg["data"]["url"])},
+                       per_worker, world, f"the {world} training worker(s)")
 
 
 def run_ray(cfg: dict[str, Any], splits: dict[str, list[Record]], stage: str) -> str:

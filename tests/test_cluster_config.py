@@ -238,3 +238,41 @@ def test_a_request_that_cannot_fit_gets_the_advice_of_the_resource_it_lacks(monk
     with pytest.raises(RuntimeError, match=r"wait for ever\. no GPUs\. fewer CPUs\.$"):
         cluster.check_fits({"CPU": 8, "GPU": 2}, "the group", hints)
     cluster.check_fits({"CPU": 2, "GPU": 1}, "the group", hints)
+
+
+def test_a_local_path_the_nodes_of_a_joined_cluster_do_not_see_is_refused(
+        ray_cluster, tmp_path, monkeypatch, capsys):
+    """On a cluster joined (not started here), an output folder or archive on the driver's disk
+    that the nodes running the work cannot see is refused before any work: rank 0 wrote its
+    checkpoints on a GPU node, and read tasks counted the archive's files as bad input.
+    `/proc/self/cwd/...` stands in for a path only the driver has: in the probe task it is
+    the Ray worker's own working directory."""
+    from pipelines import cluster
+
+    monkeypatch.setattr(cluster, "_started_here", False)
+    (tmp_path / "archive").mkdir()
+    monkeypatch.chdir(tmp_path)
+    shared = tmp_path / "shared-out"
+    cluster.check_shared_paths({"output_dir": str(shared)},
+                               {"data.url": f"file://{tmp_path / 'archive'}"},
+                               {"CPU": 1}, 2, "the workers")
+    assert "checking that the nodes running the workers see data.url, output_dir" in (
+        capsys.readouterr().out)
+    assert shared.is_dir() and not list(shared.iterdir())  # the marker is removed
+    with pytest.raises(RuntimeError, match=r"^output_dir=/proc/self/cwd/out: a path on this "
+                                           r"machine .* that the node .* running the workers "
+                                           r"does not see\. .*s3://"):
+        cluster.check_shared_paths({"output_dir": "/proc/self/cwd/out"}, {}, {"CPU": 1}, 1,
+                                   "the workers")
+    assert (tmp_path / "out").is_dir() and not list((tmp_path / "out").iterdir())
+    with pytest.raises(RuntimeError, match=r"^data.url=/proc/self/cwd/archive: "):
+        cluster.check_shared_paths({"output_dir": str(shared)},
+                                   {"data.url": "/proc/self/cwd/archive"}, {"CPU": 1}, 1,
+                                   "the workers")
+    # a local instance started here shares this machine: nothing is asked
+    monkeypatch.setattr(cluster, "_started_here", True)
+    cluster.check_shared_paths({"output_dir": "/proc/self/cwd/out"}, {}, {"CPU": 1}, 1, "x")
+    # object storage and paths missing here are not this check's to judge
+    monkeypatch.setattr(cluster, "_started_here", False)
+    cluster.check_shared_paths({"output_dir": "s3://bucket/out"},
+                               {"data.url": str(tmp_path / "absent")}, {"CPU": 1}, 1, "x")

@@ -105,7 +105,11 @@ def test_missing_object_storage_credentials_are_explained(tmp_path):
     class RemoteNoCredentials(RuntimeError, NoCredentialsError):  # as Ray re-raises a task's
         pass
 
-    for raised in (NoCredentialsError(), RemoteNoCredentials()):
+    from ray.train import WorkerGroupError
+
+    # a Ray Train worker's failure (rank 0 writing to s3:// from a node without a role)
+    in_worker = WorkerGroupError("[Rank 0 Error Snippet]: ...", {0: NoCredentialsError()})
+    for raised in (NoCredentialsError(), RemoteNoCredentials(), in_worker):
         with pytest.raises(PermissionError, match="only from the environment") as caught:
             with explained_storage_errors():
                 raise raised

@@ -1576,3 +1576,21 @@ def test_a_finished_stage_keeps_its_inference_choice_when_the_archive_changed(tm
         run(config(tmp_path, *base, f"train.postprocess={named}"))
     assert any("the archive changed" in str(w.message) for w in caught)
     assert options() == ((False, False) if named == "none" else (True, True))
+
+
+def test_a_ray_run_on_a_joined_cluster_refuses_an_output_dir_its_workers_do_not_see(
+        ray_cluster, tmp_path, monkeypatch):
+    """Before the archive is listed: on a real cluster rank 0 wrote the run's checkpoints on a
+    GPU node and Ray failed it after the first epoch (`/proc/self/cwd` is a path only this
+    process resolves to its own folder, see tests/test_cluster_config.py)."""
+    from pipelines import cluster
+    from pipelines.train import run
+
+    monkeypatch.setattr(cluster, "_started_here", False)
+    monkeypatch.chdir(tmp_path)
+    cfg = config(tmp_path, "output_dir=/proc/self/cwd/outputs", "trainer=ray",
+                 "trainer.num_workers=1")
+    with pytest.raises(RuntimeError, match=r"^output_dir=/proc/self/cwd/outputs: .* running "
+                                           r"the 1 training worker\(s\) does not see"):
+        run(cfg)
+    assert not (tmp_path / "outputs" / "data").exists()  # nothing generated, nothing listed
