@@ -260,6 +260,17 @@ def _warn_faint_mask(name: str, threshold: int) -> None:
                       "0/255)", UserWarning, stacklevel=3)
 
 
+def exif_orientation(data: bytes | BinaryIO, name: str = "<bytes>") -> int | None:
+    """The EXIF orientation tag (2-8) of an image that viewers show turned or mirrored; None
+    without one (or 1). Decoding never applies it: pixels are taken in stored order."""
+    im = _open(data, name)
+    try:
+        value = im.getexif().get(0x0112)
+    except Exception:  # a garbled EXIF block: no tag to go by, the pixels decode regardless
+        return None
+    return int(value) if isinstance(value, int) and 2 <= value <= 8 else None
+
+
 def image_size(data: bytes | BinaryIO, name: str = "<bytes>") -> tuple[int, int]:
     """(width, height) from the header only; ``data`` may be bytes or an open binary file.
 

@@ -49,6 +49,7 @@ from medseg_core.io import (
     ImageTooLargeError,
     decode_image,
     encode_mask_png,
+    exif_orientation,
     image_size,
     rle_encode,
 )
@@ -302,9 +303,11 @@ def encode_mask(mask: np.ndarray, fmt: MaskFormat | str) -> dict[str, Any]:
 
 def response_body(mask: np.ndarray, cls: Mapping[str, Any], fmt: MaskFormat,
                   shape: tuple[int, ...], threshold: float | None, versions: dict[str, str],
-                  timings: dict[str, float], t0: float) -> bytes:
+                  timings: dict[str, float], t0: float,
+                  orientation: int | None = None) -> bytes:
     """The JSON of a prediction (`PredictResponse`); `timings` gets `postprocess_ms` and
-    `total_ms`, from `t0`, the request's start."""
+    `total_ms`, from `t0`, the request's start; `orientation`: the image's EXIF orientation
+    (not applied)."""
     t4 = time.perf_counter()
     result = summarize_prediction(mask, np.asarray(cls["probabilities"]), cls["names"],
                                   cls.get("lesion_free", ()))
@@ -318,6 +321,7 @@ def response_body(mask: np.ndarray, cls: Mapping[str, Any], fmt: MaskFormat,
         "lesion_area_fraction": result["lesion_area_fraction"],
         "bbox": result["bbox"],
         "image_size": [int(shape[0]), int(shape[1])],
+        "exif_orientation": orientation,
         "threshold": threshold,
         "model_versions": versions,
         "timings": {**timings, "postprocess_ms": _ms(t4, t5), "total_ms": _ms(t0, t5)},
@@ -593,13 +597,15 @@ class Ingress:
             return 0
         return w * h if w * h <= self.limits.max_pixels else 0
 
-    def _decode(self, data: bytes) -> np.ndarray:
+    def _decode(self, data: bytes) -> tuple[np.ndarray, int | None]:
+        """The pixels, and the EXIF orientation they are not turned by."""
         sniff(data, self.accepted)
         try:
             # a grey image stays one plane: a third of the bytes to the model replicas, which
             # resize it before repeating it (inference.model_input)
-            return decode_image(data, 3, max_pixels=self.limits.max_pixels, name="request body",
-                                keep_grey=True)
+            image = decode_image(data, 3, max_pixels=self.limits.max_pixels,
+                                 name="request body", keep_grey=True)
+            return image, exif_orientation(data, "request body")
         except ImageTooLargeError as exc:
             raise ApiError(413, "image_too_large", str(exc)) from None
         except ImageDecodeError as exc:
@@ -648,7 +654,7 @@ class Ingress:
         pixels = await asyncio.to_thread(self._budgeted_pixels, data)
         async with self.pixels.hold(pixels):
             t_wait = time.perf_counter()
-            image = await asyncio.to_thread(self._decode, data)
+            image, orientation = await asyncio.to_thread(self._decode, data)
             del data
             t2 = time.perf_counter()
             seg = await self._call("Segmenter", self.segmenter.segment.remote(image, threshold))
@@ -670,7 +676,7 @@ class Ingress:
             # millions of numbers) off the event loop, and within the image's budget
             body = await asyncio.to_thread(
                 response_body, seg["mask"], cls, fmt, image.shape, threshold, versions,
-                timings, t0)
+                timings, t0, orientation)
         return Response(body, media_type="application/json")
 
     @app.get("/healthz", summary="Ready when both model bundles are loaded",

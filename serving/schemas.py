@@ -218,6 +218,10 @@ class PredictResponse(BaseModel):
         description="[x0, y0, x1, y1] of the lesion (x1, y1 exclusive), null when empty."
     )
     image_size: list[int] = Field(description="[height, width] of the decoded image.")
+    exif_orientation: int | None = Field(
+        None, description="The image's EXIF orientation tag (2-8: viewers show it turned or "
+        "mirrored), which is not applied: the mask, bbox and image_size are in the stored "
+        "pixel order. null: no such tag (or 1).")
     threshold: float | None = Field(description="Threshold requested (null: the bundle's).")
     model_versions: dict[str, str | None] = Field(description="Bundle version per model.")
     timings: dict[str, float] = Field(description="Milliseconds per stage.")

@@ -20,6 +20,7 @@ from medseg_core.io import (
     decode_mask,
     encode_mask_png,
     encode_png,
+    exif_orientation,
     image_size,
     read_bytes,
     read_image_size,
@@ -628,3 +629,18 @@ def test_file_names_holding_a_double_colon_are_read_literally(tmp_path):
     assert fetch_many([str(target)], None)[str(target)] == b"the right file"
     fs, path = object_fs("s3://bucket/x::y.png", {"anon": True})
     assert (fs.protocol[0], path) == ("s3", "bucket/x::y.png")
+
+
+def test_exif_orientation_is_reported_not_applied():
+    rgb = RNG.integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6   # viewers show the image turned 90 degrees clockwise
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", exif=exif, quality=95)
+    assert exif_orientation(buf.getvalue()) == 6
+    assert decode_image(buf.getvalue()).shape == (6, 9, 3)   # stored order
+    exif[0x0112] = 1
+    plain = io.BytesIO()
+    Image.fromarray(rgb).save(plain, "JPEG", exif=exif)
+    assert exif_orientation(plain.getvalue()) is None
+    assert exif_orientation(save(Image.fromarray(rgb), "PNG")) is None

@@ -808,7 +808,12 @@ def _variants(grey: np.ndarray) -> dict[str, tuple[bytes, str]]:
     sixteen = Image.fromarray(grey.astype(np.uint16) * 257)          # mode I;16
     assert sixteen.mode == "I;16"
     palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned; taken in stored order, and the response says so
+    turned = io.BytesIO()
+    Image.fromarray(rgb).save(turned, "JPEG", exif=exif, quality=90)
     return {
+        "exif_turned_jpeg": (turned.getvalue(), "image/jpeg"),
         "rgba_png": (png_bytes(rgba), "image/png"),
         "16bit_png": (png_bytes(sixteen), "image/png"),
         "palette_png": (png_bytes(palette), "image/png"),
@@ -825,6 +830,7 @@ def test_image_modes_and_formats_succeed(server, samples, chain):
         assert r.status_code == 200, f"{name}: {r.text}"
         image = decode_image(data)
         check_equal(r.json(), chain.predict([image])[0], image)
+        assert r.json()["exif_orientation"] == (6 if name.startswith("exif") else None), name
 
 
 def test_multipart_and_chunked_uploads(server, samples, chain):
