@@ -61,7 +61,7 @@ from medseg_core.report import case_montage, write_report
 from medseg_core.results import error_row, prediction_row
 from medseg_core.viz import confusion_matrix_image, plot_curves
 from pipelines import CONF_DIR
-from pipelines.cluster import check_shared_paths, connect, disconnect
+from pipelines.cluster import check_fits, check_shared_paths, connect, disconnect
 from pipelines.config import check_actor_pool, check_whole, explained_storage_errors, resolve
 from pipelines.data import (
     REPORT_NAME,
@@ -349,9 +349,12 @@ def predict_ray(records: Sequence[Record], cfg: Mapping[str, Any], flips: Sequen
     if ev.get("classifier"):
         read["evaluate.classifier"] = str(ev["classifier"])
     actors = concurrency[-1] if isinstance(concurrency, tuple) else concurrency
-    check_shared_paths({}, read, {"CPU": float(rc.get("num_cpus") or 1),
-                                  "GPU": float(rc.get("num_gpus") or 0)},
-                       int(actors or 1), "evaluation's actors")
+    shape = {"CPU": float(rc.get("num_cpus") or 1), "GPU": float(rc.get("num_gpus") or 0)}
+    check_fits(shape, "one actor of evaluation's pool",
+               "Set evaluate.ray.num_gpus=0 (and evaluate.ray.num_cpus to what this machine "
+               "has) or evaluate.backend=local, or join a cluster that has the resources "
+               "(evaluate.ray.address or RAY_ADDRESS).")
+    check_shared_paths({}, read, shape, int(actors or 1), "evaluation's actors")
     ds = predict_records(
         list(records),
         seg_uri=ev["segmenter"],

@@ -445,6 +445,21 @@ def test_ray_backend_gives_the_same_rows(ray_cluster, workspace, local_run) -> N
 
 
 @pytest.mark.ray
+def test_ray_backend_refuses_actors_the_local_cluster_can_never_hold(ray_cluster,
+                                                                     workspace) -> None:
+    """A GPU asked for on a machine without one waited for ever (the bulk job and training
+    already refused it)."""
+    from pipelines.evaluate import evaluate
+
+    root, archive = workspace
+    cfg = eval_config(root, archive, "evaluate.split=all", "evaluate.backend=ray",
+                      "evaluate.ray.num_gpus=1", f"evaluate.out={root / 'eval-gpu'}")
+    with pytest.raises(RuntimeError, match=r"one actor of evaluation's pool needs 1 CPU, 1 GPU.*"
+                                           r"wait for ever.*evaluate\.ray\.num_gpus=0"):
+        evaluate(cfg)
+
+
+@pytest.mark.ray
 def test_ray_backend_reads_the_bundles_with_their_own_storage_settings(
         ray_cluster, workspace, s3, monkeypatch) -> None:
     """A local archive and a segmenter on a store `data.endpoint_url` names: the driver checked
