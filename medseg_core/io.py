@@ -83,7 +83,8 @@ def _open(data: bytes | BinaryIO, name: str) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{name}: image too large to decode ({e})") from e
     except UnidentifiedImageError as e:
-        raise ImageDecodeError(f"{name}: not a recognised image (PNG/JPEG/BMP/TIFF)") from e
+        formats = "/".join(f for f in DECODE_FORMATS if f != "DIB")
+        raise ImageDecodeError(f"{name}: not a recognised image ({formats})") from e
     except _MALFORMED as e:
         raise ImageDecodeError(f"{name}: cannot read image header: {e}") from e
 

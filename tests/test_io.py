@@ -644,3 +644,9 @@ def test_exif_orientation_is_reported_not_applied():
     Image.fromarray(rgb).save(plain, "JPEG", exif=exif)
     assert exif_orientation(plain.getvalue()) is None
     assert exif_orientation(save(Image.fromarray(rgb), "PNG")) is None
+
+
+def test_a_file_that_is_no_image_is_named_with_every_format_read():
+    with pytest.raises(ImageDecodeError, match=r"^notes\.png: not a recognised image "
+                                               r"\(PNG/JPEG/BMP/TIFF/GIF/WEBP/PPM\)$"):
+        decode_image(b"just some text, not pixels", name="notes.png")
