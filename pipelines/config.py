@@ -97,6 +97,26 @@ def explained_storage_errors() -> Iterator[None]:
         ) from exc
 
 
+# what the entry points raise for a setting, an input or a machine they refuse, with a message
+# that says what to change (LayoutError, BundleError, ... are ValueErrors)
+REFUSALS = (ValueError, PermissionError, FileNotFoundError, RuntimeError)
+
+
+@contextlib.contextmanager
+def reported_refusals() -> Iterator[None]:
+    """An entry point's work, with a refusal (`REFUSALS`) printed as its type and message
+    alone and exit status 1: the traceback Hydra printed before it buried the message a user
+    needs. HYDRA_FULL_ERROR=1 shows the traceback, as for Hydra's own errors."""
+    try:
+        yield
+    except REFUSALS as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error: {type(exc).__name__}: {exc}\n(HYDRA_FULL_ERROR=1 shows the traceback)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
 def _lacks_credentials(exc: BaseException, depth: int = 0) -> bool:
     """Whether `exc` is botocore's NoCredentialsError, or wraps one: as its cause, or as the
     failure of a Ray Train worker or controller (WorkerGroupError, ControllerError)."""

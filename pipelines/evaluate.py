@@ -62,7 +62,13 @@ from medseg_core.results import error_row, prediction_row
 from medseg_core.viz import confusion_matrix_image, plot_curves
 from pipelines import CONF_DIR
 from pipelines.cluster import check_fits, check_shared_paths, connect, disconnect
-from pipelines.config import check_actor_pool, check_whole, explained_storage_errors, resolve
+from pipelines.config import (
+    check_actor_pool,
+    check_whole,
+    explained_storage_errors,
+    reported_refusals,
+    resolve,
+)
 from pipelines.data import (
     REPORT_NAME,
     _max_bytes,
@@ -686,7 +692,7 @@ def print_summary(summary: Mapping[str, Any]) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    with explained_storage_errors():
+    with reported_refusals(), explained_storage_errors():
         evaluate(resolve(cfg), release=disconnect)
 
 

@@ -58,7 +58,7 @@ from medseg_core.layouts import Record, decode_record
 from medseg_core.transforms import Resize, to_channels
 from pipelines import CONF_DIR
 from pipelines.cluster import check_shared_paths, connect, disconnect, task_slots
-from pipelines.config import check_whole, explained_storage_errors, resolve
+from pipelines.config import check_whole, explained_storage_errors, reported_refusals, resolve
 from pipelines.data import (
     BAD_INPUT_ERRORS,
     MANIFEST_NAME,
@@ -309,11 +309,12 @@ def _remove_stale_shards(fs: Any, folder: str, keep: set[str]) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="pack", version_base=None)
 def main(cfg: DictConfig) -> None:
-    plain = resolve(cfg)
-    if not plain["pack"].get("out"):
-        raise SystemExit("set pack.out=<path or URL> for the packed archive")
-    with explained_storage_errors():
-        m = pack_archive(plain)
+    with reported_refusals():
+        plain = resolve(cfg)
+        if not plain["pack"].get("out"):
+            raise SystemExit("set pack.out=<path or URL> for the packed archive")
+        with explained_storage_errors():
+            m = pack_archive(plain)
     disconnect()  # Ray's held-back worker lines before the closing line, not after it
     n_skip = len(m["skipped"])
     print(f"packed {m['records']} records into {len(m['shards'])} shard(s) at "

@@ -90,6 +90,7 @@ from pipelines.config import (
     check_flag,
     check_whole,
     explained_storage_errors,
+    reported_refusals,
     resolve,
 )
 from pipelines.data import _check_no_credentials, is_s3
@@ -996,7 +997,7 @@ def _process(cfg: Mapping[str, Any], batch: Mapping[str, Any], todo: list[Record
 
 @hydra.main(config_path=CONF_DIR, config_name="segment_batch", version_base=None)
 def main(cfg: DictConfig) -> None:
-    with explained_storage_errors():
+    with reported_refusals(), explained_storage_errors():
         run(resolve(cfg), release=disconnect)
 
 

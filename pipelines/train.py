@@ -44,6 +44,7 @@ from pipelines.config import (
     check_number,
     check_whole,
     explained_storage_errors,
+    reported_refusals,
     resolve,
 )
 from pipelines.data import (
@@ -559,7 +560,7 @@ def _run_locked(cfg: dict[str, Any], splits: dict[str, list[Record]],
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    with explained_storage_errors():
+    with reported_refusals(), explained_storage_errors():
         run(resolve(cfg), release=disconnect)
 
 

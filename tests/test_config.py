@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -131,3 +132,29 @@ def test_missing_object_storage_credentials_are_explained(tmp_path):
     assert "PermissionError: object storage asked for credentials and none were found" in \
         proc.stderr, proc.stderr[-2000:]
     assert "data.anonymous=true" in proc.stderr
+
+
+@pytest.mark.parametrize("entry, override", [("train.py", "trainer.num_workers=0"),
+                                              ("segment_batch.py", "limit=-1")])
+def test_a_refused_setting_is_reported_without_a_traceback(tmp_path, entry, override):
+    """The message said what to change, behind 10-15 lines of Hydra's traceback print; with
+    HYDRA_FULL_ERROR=1 the traceback is there as for Hydra's own errors."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(root / "pipelines" / entry), override]
+    args += ([f"input={tmp_path}", f"output={tmp_path / 'out'}", "bundles.segmenter=x"]
+             if entry == "segment_batch.py" else [f"output_dir={tmp_path}"])
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert re.search(r"^Error: ValueError: .*must be a whole number", proc.stderr, re.M), \
+        proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR=1" in proc.stderr
+    full = subprocess.run(args, env={**env, "HYDRA_FULL_ERROR": "1"}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert full.returncode == 1 and "Traceback" in full.stderr
