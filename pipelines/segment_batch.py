@@ -816,6 +816,11 @@ def run(cfg: Mapping[str, Any], release: Callable[[], None] | None = None) -> di
           f"({len(listing.skipped)} files skipped by the layout), "
           f"{len(listing.records) - len(pending)} already done, "
           f"{len(todo)} to process", flush=True)
+    for skip in listing.skipped[:5]:  # the reasons too, not only in manifest.json
+        print(f"  skipped {valid_text(skip.path)}: {valid_text(skip.reason)}", flush=True)
+    if len(listing.skipped) > 5:
+        print(f"  ... and {len(listing.skipped) - 5} more, every one in the manifest's "
+              "input.skipped", flush=True)
 
     stale = done_by_other_bundles(state, {r.id for r in listing.records} & done,
                                   seg_info, cls_info)

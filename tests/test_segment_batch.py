@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -362,6 +363,14 @@ def test_a_mistyped_input_fails_before_the_output_is_touched(bundles, tmp_path, 
     assert m["input"]["images"] == 0 and m["input"]["skipped_files"] == 0
     assert m["run"]["processed"] == 0 and m["run"]["complete"]
     assert f"the input folder {tmp_path / 'empty'} is empty" in capsys.readouterr().out
+    # a file the layout passes over is named with its reason on the terminal, not only in
+    # the manifest (two files of one id, a.png and a.jpg, lost one without a word)
+    (plain / "img0.jpg").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    m = run_job([f"input={plain}", "layout=images", f"bundles.segmenter={seg}",
+                 f"bundles.classifier={cls}", f"output={tmp_path / 'dup-out'}", "limit=0"])
+    assert m["input"]["skipped_files"] == 1
+    assert re.search(r"^  skipped .*img0\.(png|jpg): duplicate id 'img0'", capsys.readouterr().out,
+                     re.M)
 
 
 def test_each_url_gets_the_storage_settings_of_its_role():
