@@ -34,7 +34,8 @@ def connect(address: str | None = None, num_cpus: float | None = None,
         ray.init(address=address, runtime_env=runtime_env)
         return
     if runtime_env is None and (_ROOT / "medseg_core").is_dir():
-        runtime_env = {"env_vars": {"PYTHONPATH": str(_ROOT)}}
+        runtime_env = {"env_vars": {"PYTHONPATH": str(_ROOT)},
+                       "worker_process_setup_hook": "pipelines.cluster.pin_ray_address"}
     if address is None and _recorded_cluster() is not None:
         # With no address Ray joins the cluster that `ray start` recorded on this machine (the
         # head node under `ray submit`), whose autoscaler may add the nodes a request needs
@@ -50,6 +51,17 @@ def connect(address: str | None = None, num_cpus: float | None = None,
         if "existing cluster" not in str(e):
             raise
         ray.init(runtime_env=runtime_env)
+
+
+def pin_ray_address() -> None:
+    """Worker setup hook of the clusters `connect` starts or finds: RAY_ADDRESS set to the
+    worker's own cluster. Ray's state API, which Ray Train's placement-group cleaner polls from
+    a worker, otherwise looks for the cluster among the processes of the machine and fails
+    with "Found multiple active Ray instances" wherever a second one runs (two runs at once,
+    a test session beside a run)."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 # words of environment variable names that hold secrets: Ray writes a runtime_env, values

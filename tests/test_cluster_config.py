@@ -171,18 +171,22 @@ def test_task_slots_count_what_both_cpus_and_gpus_allow():
     assert task_slots(4, 0, resources={"CPU": 2.0}) == 1  # at least one
 
 
-def test_a_local_cluster_an_entry_point_starts_serves_rays_state_api():
-    """Ray Train's placement-group cleaner asks the state API (served by the dashboard) whether
-    its controller lives; on a cluster started without the dashboard it could not, and warned
-    every few seconds for the whole run."""
+def test_a_local_cluster_an_entry_point_starts_serves_rays_state_api(ray_cluster):
+    """Ray Train's placement-group cleaner asks the state API (served by the dashboard) from a
+    worker whether its controller lives; on a cluster started without the dashboard it could
+    not, and warned every few seconds for the whole run. With another Ray instance on the
+    machine (here the test session's) it died with "Found multiple active Ray instances"."""
     probe = ("from pipelines.train_ray import init_ray\n"
              "init_ray({'num_workers': 1, 'cpus_per_worker': 1, 'local_num_cpus': 1})\n"
              "import ray\n"
-             "from ray.util.state import get_actor\n"
              "A = ray.remote(num_cpus=0)(type('A', (), {}))\n"
              "a = A.remote()\n"
              "ray.get(a.__ray_ready__.remote())\n"
-             "print('STATE', get_actor(a._actor_id.hex()).state)\n")
+             "@ray.remote(num_cpus=0)\n"
+             "def state(actor_id):\n"
+             "    from ray.util.state import get_actor\n"
+             "    return get_actor(actor_id).state\n"
+             "print('STATE', ray.get(state.remote(a._actor_id.hex())))\n")
     assert "STATE ALIVE" in _probe_on_its_own_cluster(probe, "msd")
 
 
