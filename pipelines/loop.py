@@ -47,7 +47,7 @@ from medseg_core.losses import build_loss
 from medseg_core.metrics import ClassificationMeter, metrics_from_counts, thresholded_jaccard
 from medseg_core.models import build_model
 from medseg_core.precision import amp_dtype
-from pipelines.runlog import next_epoch, stays_stopped
+from pipelines.runlog import finished_note, next_epoch, stays_stopped
 
 
 class WorkerContext(Protocol):
@@ -240,16 +240,11 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
         best = float(state.get("best", -math.inf))
         stale = int(state.get("stale", 0))
         history = list(state.get("history", []))
-        stopped = stays_stopped(state, spec.early_stopping_patience)
-        if stopped:
+        if stays_stopped(state, spec.early_stopping_patience):
             start_epoch = spec.epochs
-        if start_epoch >= spec.epochs and ctx.rank == 0:
-            why, more = ((f"stopped early: no better validation score in {stale} epochs",
-                          "a larger train.early_stopping_patience (or 0, off)") if stopped
-                         else (f"{start_epoch} of {spec.epochs} epochs done",
-                               "a larger epoch count"))
-            sys.stdout.write(f"[{spec.stage}] already trained ({why}): nothing to do; {more} "
-                             "goes on from here\n")
+        note = finished_note(spec.stage, state, spec.epochs, spec.early_stopping_patience)
+        if note and ctx.rank == 0:  # a stage the driver did not skip (train.run does)
+            sys.stdout.write(note + "\n")
             sys.stdout.flush()
     model = model.to(ctx.device)
     if spec.channels_last:

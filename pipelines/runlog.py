@@ -265,6 +265,21 @@ def finished(train_state: dict[str, Any], epochs: int, patience: int) -> bool:
                                   or next_epoch(train_state) >= epochs)
 
 
+def finished_note(stage: str, train_state: dict[str, Any], epochs: int, patience: int
+                  ) -> str | None:
+    """What a rerun says of a stage that `finished` (None for one with epochs to train): why
+    it has nothing to do, and which setting goes on from there."""
+    if not finished(train_state, epochs, patience):
+        return None
+    if stays_stopped(train_state, patience):
+        why = (f"stopped early: no better validation score in {int(train_state.get('stale', 0))}"
+               " epochs")
+        more = "a larger train.early_stopping_patience (or 0, off)"
+    else:
+        why, more = f"{next_epoch(train_state)} of {epochs} epochs done", "a larger epoch count"
+    return f"[{stage}] already trained ({why}): nothing to do; {more} goes on from here"
+
+
 class RunLog:
     """Publishes epoch results of one stage: bundles, CSV, curves and TensorBoard scalars."""
 

@@ -59,7 +59,7 @@ from pipelines.data import (
     split_views,
 )
 from pipelines.loop import StageSpec, epoch_seed, fit_stage
-from pipelines.runlog import RunLock, RunLog, finished, join, record_splits
+from pipelines.runlog import RunLock, RunLog, finished, finished_note, join, record_splits
 from pipelines.tuning import (
     chain_scores,
     choose_mask_clearing,
@@ -539,7 +539,13 @@ def _run_locked(cfg: dict[str, Any], splits: dict[str, list[Record]],
     # the segmenter first, whatever the order asked: the classifier's masks and its mask
     # clearing are chosen with it (`stages=[classifier,segmenter]` skipped that choice)
     for stage in (s for s in STAGES if s in cfg["stages"]):
-        bundles[stage] = train_stage(cfg, splits, stage)
+        spec = stage_spec(cfg, stage)
+        note = finished_note(stage, states[stage], spec.epochs, spec.early_stopping_patience)
+        if note:  # before a worker group and its datasets start for nothing
+            print(note, flush=True)
+            bundles[stage] = RunLog(run_dir(cfg), stage).best
+        else:
+            bundles[stage] = train_stage(cfg, splits, stage)
         if stage in keep_choices:
             print(f"[{stage}] finished before the splits changed: its inference choices stay",
                   flush=True)

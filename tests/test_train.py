@@ -208,7 +208,9 @@ def test_validation_metrics_merged_across_workers_equal_those_of_the_whole_set(t
 
 
 @pytest.mark.ray
-def test_worker_failure_is_survived_and_rerun_resumes(tmp_path, ray_cluster):
+def test_worker_failure_is_survived_and_rerun_resumes(tmp_path, ray_cluster, monkeypatch,
+                                                     capsys):
+    from pipelines import train_ray
     from pipelines.train import run
 
     # fails at the start of epoch 2, after epochs 0 and 1 were checkpointed: a restart from
@@ -233,6 +235,17 @@ def test_worker_failure_is_survived_and_rerun_resumes(tmp_path, ray_cluster):
     rows = read_csv(stage_dir / "metrics.csv")
     assert [int(float(r["epoch"])) for r in rows] == [0, 1, 2, 3]
     assert executed_epochs(stage_dir) == sorted([*executed, 3])
+
+    # a finished run again: the driver says so, and starts no worker group for nothing
+    def no_worker_group(*args, **kwargs):
+        raise AssertionError("a worker group started for a finished stage")
+
+    monkeypatch.setattr(train_ray, "run_ray", no_worker_group)
+    capsys.readouterr()
+    bundles = run(config(tmp_path, *args[:-2], "train.epochs=4"))
+    assert bundles["segmenter"].endswith("faulty/segmenter/best")
+    assert "[segmenter] already trained (4 of 4 epochs done): nothing to do" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.ray
