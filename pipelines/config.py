@@ -112,6 +112,9 @@ def reported_refusals() -> Iterator[None]:
     except REFUSALS as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        from pipelines.cluster import disconnect
+
+        disconnect()  # the worker log lines Ray holds back come before the message, not after
         print(f"Error: {type(exc).__name__}: {exc}\n(HYDRA_FULL_ERROR=1 shows the traceback)",
               file=sys.stderr, flush=True)
         raise SystemExit(1) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import pytest
 
@@ -158,3 +159,22 @@ def test_a_refused_setting_is_reported_without_a_traceback(tmp_path, entry, over
     full = subprocess.run(args, env={**env, "HYDRA_FULL_ERROR": "1"}, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert full.returncode == 1 and "Traceback" in full.stderr
+
+
+def test_a_refusal_leaves_ray_before_its_message_so_that_the_message_comes_last(monkeypatch,
+                                                                                capsys):
+    """Ray prints the worker log lines it held back as the process leaves it: a run refused on
+    a cluster ended with 15 lines of a worker's traceback after the `Error:` line."""
+    from pipelines import cluster
+    from pipelines.config import reported_refusals
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(cluster, "disconnect",
+                        lambda: print("(held-back worker lines)", file=sys.stderr))
+    with pytest.raises(SystemExit) as exited, reported_refusals():
+        raise ValueError("trainer.num_workers must be a whole number >= 1, got 0")
+    assert exited.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "(held-back worker lines)",
+        "Error: ValueError: trainer.num_workers must be a whole number >= 1, got 0",
+        "(HYDRA_FULL_ERROR=1 shows the traceback)"]
