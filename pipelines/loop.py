@@ -210,7 +210,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, resume: str,
     optimizer starts afresh).
 
     Call it after building the LR scheduler: the scheduler keeps the configured base LRs and
-    sets each step's LR from its position, which `fit_stage` recomputes from the epoch."""
+    sets each step's LR from its position, which `fit_stage` recomputes from the epoch. The
+    other settings of each parameter group (weight decay, momentum, betas, ...) stay as
+    configured: the saved state would otherwise bring back the first run's."""
     saved = (state or {}).get("optimizer_name")
     if state is None or saved != type(optimizer).__name__:
         why = ("it has no optimizer state (saved by an older version)" if state is None
@@ -218,8 +220,21 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, resume: str,
         warnings.warn(f"resuming from {resume}: {why}; the optimizer starts afresh",
                       RuntimeWarning, stacklevel=2)
         return False
+    configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                  for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)
     return True
+
+
+def update_average(ema: AveragedModel, model: torch.nn.Module) -> None:
+    """One step of the weight average; integer buffers (BatchNorm's num_batches_tracked) are
+    counts, copied rather than averaged (the average truncated them to 1 for good)."""
+    ema.update_parameters(model)
+    for averaged, current in zip(ema.module.buffers(), model.buffers()):
+        if not averaged.is_floating_point():
+            averaged.copy_(current)
 
 
 def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
@@ -275,12 +290,13 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
         mask_prob=spec.predicted_masks,
     )
     plain = getattr(model, "module", model)
-    average = None if ema is None else (lambda *_: ema.update_parameters(plain))
+    average = None if ema is None else (lambda *_: update_average(ema, plain))
     val_step = step if spec.validate_masks == "predicted" else replace(step, mask_model=None)
     for epoch in range(start_epoch, spec.epochs):
         _maybe_fail(spec, epoch)
         generator = seed_everything(epoch_seed(spec.seed, ctx.rank, epoch), ctx.device)
         seek_schedule(scheduler, epoch * steps)
+        lr = float(optimizer.param_groups[0]["lr"])  # the epoch's first step's
         tr = train_epoch(model, ctx.train_batches(epoch), optimizer, loss_fn, step,
                          scheduler=scheduler, task=spec.task, generator=generator,
                          on_step=average)
@@ -292,7 +308,7 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
             "train_samples": float(tot[1]),
             "samples_per_s": float(tot[1] / max(tot[2] / ctx.world_size, 1e-9)),
             "data_wait_fraction": float(tot[3] / max(tot[2], 1e-9)),
-            "lr": float(optimizer.param_groups[0]["lr"]),
+            "lr": lr,
         }
         if ctx.device.type == "cuda":
             busy = ctx.all_sum(np.array([tr["gpu_busy_fraction"]]))[0] / ctx.world_size

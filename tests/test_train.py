@@ -708,6 +708,7 @@ def loop_spy(monkeypatch):
     def spy(model, batches, optimizer, loss_fn, step, **kw):
         first = optimizer.state.get(next(iter(model.parameters())), {})
         calls.append({"lr": optimizer.param_groups[0]["lr"],
+                      "weight_decay": optimizer.param_groups[0]["weight_decay"],
                       "step": float(first["step"]) if "step" in first else 0.0,
                       "exp_avg": first["exp_avg"].clone() if "exp_avg" in first else None,
                       "rng": kw["generator"].get_state().clone()})
@@ -864,6 +865,60 @@ def test_weight_averaging_validates_and_ships_the_average_and_resumes_it_exactly
     for key, value in shipped.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-5,
                                    atol=1e-6, msg=key)
+
+
+def test_the_logged_lr_is_the_one_the_epoch_trained_at(tmp_path, loop_spy):
+    """metrics.csv's `lr` was the next epoch's first LR (the last epoch's 0)."""
+    stage_dir = _fit(tmp_path, "lr", _loop_spec(tmp_path), loop_spy)
+    used = [c["lr"] for c in _sessions(loop_spy)[0]]
+    assert len(used) == 3 and used[-1] > 0
+    assert [float(r["lr"]) for r in read_csv(stage_dir / "metrics.csv")] == \
+        pytest.approx(used, rel=1e-6)
+
+
+def test_a_resume_trains_with_the_optimizer_settings_asked_for(tmp_path, loop_spy):
+    """The saved optimizer state brought back the first run's weight decay (and SGD's
+    momentum) over what the rerun asked for, silently; its moments stay."""
+    from dataclasses import replace
+
+    import pipelines.loop as loop
+
+    faulty = _loop_spec(tmp_path, fail_at_epoch=2, fail_marker=str(tmp_path / ".fail"))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _fit(tmp_path, "wd", faulty, loop_spy)
+    assert faulty.optimizer["weight_decay"] == 0.0001
+    _fit(tmp_path, "wd", replace(faulty, optimizer={**faulty.optimizer, "weight_decay": 0.05}),
+         loop_spy)
+    rerun = _sessions(loop_spy)[1]
+    assert [c["weight_decay"] for c in rerun] == [0.05]
+    assert rerun[0]["exp_avg"] is not None and rerun[0]["step"] > 0  # the moments restored
+    # SGD: momentum and weight decay as configured, its momentum buffers restored
+    model = torch.nn.Linear(3, 1)
+    first = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    model(torch.ones(2, 3)).sum().backward()
+    first.step()
+    second = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5, weight_decay=3e-3)
+    assert loop.restore_optimizer(second, "x", {"optimizer_name": "SGD",
+                                                "optimizer": first.state_dict()})
+    assert (second.param_groups[0]["momentum"], second.param_groups[0]["weight_decay"]) == \
+        (0.5, 3e-3)
+    assert "momentum_buffer" in second.state[model.weight]
+
+
+def test_the_weight_average_copies_integer_buffers_rather_than_averaging_them():
+    """BatchNorm's num_batches_tracked stayed at 1 in the average (decay * n + (1 - decay) *
+    m truncated); it matters to a BatchNorm with momentum=None."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from pipelines.loop import update_average
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(6):
+        model(torch.randn(2, 1, 5, 5))
+        update_average(ema, model)
+    assert int(ema.module[1].num_batches_tracked) == int(model[1].num_batches_tracked) == 6
+    assert not torch.equal(ema.module[1].running_mean, model[1].running_mean)  # averaged
 
 
 def test_checkpoint_without_optimizer_state_resumes_with_a_fresh_optimizer(tmp_path, loop_spy):
