@@ -170,15 +170,17 @@ def _refuse_url_credentials(node: Any, where: str = "") -> None:
 
 
 def _refuse_boolean_words(node: Any, where: str = "") -> None:
-    """A boolean setting given as a word (`no`, `off`, a quoted "false"): a string, which would
-    act as true. Other settings (names, paths, env_vars) may hold any word."""
+    """A boolean setting given as anything but true, false (or null, where its default is):
+    a word (`no`, `off`, a quoted "false", `maybe`) or a number acted as true or false
+    without saying so. Other settings (names, paths, env_vars) may hold any word."""
     if isinstance(node, dict):
         for key, value in node.items():
             name = f"{where}.{key}" if where else str(key)
-            if (isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS
-                    and str(key) in boolean_settings()):
-                raise ValueError(f"{name}={value!r} is a string, not a boolean: write "
-                                 f"{name}=true or {name}=false")
+            if str(key) in boolean_settings() and not isinstance(value, bool | None):
+                if isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS:
+                    raise ValueError(f"{name}={value!r} is a string, not a boolean: write "
+                                     f"{name}=true or {name}=false")
+                raise ValueError(f"{name} must be true or false, got {value!r}")
             _refuse_boolean_words(value, name)
 
 

@@ -48,6 +48,13 @@ def test_boolean_settings_spelt_as_words_are_refused_and_other_words_kept():
                              "segment_batch")):
         with pytest.raises(ValueError, match="is a string, not a boolean: write"):
             load_config(overrides, config_name=name)
+    # any other word or a number acted as true or false without a word either
+    for override, name in (("trainer.use_gpu=maybe", "trainer.use_gpu"),
+                           ("trainer.cache_data=2", "trainer.cache_data"),
+                           ("data.strict=1", "data.strict"),
+                           ("model.deep_supervision=maybe", "model.deep_supervision")):
+        with pytest.raises(ValueError, match=f"^{name} must be true or false, got "):
+            load_config(["model=improved_unet", override])
     cfg = load_config(["run_name=on", "data.shuffle=false"])
     assert cfg["run_name"] == "on" and cfg["data"]["shuffle"] is False
     job = load_config(["input=no", "output=off", "bundles.segmenter=z",
