@@ -71,6 +71,11 @@ def optimizer_settings(cfg: dict[str, Any], where: str = "optimizer") -> dict[st
     name = str(cfg.get("name", "adamw")).lower()
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown {where}.name {name!r}; expected one of {list(OPTIMIZERS)}")
+    known = {"name", "lr", "weight_decay", *(("momentum",) if name == "sgd" else ())}
+    unknown = sorted(set(cfg) - known)
+    if unknown:  # silently ignored before (betas, or momentum given to adamw)
+        raise ValueError(f"{where}: unknown key(s) {unknown} for {name}; it takes "
+                         f"{sorted(known - {'name'})}")
     out = {"name": name, "lr": _real(cfg, "lr", 1e-3, where),
            "weight_decay": _real(cfg, "weight_decay", 1e-4, where),
            "momentum": _real(cfg, "momentum", 0.99, where)}
@@ -117,13 +122,17 @@ SCHEDULES = ("poly", "cosine", "constant")
 def check_scheduler(cfg: dict[str, Any]) -> tuple[str, float]:
     """`{schedule, warmup_steps | warmup_fraction, power}` checked up front (a misspelt schedule
     would otherwise fail only when warm-up ends); returns the schedule and the power."""
+    unknown = sorted(set(cfg) - {"schedule", "warmup_steps", "warmup_fraction", "power"})
+    if unknown:
+        raise ValueError(f"train.scheduler: unknown key(s) {unknown}; it takes schedule, "
+                         "warmup_steps, warmup_fraction and power")
     schedule = cfg.get("schedule", "poly")
     if schedule not in SCHEDULES:
         raise ValueError(f"train.scheduler.schedule must be one of {list(SCHEDULES)}, "
                          f"got {schedule!r}")
     power = float(cfg.get("power", 0.9))
-    if not power > 0:
-        raise ValueError(f"train.scheduler.power must be > 0, got {power}")
+    if not 0 < power < math.inf:  # inf froze the model once warm-up ended
+        raise ValueError(f"train.scheduler.power must be > 0 and finite, got {power}")
     steps = cfg.get("warmup_steps")
     if steps is not None and (int(steps) != float(steps) or int(steps) < 0):
         raise ValueError(f"train.scheduler.warmup_steps must be a whole number >= 0, got {steps}")

@@ -179,6 +179,7 @@ def build_loss(cfg: dict[str, Any]) -> nn.Module:
     name = cfg.pop("name", None)
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid names: {list(LOSSES)}")
+    _check_values(cfg)
     if name == "ce":
         allowed = {"class_weights", "label_smoothing", "ignore_index"}
         _check_keys(name, cfg, allowed)
@@ -206,6 +207,34 @@ def build_loss(cfg: dict[str, Any]) -> nn.Module:
             batch_dice=_flag(cfg, "batch_dice"),
         )
     return DeepSupervisionLoss(base, ds_weights)
+
+
+def _check_values(cfg: dict[str, Any]) -> None:
+    """Weights finite and >= 0, not all zero; pos_weight > 0; label_smoothing in [0, 1): a
+    NaN or negative weight trained a NaN (or inverted) model to the end without a word."""
+
+    def number(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+        return float(value)
+
+    for key in ("dice_weight", "bce_weight", "smooth"):
+        if key in cfg and number(key, cfg[key]) < 0:
+            raise ValueError(f"{key} must be >= 0, got {cfg[key]!r}")
+    if "dice_weight" in cfg and "bce_weight" in cfg and \
+            float(cfg["dice_weight"]) + float(cfg["bce_weight"]) == 0:
+        raise ValueError("dice_weight and bce_weight are both 0: nothing would be learnt")
+    if cfg.get("pos_weight") is not None and not number("pos_weight", cfg["pos_weight"]) > 0:
+        raise ValueError(f"pos_weight must be > 0 or null, got {cfg['pos_weight']!r}")
+    if "label_smoothing" in cfg and not 0 <= number("label_smoothing",
+                                                   cfg["label_smoothing"] or 0.0) < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {cfg['label_smoothing']!r}")
+    weights = cfg.get("class_weights")
+    if weights is not None:
+        values = [number("class_weights", w) for w in list(weights)]
+        if not values or min(values) < 0 or sum(values) == 0:
+            raise ValueError(f"class_weights must be numbers >= 0, not all 0, got {weights!r}")
 
 
 def _flag(cfg: dict[str, Any], key: str) -> bool:

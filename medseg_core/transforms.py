@@ -347,7 +347,12 @@ def _number(cfg: dict[str, Any], key: str, convert: Callable[[Any], float]) -> f
 def check_augment(cfg: dict[str, Any]) -> None:
     """Refuse augmentation settings outside their meaning, naming the key: flip probabilities
     in [0, 1], rotate in [0, 180] degrees, shift and contrast in [0, 1), brightness in [0, 1],
-    scale a number in [0, 1) or a range (low, high) with 0 < low <= high."""
+    scale a number in [0, 1) or a range (low, high) with 0 < low <= high; any other key
+    (a misspelt one was ignored) is refused."""
+    unknown = sorted(set(cfg) - {"size", "hflip", "vflip", "scale", *_AMPLITUDES})
+    if unknown:
+        raise ValueError(f"unknown augmentation key(s) {unknown}; known: hflip, vflip, rotate, "
+                         "shift, scale, brightness, contrast")
     for key in ("hflip", "vflip"):
         p = _number(cfg, key, _flip_p)
         if not 0.0 <= p <= 1.0:

@@ -965,6 +965,21 @@ def read_settings(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return read
 
 
+def check_decode_settings(data: Mapping[str, Any]) -> None:
+    """`data.channels`, `max_bytes`, `max_pixels`, `mask_threshold` and `epoch_offset`, which
+    every read of the archive goes by: refused before anything is listed or replaced
+    (`max_bytes=0` dropped every file as bad input and packed an empty archive over a good
+    pack; `mask_threshold=300` decoded every mask empty; `channels=2` failed in the read
+    tasks, after a repack had removed the old manifest)."""
+    channels = data.get("channels", 3)
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    check_whole(data.get("max_bytes", DEFAULT_MAX_BYTES), "data.max_bytes", 1, none=True)
+    check_whole(data.get("max_pixels", DEFAULT_MAX_PIXELS), "data.max_pixels", 1, none=True)
+    check_whole(data.get("mask_threshold", 127), "data.mask_threshold", 0, 254)
+    check_whole(data.get("epoch_offset", 0), "data.epoch_offset", 0)
+
+
 def _max_pixels(data_cfg: Mapping[str, Any]) -> int | None:
     v = data_cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
     return None if v is None else int(v)

@@ -74,6 +74,7 @@ from pipelines.data import (
     _max_bytes,
     _max_pixels,
     blamed_path,
+    check_decode_settings,
     is_packed,
     load_any_record,
     load_records,
@@ -102,6 +103,7 @@ def select_records(cfg: dict[str, Any]) -> list[Record]:
     """The records of ``evaluate.split`` (the training split, or every listed record), cut to
     ``evaluate.limit``."""
     ev = cfg["evaluate"]
+    check_decode_settings(cfg["data"])
     split = str(ev.get("split", "test"))
     if split not in SPLITS:
         raise ValueError(f"evaluate.split must be one of {SPLITS}, got {split!r}")

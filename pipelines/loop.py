@@ -310,6 +310,12 @@ def fit_stage(spec: StageSpec, ctx: WorkerContext) -> None:
             "data_wait_fraction": float(tot[3] / max(tot[2], 1e-9)),
             "lr": lr,
         }
+        if not math.isfinite(metrics["train_loss"]):
+            # every later step stays NaN: stop before it becomes the latest (or best) bundle
+            raise RuntimeError(
+                f"[{spec.stage}] training diverged at epoch {epoch}: the training loss is "
+                f"{metrics['train_loss']}; the bundles of the epochs before it are kept. Lower "
+                "the learning rate (train.optimizer.lr) or clip gradients (train.grad_clip)")
         if ctx.device.type == "cuda":
             busy = ctx.all_sum(np.array([tr["gpu_busy_fraction"]]))[0] / ctx.world_size
             metrics["gpu_busy_fraction"] = float(busy)

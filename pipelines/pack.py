@@ -71,6 +71,7 @@ from pipelines.data import (
     _fs,
     _max_bytes,
     _max_pixels,
+    check_decode_settings,
     fetch_many,
     image_phash,
     list_archive,
@@ -223,6 +224,7 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"pack.resize_to must be null or [height, width] of whole numbers >= 1, "
                          f"got {resize_to}")
     check_whole(pack.get("compress_level", 1), "pack.compress_level", 0, 9)
+    check_decode_settings(data)
     report_options(cfg)  # credentials in it refused now, not after packing
     read = read_settings(data)
     backend = pack.get("backend", "ray")

@@ -49,6 +49,7 @@ from pipelines.config import (
 )
 from pipelines.data import (
     _max_pixels,
+    check_decode_settings,
     data_report,
     load_any_record,
     packed_size,
@@ -380,6 +381,9 @@ def check_trainer(trainer: dict[str, Any]) -> None:
         raise ValueError("trainer.cpus_per_worker=0 without GPUs leaves a worker no resources "
                          "to be scheduled by: give it CPUs, or set trainer.use_gpu=true")
     for stage, epoch in (trainer.get("fail_at_epoch") or {}).items():
+        if stage not in STAGES:  # a misspelt stage injected no failure, silently
+            raise ValueError(f"trainer.fail_at_epoch.{stage}: no such stage; stages are "
+                             f"{list(STAGES)}")
         check_whole(epoch, f"trainer.fail_at_epoch.{stage}", -1)
 
 
@@ -387,6 +391,7 @@ def check_input_settings(data: dict[str, Any]) -> None:
     """`data.image_size`, `channels`, `mean` and `std`, which make the model's input (a std of
     0 trained a NaN model to the end; a bad mean or channel count failed after listing, naming
     no setting)."""
+    check_decode_settings(data)
     size = data.get("image_size")
     if not isinstance(size, list) or len(size) != 2 or any(
             isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
@@ -397,8 +402,6 @@ def check_input_settings(data: dict[str, Any]) -> None:
         raise ValueError(f"data.image_size={size} is {size[0] * size[1]} pixels, over "
                          f"data.max_pixels={limit}")
     channels = data.get("channels")
-    if channels not in (1, 3) or isinstance(channels, bool):
-        raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB), got {channels!r}")
     for key in ("mean", "std"):
         values = data.get(key)
         if not isinstance(values, list) or len(values) not in (1, channels) or any(

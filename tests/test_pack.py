@@ -334,7 +334,11 @@ def test_a_repack_replaces_every_shard_and_reads_back_its_own_records(synthetic_
     ("pack.row_group_rows=-1", "pack.row_group_rows must be a whole number >= 1"),
     # these were refused only while encoding, after the old manifest was gone
     ("pack.resize_to=[0,64]", "resize_to must be"), ("pack.compress_level=42", "compress_level"),
-    ("pack.backend=dask", "pack.backend must be")])
+    ("pack.backend=dask", "pack.backend must be"),
+    # data settings: channels failed in the encoding tasks after the manifest was gone, and
+    # max_bytes=0 packed an empty archive over the good one
+    ("data.channels=2", "data.channels must be 1"), ("data.max_bytes=0", "data.max_bytes must"),
+    ("data.mask_threshold=300", "data.mask_threshold must")])
 def test_bad_pack_settings_are_refused_and_keep_the_old_pack(tmp_path, synthetic_archive, bad,
                                                               message):
     out = tmp_path / "packed"
@@ -345,7 +349,8 @@ def test_bad_pack_settings_are_refused_and_keep_the_old_pack(tmp_path, synthetic
         if bad.startswith("pack.backend="):
             pack(tmp_path, synthetic_archive, out, backend=bad.split("=", 1)[1])
         else:
-            pack(tmp_path, synthetic_archive, out, bad.replace("pack.", "++pack."),
+            pack(tmp_path, synthetic_archive, out,
+                 bad.replace("pack.", "++pack.") if bad.startswith("pack.") else bad,
                  backend="local")
     assert (out / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in out.glob("shard-*")) == shards

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -867,6 +868,32 @@ def test_weight_averaging_validates_and_ships_the_average_and_resumes_it_exactly
                                    atol=1e-6, msg=key)
 
 
+def test_a_diverged_epoch_stops_the_stage_before_it_becomes_a_bundle(tmp_path, loop_spy,
+                                                                     monkeypatch):
+    """A NaN loss trained to the end and shipped a NaN model with exit status 0."""
+    import pipelines.loop as loop
+
+    real = loop.build_loss
+
+    def nan_after_first_epoch(cfg):
+        loss = real(cfg)
+        calls = []
+
+        def forward(logits, target):
+            calls.append(1)
+            value = loss(logits, target)
+            return value * float("nan") if len(calls) > 3 else value  # epoch 1 (3 batches each)
+        return forward
+
+    monkeypatch.setattr(loop, "build_loss", nan_after_first_epoch)
+    with pytest.raises(RuntimeError, match=r"\[segmenter\] training diverged at epoch 1: the "
+                                           r"training loss is nan"):
+        _fit(tmp_path, "nan", _loop_spec(tmp_path), loop_spy)
+    stage_dir = tmp_path / "runs" / "nan" / "segmenter"
+    assert [r["epoch"] for r in read_csv(stage_dir / "metrics.csv")] == ["0"]
+    assert json.loads((stage_dir / "latest" / "metrics.json").read_text())["epoch"] == 0
+
+
 def test_the_logged_lr_is_the_one_the_epoch_trained_at(tmp_path, loop_spy):
     """metrics.csv's `lr` was the next epoch's first LR (the last epoch's 0)."""
     stage_dir = _fit(tmp_path, "lr", _loop_spec(tmp_path), loop_spy)
@@ -1215,6 +1242,19 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("train.scheduler.power=-0.9", "power must be > 0"),
                          ("+train.scheduler.warmup_steps=-1", "warmup_steps must be"),
                          ("train.grad_clip=-1.0", "grad_clip must be > 0"),
+                         # accepted, then a NaN, inverted or frozen model trained to the end,
+                         # or the key ignored
+                         ("train.loss.bce_weight=nan", "bce_weight must be a finite number"),
+                         ("train.loss.dice_weight=-1", "dice_weight must be >= 0"),
+                         ("train.classifier_loss.label_smoothing=2", "label_smoothing must be in"),
+                         ("train.scheduler.power=inf", "power must be > 0 and finite"),
+                         ("+train.scheduler.min_factor=0.5", r"unknown key\(s\) \['min_factor'\]"),
+                         ("+train.optimizer.betas=[0.9,0.9]", r"unknown key\(s\) \['betas'\]"),
+                         ("+data.augment.bogus=1", r"unknown augmentation key\(s\) \['bogus'\]"),
+                         ("+trainer.fail_at_epoch.segmentr=3", "segmentr: no such stage"),
+                         # every file dropped, or every mask read empty
+                         ("data.max_bytes=0", "data.max_bytes must be a whole number >= 1"),
+                         ("data.mask_threshold=300", "data.mask_threshold must be a whole number"),
                          ("train.threshold=1.5", "train.threshold must be strictly"),
                          ("train.threshold=abc", "train.threshold must be strictly"),
                          # a NaN model trained to the end; the others failed after listing,
