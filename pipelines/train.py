@@ -36,6 +36,7 @@ from medseg_core.engine import check_scheduler, optimizer_settings
 from medseg_core.inference import check_threshold
 from medseg_core.layouts import Record
 from medseg_core.losses import build_loss
+from medseg_core.models.registry import build_model
 from medseg_core.transforms import build_transforms
 from pipelines import CONF_DIR
 from pipelines.cluster import disconnect
@@ -413,6 +414,22 @@ def check_input_settings(data: dict[str, Any]) -> None:
         raise ValueError(f"data.std must be > 0 (images are divided by it), got {data['std']!r}")
 
 
+def check_model(model: dict[str, Any], setting: str) -> None:
+    """The model a stage builds, built here without memory (torch's meta device): a bad name,
+    argument or value (a dropout of 5) failed after listing, or the classifier's only once
+    the whole segmenter stage had trained."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            build_model(model)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{setting}: {exc}") from None
+    if setting == "model" and model.get("out_channels", 1) != 1:
+        raise ValueError(f"model.out_channels must be 1 (the lesion's logit), got "
+                         f"{model.get('out_channels')!r}")
+
+
 def check_settings(cfg: dict[str, Any]) -> None:
     """Refuse bad choices before any data is read or epoch trained (they were found only
     after training, or not at all)."""
@@ -453,6 +470,7 @@ def check_settings(cfg: dict[str, Any]) -> None:
     for stage in stages:
         spec = stage_spec(cfg, stage)
         seg = stage == "segmenter"
+        check_model(spec.model, "model" if seg else "classifier")
         optimizer_settings(spec.optimizer, "train.optimizer" if seg else "train.classifier_optimizer")
         try:
             build_loss(spec.loss)

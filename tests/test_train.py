@@ -1252,6 +1252,11 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("+train.optimizer.betas=[0.9,0.9]", r"unknown key\(s\) \['betas'\]"),
                          ("+data.augment.bogus=1", r"unknown augmentation key\(s\) \['bogus'\]"),
                          ("+trainer.fail_at_epoch.segmentr=3", "segmentr: no such stage"),
+                         # failed after listing, the classifier's once the segmenter had
+                         # trained
+                         ("classifier.dropout=5", "classifier: dropout probability has to be"),
+                         ("classifier.name=unet", "classifier: bad config for model 'unet'"),
+                         ("model.out_channels=2", "model.out_channels must be 1"),
                          # every file dropped, or every mask read empty
                          ("data.max_bytes=0", "data.max_bytes must be a whole number >= 1"),
                          ("data.mask_threshold=300", "data.mask_threshold must be a whole number"),
