@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -36,3 +37,21 @@ def amp_dtype(device: torch.device | str, gpu: bool, cpu: bool,
                       "or AMX), where bf16 is slower than float32: running in float32",
                       stacklevel=2)
     return None
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device(name: object, setting: str) -> str:
+    """A device setting: auto, cpu, cuda or cuda:N (ValueError naming `setting` otherwise; a
+    misspelt one failed only where the model was moved, after listing or in a Ray actor)."""
+    if not isinstance(name, str) or not _DEVICE.match(name):
+        raise ValueError(f"{setting} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
+def resolve_device(name: str, setting: str = "device") -> torch.device:
+    """`check_device`'s name as a torch device: auto is CUDA where torch sees a GPU, else CPU."""
+    if check_device(name, setting) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

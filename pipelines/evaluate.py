@@ -42,7 +42,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import torch
 from omegaconf import DictConfig
 
 from medseg_core.checkpoint import BundleNotFoundError, check_bundle_task, load_bundle
@@ -57,6 +56,7 @@ from medseg_core.evaluation import (
 from medseg_core.inference import Chain, Classifier, Segmenter, check_threshold
 from medseg_core.io import decode_mask, remove_path
 from medseg_core.layouts import Record
+from medseg_core.precision import check_device, resolve_device
 from medseg_core.report import case_montage, write_report
 from medseg_core.results import error_row, prediction_row
 from medseg_core.viz import confusion_matrix_image, plot_curves
@@ -104,6 +104,7 @@ def select_records(cfg: dict[str, Any]) -> list[Record]:
     ``evaluate.limit``."""
     ev = cfg["evaluate"]
     check_decode_settings(cfg["data"])
+    check_device(ev.get("device", "auto"), "evaluate.device")
     split = str(ev.get("split", "test"))
     if split not in SPLITS:
         raise ValueError(f"evaluate.split must be one of {SPLITS}, got {split!r}")
@@ -175,12 +176,6 @@ def tta_flips(ev: Mapping[str, Any]) -> tuple[str, ...] | None:
     return flips if tta.get("enabled") else None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def bundle_version(uri: str, so: dict | None = None) -> str | None:
     """The `version` of a bundle (None where it cannot be read)."""
     try:
@@ -204,7 +199,7 @@ class LocalPredictor:
     def __init__(self, cfg: Mapping[str, Any], flips: Sequence[str] | None,
                  device: str | None = None):
         ev = cfg["evaluate"]
-        device = resolve_device(device or str(ev.get("device", "auto")))
+        device = resolve_device(device or ev.get("device", "auto"), "evaluate.device")
         bs = int(ev.get("batch_size", 8))
         seg_uri, cls_uri = ev["segmenter"], ev.get("classifier")
         segmenter = Segmenter(load_bundle(seg_uri, storage_options=_bundle_so(cfg, seg_uri)),

@@ -82,12 +82,14 @@ from medseg_core.inference import check_threshold
 from medseg_core.io import is_local, move_file, remove_path
 from medseg_core.layouts import Listing, Record, list_records, valid_text
 from medseg_core.metrics import metrics_from_counts
+from medseg_core.precision import check_device
 from medseg_core.results import error_row
 from pipelines import CONF_DIR
 from pipelines.cluster import check_fits, check_runtime_env, check_shared_paths, connect, disconnect
 from pipelines.config import (
     check_actor_pool,
     check_flag,
+    check_number,
     check_whole,
     explained_storage_errors,
     reported_refusals,
@@ -759,6 +761,12 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
     # pixels above it are foreground: at 255 none would be
     check_whole(batch.get("mask_threshold", 127), "batch.mask_threshold", 0, 254)
     check_actor_pool(batch, "batch")
+    device = check_device(batch.get("device") or "auto", "batch.device")
+    if device.startswith("cuda") and not float(batch.get("num_gpus") or 0) > 0:
+        raise ValueError(f"batch.device={device} needs batch.num_gpus > 0: Ray gives the actors "
+                         "no GPU otherwise (batch=gpu sets both)")
+    if cfg.get("ray_num_cpus") is not None:
+        check_number(cfg["ray_num_cpus"], "ray_num_cpus", 0, strict=True)
 
 
 def run(cfg: Mapping[str, Any], release: Callable[[], None] | None = None) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from medseg_core.inference import check_threshold
 from medseg_core.layouts import Record
 from medseg_core.losses import build_loss
 from medseg_core.models.registry import build_model
+from medseg_core.precision import check_device, resolve_device
 from medseg_core.transforms import build_transforms
 from pipelines import CONF_DIR
 from pipelines.cluster import disconnect
@@ -77,12 +78,6 @@ STAGES = ("segmenter", "classifier")
 
 def run_dir(cfg: dict[str, Any]) -> str:
     return join(cfg["output_dir"], "runs", cfg["run_name"])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def classifier_model(model: Mapping[str, Any], class_names: Sequence[str]) -> dict[str, Any]:
@@ -249,7 +244,7 @@ class LocalContext:
     rank, world_size = 0, 1
 
     def __init__(self, cfg: dict[str, Any], splits: dict[str, list[Record]], log: RunLog):
-        self.device = resolve_device(cfg["trainer"].get("device", "auto"))
+        self.device = resolve_device(cfg["trainer"].get("device", "auto"), "trainer.device")
         self.epoch_offset = int(cfg["data"].get("epoch_offset", 0))
         bs, ebs = int(cfg["train"]["batch_size"]), int(cfg["train"]["eval_batch_size"])
         workers = int(cfg["trainer"].get("loader_workers", 0))
@@ -368,6 +363,7 @@ def check_trainer(trainer: dict[str, Any]) -> None:
         raise ValueError(f"unknown trainer.backend {backend!r}; expected local or ray")
     for key in ("bf16", "cpu_bf16", "channels_last"):
         check_flag(trainer.get(key, False), f"trainer.{key}")
+    check_device(trainer.get("device", "auto"), "trainer.device")
     if backend == "local":
         check_whole(trainer.get("loader_workers", 0), "trainer.loader_workers", 0)
         return

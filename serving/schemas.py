@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medseg_core.io import MAX_TILE_WORK_PIXELS, PILLOW_MAX_PIXELS, check_url_credentials
+from medseg_core.precision import check_device
 
 IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff")
 
@@ -56,6 +57,11 @@ class ModelArgs(_Strict):
     def _no_credentials(cls, v: str) -> str:
         check_url_credentials(v, "bundle_uri")  # /v1/models lists it
         return v
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, v: str) -> str:
+        return check_device(v, "device")  # a misspelt one failed only in the replica
 
 
 class StorageArgs(_Strict):

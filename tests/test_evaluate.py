@@ -257,6 +257,7 @@ def test_bad_settings_are_refused_before_any_prediction(workspace, monkeypatch) 
                          ("evaluate.bootstrap.samples=2.7", "samples must be a whole number"),
                          ("evaluate.bootstrap.seed=-1", "seed must be a whole number"),
                          ("evaluate.limit=0", "evaluate.limit must be"),
+                         ("evaluate.device=bogus", "evaluate.device must be auto, cpu, cuda"),
                          ("evaluate.limit=-2", "evaluate.limit must be"),
                          ("evaluate.tta.flips=[]", "tta.flips must name"),
                          ("evaluate.tta.flips=[mirror]", "tta.flips must name"),

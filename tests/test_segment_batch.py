@@ -266,6 +266,11 @@ def test_bad_settings_are_refused_before_anything_is_deleted(tmp_path):
                          (["overwrite=true", "batch.io_threads=0"], "io_threads must be"),
                          (["overwrite=true", "batch.max_pixels=0"], "max_pixels must be"),
                          (["overwrite=true", "batch.amp=1"], "batch.amp must be true or false"),
+                         # failed in the actors' constructors (a bad device), or ran as null
+                         (["overwrite=true", "batch.device=bogus"],
+                          "batch.device must be auto, cpu, cuda or cuda:N"),
+                         (["overwrite=true", "batch.device=cuda"], "needs batch.num_gpus > 0"),
+                         (["overwrite=true", "ray_num_cpus=0"], "ray_num_cpus must be a number"),
                          (["overwrite=true", "limit=-1"], "limit must be"),
                          (["overwrite=true", "limit=2.5"], "limit must be"),
                          (["overwrite=true", "limit=true"], "limit must be"),

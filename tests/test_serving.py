@@ -574,6 +574,18 @@ def test_the_token_comes_from_the_variable_or_a_file_and_matches_as_sent(tmp_pat
         LimitsArgs(max_pixels=10**9)  # Pillow itself refuses beyond its own cap
 
 
+def test_a_device_that_is_none_is_refused_where_the_app_is_built():
+    """`device: bogus` passed the schema and build_app's checks and failed in each replica."""
+    from pydantic import ValidationError
+
+    from serving.schemas import ModelArgs
+
+    for bad in ("bogus", "cuda:abc", "gpu"):
+        with pytest.raises(ValidationError, match="device must be auto, cpu, cuda or cuda:N"):
+            ModelArgs(bundle_uri="b", device=bad)
+    assert ModelArgs(bundle_uri="b", device="cuda:1").device == "cuda:1"
+
+
 def test_a_bundle_uri_carrying_credentials_is_refused_without_repeating_them():
     """/v1/models lists each bundle's URI and Serve logs a refused config: a password in
     either must not get there (pydantic's errors repeat the input value by default)."""

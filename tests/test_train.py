@@ -1257,6 +1257,7 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("classifier.dropout=5", "classifier: dropout probability has to be"),
                          ("classifier.name=unet", "classifier: bad config for model 'unet'"),
                          ("model.out_channels=2", "model.out_channels must be 1"),
+                         ("trainer=local trainer.device=bogus", "trainer.device must be auto"),
                          # every file dropped, or every mask read empty
                          ("data.max_bytes=0", "data.max_bytes must be a whole number >= 1"),
                          ("data.mask_threshold=300", "data.mask_threshold must be a whole number"),
