@@ -516,17 +516,40 @@ def _settle(problems: list[Problem], strict: bool, ledger: ActorHandle | None) -
 # Listing, hashing, splitting
 
 
+GENERATED_STAMP = ".medseg-generate.json"  # hidden: layouts pass it over
+
+
 def ensure_dataset(data_cfg: dict[str, Any]) -> str:
-    """The archive URL; the synthetic default is generated on first use."""
+    """The archive URL; the synthetic default is generated on first use, and its settings
+    stamped in the folder last (a folder generated under other `data.generate` settings is
+    refused: it was used as it was, silently)."""
     url = data_cfg["url"]
     gen = data_cfg.get("generate")
     if data_cfg.get("name") == "synthetic" and gen:
         so = storage_options(data_cfg)
         fs, path = fsspec.core.url_to_fs(url, **(so or {}))
+        asked = {"n_per_class": gen["n_per_class"], "size": gen["size"], "seed": gen["seed"],
+                 "class_names": list(data_cfg["class_names"])}
+        for key in ("n_per_class", "size"):
+            check_whole(asked[key], f"data.generate.{key}", 1)
+        check_whole(asked["seed"], "data.generate.seed", 0)
+        stamp = f"{path.rstrip('/')}/{GENERATED_STAMP}"
         if not fs.exists(path) or not fs.ls(path):
             generate_dataset(url, n_per_class=int(gen["n_per_class"]), size=int(gen["size"]),
                              seed=int(gen["seed"]), class_names=tuple(data_cfg["class_names"]),
                              storage_options=so)
+            with fs.open(stamp, "w") as f:
+                json.dump(asked, f)
+        elif fs.exists(stamp):
+            with fs.open(stamp) as f:
+                made = json.load(f)
+            if made != asked:
+                differ = ", ".join(f"{k} {made.get(k)!r} -> {v!r}" for k, v in asked.items()
+                                   if made.get(k) != v)
+                raise ValueError(
+                    f"{valid_text(url)} holds a synthetic set generated under other "
+                    f"data.generate settings ({differ}): set another data.url (or "
+                    "output_dir) for the new set, or delete that folder to generate it anew")
     return url
 
 

@@ -1708,3 +1708,21 @@ def test_a_ray_run_on_a_joined_cluster_refuses_an_output_dir_its_workers_do_not_
                                            r"the 1 training worker\(s\) does not see"):
         run(cfg)
     assert not (tmp_path / "outputs" / "data").exists()  # nothing generated, nothing listed
+
+
+def test_a_synthetic_set_generated_under_other_settings_is_refused_not_used(tmp_path):
+    """`data.generate.*` did nothing once the folder held files: later runs trained on the old
+    set without a word."""
+    from pipelines.data import GENERATED_STAMP, ensure_dataset
+
+    small = config(tmp_path, "data.generate.n_per_class=2", "data.generate.size=16")
+    archive = Path(ensure_dataset(small["data"]))
+    assert json.loads((archive / GENERATED_STAMP).read_text())["n_per_class"] == 2
+    assert ensure_dataset(small["data"]) == str(archive)  # the same settings: used
+    bigger = config(tmp_path, "data.generate.n_per_class=3", "data.generate.size=16")
+    with pytest.raises(ValueError, match=r"holds a synthetic set generated under other "
+                                         r"data.generate settings \(n_per_class 2 -> 3\)"):
+        ensure_dataset(bigger["data"])
+    assert len(list((archive / "normal").glob("*_mask.png"))) == 2  # left as it was
+    with pytest.raises(ValueError, match="data.generate.n_per_class must be a whole number"):
+        ensure_dataset(config(tmp_path / "new", "data.generate.n_per_class=0")["data"])
