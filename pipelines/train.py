@@ -414,8 +414,6 @@ def check_model(model: dict[str, Any], setting: str) -> None:
     """The model a stage builds, built here without memory (torch's meta device): a bad name,
     argument or value (a dropout of 5) failed after listing, or the classifier's only once
     the whole segmenter stage had trained."""
-    import torch
-
     try:
         with torch.device("meta"):
             build_model(model)
