@@ -116,10 +116,10 @@ class LimitsArgs(_Strict):
         "max_pixels. A request whose image does not fit waits up to pixel_wait_s, then 503.",
     )
     pixel_wait_s: float = Field(
-        10.0, gt=0, description="How long a request waits for its pixels before a 503."
+        10.0, gt=0, allow_inf_nan=False, description="How long a request waits for its pixels before a 503."
     )
     body_idle_timeout_s: float = Field(
-        10.0, gt=0,
+        10.0, gt=0, allow_inf_nan=False,
         description="Longest pause while a request's body streams in, then 408: a client that "
         "stalls mid-upload holds an ingress slot (max_ongoing_requests) until then.",
     )
@@ -173,10 +173,10 @@ class AppArgs(_Strict):
     auth: AuthArgs = Field(default_factory=AuthArgs)
     default_mask_format: Literal["png", "rle"] = "png"
     health_timeout_s: float = Field(
-        2.0, gt=0, description="How long /healthz and /v1/models wait for each model deployment."
+        2.0, gt=0, allow_inf_nan=False, description="How long /healthz and /v1/models wait for each model deployment."
     )
     model_timeout_s: float = Field(
-        45.0, gt=0,
+        45.0, gt=0, allow_inf_nan=False,
         description="Longest wait for a model deployment's answer to one request, queueing "
         "included; then 503 `timeout` with Retry-After, and /healthz asks the models again. "
         "Keep it below http_options.request_timeout_s (Serve's own plain-text 408).",
@@ -188,7 +188,7 @@ class BatchingConfig(_Strict):
 
     max_batch_size: int = Field(8, ge=1, description="Requests per @serve.batch call.")
     batch_wait_timeout_s: float = Field(
-        0.002, ge=0, description="Longest wait for a batch to fill after its first request."
+        0.002, ge=0, allow_inf_nan=False, description="Longest wait for a batch to fill after its first request."
     )
 
 

@@ -586,6 +586,22 @@ def test_a_device_that_is_none_is_refused_where_the_app_is_built():
     assert ModelArgs(bundle_uri="b", device="cuda:1").device == "cuda:1"
 
 
+def test_timeouts_and_waits_must_be_finite():
+    """`body_idle_timeout_s: .inf` let a stalled upload hold its ingress slot for ever."""
+    from pydantic import ValidationError
+
+    from serving.schemas import AppArgs, BatchingConfig, LimitsArgs
+
+    models = {"segmenter": {"bundle_uri": "s"}, "classifier": {"bundle_uri": "c"}}
+    for build in (lambda: LimitsArgs(body_idle_timeout_s=float("inf")),
+                  lambda: LimitsArgs(pixel_wait_s=float("inf")),
+                  lambda: BatchingConfig(batch_wait_timeout_s=float("inf")),
+                  lambda: AppArgs(**models, model_timeout_s=float("inf")),
+                  lambda: AppArgs(**models, health_timeout_s=float("inf"))):
+        with pytest.raises(ValidationError, match="finite number"):
+            build()
+
+
 def test_a_bundle_uri_carrying_credentials_is_refused_without_repeating_them():
     """/v1/models lists each bundle's URI and Serve logs a refused config: a password in
     either must not get there (pydantic's errors repeat the input value by default)."""
