@@ -105,6 +105,10 @@ def select_records(cfg: dict[str, Any]) -> list[Record]:
     ev = cfg["evaluate"]
     check_decode_settings(cfg["data"])
     check_device(ev.get("device", "auto"), "evaluate.device")
+    if ev.get("backend") == "ray" and is_packed(cfg["data"]):  # found after listing before
+        raise ValueError("evaluate.backend=ray reads image files by URI (pipelines/predict.py) "
+                         "and cannot read packed archives yet; use evaluate.backend=local "
+                         "(or auto)")
     split = str(ev.get("split", "test"))
     if split not in SPLITS:
         raise ValueError(f"evaluate.split must be one of {SPLITS}, got {split!r}")

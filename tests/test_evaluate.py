@@ -258,6 +258,7 @@ def test_bad_settings_are_refused_before_any_prediction(workspace, monkeypatch) 
                          ("evaluate.bootstrap.seed=-1", "seed must be a whole number"),
                          ("evaluate.limit=0", "evaluate.limit must be"),
                          ("evaluate.device=bogus", "evaluate.device must be auto, cpu, cuda"),
+
                          ("evaluate.limit=-2", "evaluate.limit must be"),
                          ("evaluate.tta.flips=[]", "tta.flips must name"),
                          ("evaluate.tta.flips=[mirror]", "tta.flips must name"),
@@ -273,6 +274,10 @@ def test_bad_settings_are_refused_before_any_prediction(workspace, monkeypatch) 
                           f"evaluate.out={root / 'eval-bad'}")
         with pytest.raises(ValueError, match=message):
             ev.evaluate(cfg)
+    # the Ray backend and a packed archive: refused after listing it before
+    with pytest.raises(ValueError, match="evaluate.backend=ray .* cannot read packed archives"):
+        ev.evaluate(eval_config(root, archive, "evaluate.backend=ray", "data.layout=packed",
+                                "evaluate.split=all", f"evaluate.out={root / 'eval-bad'}"))
     for bad in ("evaluate.tta.flips=[]", "evaluate.tta.flips=[rot90]"):  # with TTA off too
         cfg = eval_config(root, archive, bad, "evaluate.split=all",
                           f"evaluate.out={root / 'eval-bad'}")
