@@ -265,6 +265,10 @@ def exif_orientation(data: bytes | BinaryIO, name: str = "<bytes>") -> int | Non
     """The EXIF orientation tag (2-8) of an image that viewers show turned or mirrored; None
     without one (or 1). Decoding never applies it: pixels are taken in stored order."""
     im = _open(data, name)
+    if im.format == "PNG" and "exif" not in im.info:
+        # Pillow decodes the whole image to look for an eXIf chunk after the pixels: the cost
+        # of a second decode on every request, for a tag that belongs before them
+        return None
     try:
         value = im.getexif().get(0x0112)
     except Exception:  # a garbled EXIF block: no tag to go by, the pixels decode regardless

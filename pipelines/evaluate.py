@@ -105,7 +105,8 @@ def select_records(cfg: dict[str, Any]) -> list[Record]:
     ev = cfg["evaluate"]
     check_decode_settings(cfg["data"])
     check_device(ev.get("device", "auto"), "evaluate.device")
-    if ev.get("backend") == "ray" and is_packed(cfg["data"]):  # found after listing before
+    # the Ray backend reads image files by URI; `auto` chooses it for raw archives only
+    if ev.get("backend") == "ray" and is_packed(cfg["data"]):
         raise ValueError("evaluate.backend=ray reads image files by URI (pipelines/predict.py) "
                          "and cannot read packed archives yet; use evaluate.backend=local "
                          "(or auto)")
@@ -340,11 +341,9 @@ def predict_ray(records: Sequence[Record], cfg: Mapping[str, Any], flips: Sequen
                 *, with_masks: bool = False,
                 variants: Sequence[str] | None = None) -> dict[str, list[dict]]:
     """variant ("plain", and "tta" with flips; or ``variants``) -> result rows, from the shared
-    Ray Data step `pipelines.predict.predict_records` (streamed, collected here)."""
+    Ray Data step `pipelines.predict.predict_records` (streamed, collected here). `records`
+    are raw files: `select_records` refuses the Ray backend for a packed archive."""
     ev, data = cfg["evaluate"], cfg["data"]
-    if is_packed(data):
-        raise ValueError("evaluate.backend=ray reads image files by URI (pipelines/predict.py) and "
-                         "cannot read packed archives yet; use evaluate.backend=local")
     rc = ev.get("ray") or {}
     connect(rc.get("address"), rc.get("local_num_cpus"))
     concurrency = rc.get("concurrency")
