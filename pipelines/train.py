@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from medseg_core.checkpoint import BundleError, read_bundle_meta
 from medseg_core.dataset import RecordDataset, collate
 from medseg_core.engine import check_scheduler, optimizer_settings
-from medseg_core.inference import check_threshold
+from medseg_core.inference import MODES, check_threshold
 from medseg_core.layouts import Record
 from medseg_core.losses import build_loss
 from medseg_core.models.registry import build_model
@@ -408,6 +408,27 @@ def check_input_settings(data: dict[str, Any]) -> None:
                              f"numbers, got {values!r}")
     if not all(v > 0 for v in data["std"]):
         raise ValueError(f"data.std must be > 0 (images are divided by it), got {data['std']!r}")
+    check_inference(data.get("inference"))
+
+
+def check_inference(inference: Any) -> None:
+    """`data.inference`, the bundle's inference mode (a bad one made a bundle that every
+    predictor refused to load, after training)."""
+    if inference is None:
+        return
+    if not isinstance(inference, dict) or set(inference) - {"mode", "tile_overlap",
+                                                            "channels_last"}:
+        raise ValueError("data.inference takes mode (resize or tile), tile_overlap (pixels, or "
+                         "a fraction of the tile below 1) and channels_last (true or false), "
+                         f"got {inference!r}")
+    check_flag(inference.get("channels_last", False), "data.inference.channels_last")
+    if inference.get("mode", "resize") not in MODES:
+        raise ValueError(f"data.inference.mode must be one of {list(MODES)}, got "
+                         f"{inference.get('mode')!r}")
+    overlap = inference.get("tile_overlap", 32)
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not (
+            math.isfinite(overlap) and overlap >= 0):
+        raise ValueError(f"data.inference.tile_overlap must be a number >= 0, got {overlap!r}")
 
 
 def check_model(model: dict[str, Any], setting: str) -> None:

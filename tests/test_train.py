@@ -1271,6 +1271,10 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("data.channels=2 model.in_channels=2", "data.channels must be 1"),
                          ("data.image_size=[0,0]", r"data.image_size must be \[height, width\]"),
                          ("data.image_size=[100000,100000]", "over data.max_pixels"),
+                         # a bundle every predictor refused, once the stage had trained
+                         ("+data.inference.mode=tiles", "data.inference.mode must be one of"),
+                         ("+data.inference.tile_overlap=-8", "tile_overlap must be a number"),
+                         ("+data.inference.overlap=8", "data.inference takes mode"),
                          ("+data.report_storage_options.secret=s",
                           r"data.report_storage_options.secret: credentials must not be"),
                          ("train.epochs=0", "train.epochs must be a whole number >= 1"),
@@ -1320,6 +1324,16 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
         with pytest.raises(ValueError, match=message):
             run(cfg)
         assert not (tmp_path / "runs").exists(), bad
+
+
+def test_worker_settings_of_ray_training_are_refused_for_in_process_training(tmp_path):
+    """trainer=local trains in this process: `trainer.num_workers` was accepted there and did
+    nothing."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="num_workers"):
+        config(tmp_path, "trainer=local", "trainer.num_workers=4")
+    assert config(tmp_path, "trainer=ray", "trainer.num_workers=4")["trainer"]["num_workers"] == 4
 
 
 def test_a_kill_between_the_best_and_latest_copies_keeps_them_consistent(tmp_path, monkeypatch):
