@@ -77,6 +77,7 @@ from serving.schemas import (
     ModelArgs,
     ModelsResponse,
     PredictResponse,
+    SegmenterArgs,
     StorageArgs,
 )
 
@@ -123,10 +124,12 @@ class _ModelReplica:
 
     task = ""
     batch_method = ""
+    settings: type[ModelArgs] = ModelArgs
 
     def __init__(self, model: Mapping[str, Any] | ModelArgs,
                  storage: Mapping[str, Any] | StorageArgs | None = None) -> None:
-        self.args = ModelArgs.model_validate(model)
+        self.args = self.settings.model_validate(
+            model.model_dump() if isinstance(model, ModelArgs) else model)
         storage_args = StorageArgs.model_validate(storage or {})
         if self.args.torch_threads:
             torch.set_num_threads(self.args.torch_threads)
@@ -215,6 +218,7 @@ class SegmenterDeployment(_ModelReplica):
 
     task = "segmentation"
     batch_method = "_segment_batch"
+    settings = SegmenterArgs
 
     def _build(self, bundle: Bundle) -> Segmenter:
         return Segmenter(bundle, self.device, self.args.inference_batch_size, amp=self.args.amp,

@@ -46,11 +46,6 @@ class ModelArgs(_Strict):
         None, ge=1, description="torch.set_num_threads in the replica; null leaves Ray's default."
     )
     warmup: bool = Field(True, description="Run one dummy prediction before taking traffic.")
-    max_work_pixels: int | None = Field(
-        MAX_TILE_WORK_PIXELS, ge=1,
-        description="Segmenter in tile mode: 413 for an image whose tiles hold more pixels than "
-        "this (a thin 1 x N image is about N / tile width whole tiles); null: no limit.",
-    )
 
     @field_validator("bundle_uri")
     @classmethod
@@ -62,6 +57,16 @@ class ModelArgs(_Strict):
     @classmethod
     def _a_device(cls, v: str) -> str:
         return check_device(v, "device")  # a misspelt one failed only in the replica
+
+
+class SegmenterArgs(ModelArgs):
+    """The segmenter deployment: a model deployment that may run over tiles."""
+
+    max_work_pixels: int | None = Field(
+        MAX_TILE_WORK_PIXELS, ge=1,
+        description="Tile mode: 413 for an image whose tiles hold more pixels than this (a thin "
+        "1 x N image is about N / tile width whole tiles); null: no limit.",
+    )
 
 
 class StorageArgs(_Strict):
@@ -166,7 +171,7 @@ class AuthArgs(_Strict):
 class AppArgs(_Strict):
     """`args` of the Serve application (`import_path: serving.app:build_app`)."""
 
-    segmenter: ModelArgs
+    segmenter: SegmenterArgs
     classifier: ModelArgs
     storage: StorageArgs = Field(default_factory=StorageArgs)
     limits: LimitsArgs = Field(default_factory=LimitsArgs)

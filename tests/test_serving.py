@@ -586,6 +586,20 @@ def test_a_device_that_is_none_is_refused_where_the_app_is_built():
     assert ModelArgs(bundle_uri="b", device="cuda:1").device == "cuda:1"
 
 
+def test_the_tile_work_limit_is_a_segmenter_setting_only():
+    """`classifier.max_work_pixels` was accepted and did nothing: the classifier runs no tiles."""
+    from pydantic import ValidationError
+
+    from serving.schemas import AppArgs
+
+    with pytest.raises(ValidationError, match=r"classifier\.max_work_pixels\n +Extra inputs"):
+        AppArgs(segmenter={"bundle_uri": "s"},
+                classifier={"bundle_uri": "c", "max_work_pixels": 1000})
+    args = AppArgs(segmenter={"bundle_uri": "s", "max_work_pixels": 1000},
+                   classifier={"bundle_uri": "c"})
+    assert args.segmenter.max_work_pixels == 1000
+
+
 def test_timeouts_and_waits_must_be_finite():
     """`body_idle_timeout_s: .inf` let a stalled upload hold its ingress slot for ever."""
     from pydantic import ValidationError
