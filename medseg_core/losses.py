@@ -244,9 +244,15 @@ def _flag(cfg: dict[str, Any], key: str) -> bool:
     return value
 
 
+class UnknownLossKeysError(ValueError):
+    """A loss config with keys its loss does not take (``keys``: those, sorted)."""
+
+    def __init__(self, name: str, keys: list[str], allowed: set[str]) -> None:
+        super().__init__(f"unknown keys {keys} for loss {name!r}; allowed: {sorted(allowed)}")
+        self.keys = keys
+
+
 def _check_keys(name: str, cfg: dict[str, Any], allowed: set[str]) -> None:
     unknown = set(cfg) - allowed
     if unknown:
-        raise ValueError(
-            f"unknown keys {sorted(unknown)} for loss {name!r}; allowed: {sorted(allowed)}"
-        )
+        raise UnknownLossKeysError(name, sorted(unknown), allowed)

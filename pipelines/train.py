@@ -35,7 +35,7 @@ from medseg_core.dataset import RecordDataset, collate
 from medseg_core.engine import check_scheduler, optimizer_settings
 from medseg_core.inference import MODES, check_threshold
 from medseg_core.layouts import Record
-from medseg_core.losses import build_loss
+from medseg_core.losses import UnknownLossKeysError, build_loss
 from medseg_core.models.registry import build_model
 from medseg_core.precision import check_device, resolve_device
 from medseg_core.transforms import build_transforms
@@ -487,10 +487,15 @@ def check_settings(cfg: dict[str, Any]) -> None:
         seg = stage == "segmenter"
         check_model(spec.model, "model" if seg else "classifier")
         optimizer_settings(spec.optimizer, "train.optimizer" if seg else "train.classifier_optimizer")
+        setting = f"train.{'loss' if seg else 'classifier_loss'}"
         try:
             build_loss(spec.loss)
+        except UnknownLossKeysError as exc:
+            # the config's defaults are dice_bce's: another loss name needs them removed
+            remove = " ".join(f"~{setting}.{key}" for key in exc.keys)
+            raise ValueError(f"{setting}: {exc} (remove them with `{remove}`)") from None
         except ValueError as exc:
-            raise ValueError(f"train.{'loss' if seg else 'classifier_loss'}: {exc}") from None
+            raise ValueError(f"{setting}: {exc}") from None
         if spec.grad_clip is not None and not float(spec.grad_clip) > 0:
             # clip_grad_norm_ with a negative norm flips every gradient
             raise ValueError(f"train.grad_clip must be > 0 or null (off), got {spec.grad_clip}")

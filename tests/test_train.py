@@ -1315,6 +1315,9 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                           "train.classifier_optimizer.lr must be a number"),
                          ("train.optimizer.name=adam", "unknown train.optimizer.name 'adam'"),
                          ("train.classifier_loss.name=focal", "train.classifier_loss: unknown"),
+                         # the defaults are dice_bce's: say how to drop them
+                         ("train.loss.name=dice", r"for loss 'dice'.* \(remove them with "
+                          r"`~train.loss.bce_weight ~train.loss.dice_weight`\)"),
                          ("seed=abc", "seed must be a whole number"),
                          # silently taken as 1, and a cap of 0 tasks
                          ("data.read.batch_size=0", "data.read.batch_size must be"),
