@@ -682,6 +682,24 @@ def split_mode(split_cfg: Mapping[str, Any] | None) -> str:
     return mode
 
 
+def check_split(split_cfg: Mapping[str, Any] | None) -> None:
+    """`data.split`, checked before any listing (a bad fold or ratio failed after it, named
+    `fold` or `ratios` alone)."""
+    split = dict(split_cfg or {})
+    if split_mode(split) == "ratio":
+        ratios = split.get("ratios", (0.8, 0.1, 0.1))
+        if not isinstance(ratios, (list, tuple)) or len(ratios) != 3 or any(
+                isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)
+                or r < 0 for r in ratios) or not sum(ratios) > 0:
+            raise ValueError("data.split.ratios must be three numbers >= 0 (train, val, test "
+                             f"proportions) with a sum > 0, got {ratios!r}")
+    else:
+        check_whole(split.get("n_folds", 5), "data.split.n_folds", 2)
+        check_whole(split.get("fold", 0), "data.split.fold", 0, int(split.get("n_folds", 5)) - 1)
+    check_whole(split.get("seed", 0), "data.split.seed", 0)
+    check_whole(split.get("dedup_distance", 6), "data.split.dedup_distance", -1)
+
+
 def split_identity(split_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     """The `data.split` settings that decide the split: the other mode's keys (`n_folds` and
     `fold` in ratio mode, `ratios` in kfold mode) are left out, as `split_records` ignores

@@ -75,6 +75,7 @@ from pipelines.data import (
     _max_pixels,
     blamed_path,
     check_decode_settings,
+    check_split,
     is_packed,
     load_any_record,
     load_records,
@@ -581,7 +582,12 @@ def evaluate(cfg: dict[str, Any], release: Callable[[], None] | None = None) -> 
     check_whole(rc.get("local_num_cpus"), "evaluate.ray.local_num_cpus", 1, none=True)
     check_actor_pool(rc, "evaluate.ray")
     check_case_metric(str((ev.get("cases") or {}).get("metric", "dice")))
-    boot = BootstrapConfig.from_dict(ev.get("bootstrap"))  # all checked before any prediction
+    try:  # all checked before any prediction
+        boot = BootstrapConfig.from_dict(ev.get("bootstrap"))
+    except ValueError as exc:
+        raise ValueError(f"evaluate.bootstrap: {exc}") from None
+    if str(ev.get("split", "test")) != "all":
+        check_split(data.get("split"))
     flips = tta_flips(ev)
     check_bundle_task(ev["segmenter"], "segmentation", "evaluate.segmenter",
                       _bundle_so(cfg, ev["segmenter"]))

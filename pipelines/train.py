@@ -52,6 +52,7 @@ from pipelines.config import (
 from pipelines.data import (
     _max_pixels,
     check_decode_settings,
+    check_split,
     data_report,
     load_any_record,
     packed_size,
@@ -472,6 +473,7 @@ def check_settings(cfg: dict[str, Any]) -> None:
     clear_masks_mode(cfg)
     lesion_free_classes(cfg)
     split = cfg["data"].get("split") or {}
+    check_split(split)
     if split_mode(split) == "ratio" and not float(list(split.get("ratios", (0.8, 0.1, 0.1)))[1]) > 0:
         raise ValueError("data.split.ratios gives the validation split no share: the best "
                          f"epoch and early stopping are chosen on it; got {split.get('ratios')}")

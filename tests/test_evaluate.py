@@ -252,7 +252,8 @@ def test_bad_settings_are_refused_before_any_prediction(workspace, monkeypatch) 
 
     root, archive = workspace
     monkeypatch.setattr(ev, "predict_local", lambda *a: pytest.fail("predicted first"))
-    for bad, message in (("evaluate.bootstrap.confidence=1.5", "confidence must be in"),
+    for bad, message in (("evaluate.bootstrap.confidence=1.5",
+                          "evaluate.bootstrap: confidence must be in"),
                          ("evaluate.bootstrap.samples=0", "samples must be a whole number"),
                          ("evaluate.bootstrap.samples=2.7", "samples must be a whole number"),
                          ("evaluate.bootstrap.seed=-1", "seed must be a whole number"),
@@ -283,6 +284,14 @@ def test_bad_settings_are_refused_before_any_prediction(workspace, monkeypatch) 
                           f"evaluate.out={root / 'eval-bad'}")
         with pytest.raises(ValueError, match="tta.flips must name"):
             ev.evaluate(cfg)
+    # a split of the training run's settings: refused after listing, as `fold` alone
+    monkeypatch.setattr(ev, "select_records", lambda *a: pytest.fail("listed first"))
+    for bad, message in ((["data.split.mode=kfold", "data.split.fold=5"],
+                          "data.split.fold must be a whole number from 0 to 4, got 5"),
+                         (["data.split.ratios=[0.8,-0.1,0.3]"], "data.split.ratios must be")):
+        with pytest.raises(ValueError, match=message):
+            ev.evaluate(eval_config(root, archive, *bad, "evaluate.split=test",
+                                    f"evaluate.out={root / 'eval-bad'}"))
 
 
 def test_a_missing_bundle_or_one_of_another_task_is_refused_first(workspace, monkeypatch):

@@ -1296,6 +1296,10 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("data.augment.shift=-0.3", r"data.augment: shift must be in"),
                          ("data.augment.rotate=-5", r"data.augment: rotate must be in \[0, 180\]"),
                          ("data.split.ratios=[0.9,0,0.1]", "validation split no share"),
+                         # failed after listing, naming `fold` or `ratios` alone
+                         ("data.split.mode=kfold data.split.fold=5",
+                          "data.split.fold must be a whole number from 0 to 4, got 5"),
+                         ("data.split.ratios=[0.8,0.2]", "data.split.ratios must be three"),
                          # crashed on the first classifier batch, after the whole segmenter
                          ("classifier.num_classes=7", "classifier.num_classes=7 but"),
                          ("data.channels=1 data.mean=[0.5] data.std=[0.25]",
