@@ -63,7 +63,15 @@ from pipelines.data import (
     split_views,
 )
 from pipelines.loop import StageSpec, epoch_seed, fit_stage
-from pipelines.runlog import RunLock, RunLog, finished, finished_note, join, record_splits
+from pipelines.runlog import (
+    RunLock,
+    RunLog,
+    finished,
+    finished_note,
+    join,
+    next_epoch,
+    record_splits,
+)
 from pipelines.tuning import (
     chain_scores,
     choose_mask_clearing,
@@ -110,6 +118,44 @@ def training_data(cfg: dict[str, Any]) -> dict[str, Any]:
         "url": _archive_name(data["url"]), "layout": data.get("layout"),
         "options": dict(data.get("options") or {}), "split": split_identity(data.get("split")),
         "seed": int(cfg.get("seed", 0))}, default=str))
+
+
+def training_recipe(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
+    """How a stage's bundles were trained, by setting name (a bundle's `training`): the
+    optimiser, schedule, loss, batch size, clipping, weight averaging and augmentation, and the
+    classifier's masks. A rerun may change them for the epochs it has left (the next epochs
+    train under them, and it says so), not for a stage it has nothing left to train."""
+    train, seg = cfg["train"], stage == "segmenter"
+    recipe = {
+        "train.optimizer" if seg else "train.classifier_optimizer":
+            train["optimizer" if seg else "classifier_optimizer"],
+        "train.scheduler": train["scheduler"],
+        "train.loss" if seg else "train.classifier_loss": train["loss" if seg else
+                                                                 "classifier_loss"],
+        "train.batch_size": train["batch_size"],
+        "train.grad_clip": train.get("grad_clip"),
+        "train.ema_decay": train.get("ema_decay") or 0.0,
+        "data.augment": cfg["data"]["augment"],
+    }
+    if not seg:
+        recipe["train.classifier_masks"] = train.get("classifier_masks") or {}
+    return json.loads(json.dumps(recipe, default=str))
+
+
+def _flat(value: Any, name: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{name}.{key}").items()}
+    return {name: value}
+
+
+def recipe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """`setting: old -> new` for each setting of two training recipes that differs."""
+    before = {k: v for key, value in old.items() for k, v in _flat(value, key).items()}
+    after = {k: v for key, value in new.items() for k, v in _flat(value, key).items()}
+    unset = "(unset)"
+    return [f"{k}: {before.get(k, unset)} -> {after.get(k, unset)}"
+            for k in sorted(set(before) | set(after))
+            if before.get(k, unset) != after.get(k, unset)]
 
 
 # bundle settings that fix what a run trains: a rerun under the same run_name resumes it only
@@ -166,6 +212,21 @@ def check_resumable(cfg: dict[str, Any]) -> None:
                 "another run_name for the new settings, or the run's own settings to go on (a "
                 "Hydra multirun over such a setting needs a run_name per job, e.g. "
                 "'run_name=seed${seed}')")
+        differ = recipe_changes(old.get("training") or {}, new.get("training") or {}) if (
+            trained and isinstance(old.get("training"), dict)) else []
+        if not differ:
+            continue
+        state = RunLog(run_dir(cfg), stage).train_state()
+        if _finished(cfg, stage, state):
+            raise ValueError(
+                f"run {cfg['run_name']!r} has finished its {stage} under other training "
+                f"settings ({'; '.join(differ)}): this rerun would train nothing and report "
+                "that training's figures. Use another run_name for the new settings (a Hydra "
+                "multirun over them needs a run_name per job, e.g. "
+                "'run_name=lr${train.optimizer.lr}'), or a larger epoch count to go on training "
+                "this run under them")
+        print(f"[{stage}] resuming at epoch {next_epoch(state)} under other training settings "
+              f"than its epochs so far: {'; '.join(differ)}", flush=True)
 
 
 def stage_spec(cfg: dict[str, Any], stage: str) -> StageSpec:
@@ -185,6 +246,7 @@ def stage_spec(cfg: dict[str, Any], stage: str) -> StageSpec:
         "inference": dict(data.get("inference") or {"mode": "resize", "tile_overlap": 32}),
         "dataset": data["name"],
         "training_data": training_data(cfg),
+        "training": training_recipe(cfg, stage),
     }
     gpu_aug = bool(trainer.get("gpu_augment", False))
     fail = trainer.get("fail_at_epoch", {}) or {}

@@ -477,11 +477,40 @@ def test_a_run_name_resumes_only_under_its_own_data_split_and_model(tmp_path, ca
     assert not (tmp_path / "runs" / "same" / "classifier").exists()
     assert ((best / "version").read_text(), (best / "config.yaml").read_text()) == before
     capsys.readouterr()
-    run(config(tmp_path, *base, "train.batch_size=2"))  # not part of what the run is
+    run(config(tmp_path, *base, "train.eval_batch_size=2"))  # not part of what the run is
     assert "[segmenter] already trained (1 of 1 epochs done)" in capsys.readouterr().out
     # nor are the k-fold settings of a ratio split, which splitting ignores
     run(config(tmp_path, *base, "data.split.n_folds=3", "data.split.fold=2"))
     assert "[segmenter] already trained (1 of 1 epochs done)" in capsys.readouterr().out
+
+
+def test_a_finished_stage_is_not_reported_as_trained_under_other_training_settings(
+        tmp_path, capsys):
+    """A rerun of a finished run under another learning rate (a Hydra multirun over it with one
+    run_name) trained nothing and printed the first training's figures as the new setting's.
+    With epochs left it goes on under the new settings, and says so."""
+    from medseg_core.checkpoint import read_bundle_meta
+    from pipelines.train import run
+
+    base = ["trainer=local", "stages=[segmenter]", "run_name=recipe"]
+    run(config(tmp_path, *base, "train.epochs=1"))
+    best = tmp_path / "runs" / "recipe" / "segmenter" / "best"
+    assert read_bundle_meta(str(best))[1]["training"]["train.optimizer"]["lr"] == 0.005
+    for override, named in (("train.optimizer.lr=0.001", r"train.optimizer.lr: 0.005 -> 0.001"),
+                            ("train.batch_size=2", r"train.batch_size: 4 -> 2"),
+                            ("data.augment.rotate=30", r"data.augment.rotate: 15 -> 30"),
+                            ("train.loss.bce_weight=2", r"train.loss.bce_weight: 1.0 -> 2")):
+        with pytest.raises(ValueError, match=rf"has finished its segmenter under other training "
+                                             rf"settings \({named}\): this rerun would train"):
+            run(config(tmp_path, *base, "train.epochs=1", override))
+    capsys.readouterr()
+    run(config(tmp_path, *base, "train.epochs=2", "train.optimizer.lr=0.001"))
+    out = capsys.readouterr().out
+    assert ("[segmenter] resuming at epoch 1 under other training settings than its epochs so "
+            "far: train.optimizer.lr: 0.005 -> 0.001") in out
+    latest = tmp_path / "runs" / "recipe" / "segmenter" / "latest"
+    assert read_bundle_meta(str(latest))[1]["training"]["train.optimizer"]["lr"] == 0.001
+    assert [r["epoch"] for r in read_csv(latest.parent / "metrics.csv")] == ["0", "1"]
 
 
 def test_a_stage_stopped_early_goes_on_under_a_larger_patience(tmp_path, capsys):
