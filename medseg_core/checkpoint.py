@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -142,6 +143,37 @@ def _validate_config(config: Mapping[str, Any]) -> None:
         raise ValueError(f"bundle config task must be one of {TASKS}, got {config['task']!r}")
     if not isinstance(config["model"], Mapping) or "name" not in config["model"]:
         raise ValueError("bundle config 'model' must be a build_model config with a 'name'")
+    _validate_input(config)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_input(config: Mapping[str, Any]) -> None:
+    """The values that make the model's input and masks: a std of 0, a NaN mean or a threshold
+    outside (0, 1) loaded and then made every mask empty or full."""
+    size, channels = config["input_size"], config["in_channels"]
+    if not (_whole(size) or isinstance(size, (list, tuple)) and len(size) == 2
+            and all(_whole(v) for v in size)):
+        raise ValueError(f"bundle config input_size must be a whole number or [height, width] "
+                         f">= 1, got {size!r}")
+    if not _whole(channels):
+        raise ValueError(f"bundle config in_channels must be a whole number >= 1, got {channels!r}")
+    for key in ("mean", "std"):
+        values = config[key] if isinstance(config[key], (list, tuple)) else [config[key]]
+        if len(values) not in (1, channels) or not all(_number(v) for v in values) or (
+                key == "std" and not all(v > 0 for v in values)):
+            raise ValueError(f"bundle config {key} must be 1 or in_channels={channels} finite "
+                             f"numbers{' > 0' if key == 'std' else ''}, got {config[key]!r}")
+    threshold = config["threshold"]
+    if threshold is not None and not (_number(threshold) and 0 < threshold < 1):
+        raise ValueError(f"bundle config threshold must be strictly between 0 and 1, got "
+                         f"{threshold!r}")
 
 
 def _join(path: str, name: str) -> str:
@@ -282,16 +314,19 @@ def load_bundle(
 
     try:
         metrics = json.loads(_read(fs, path, METRICS_FILE, url))
+    except BundleError:
+        raise
     except ValueError as exc:
         raise BundleError(f"{METRICS_FILE} of model bundle {url} is not valid JSON: {exc}") from exc
 
+    weights = _read(fs, path, WEIGHTS_FILE, url)
     try:
-        blob = io.BytesIO(_read(fs, path, WEIGHTS_FILE, url))
-        state = torch.load(blob, map_location=map_location, weights_only=True)
-    except BundleError:
-        raise
+        state = torch.load(io.BytesIO(weights), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise BundleError(f"cannot load {WEIGHTS_FILE} of model bundle {url}: {exc}") from exc
+        # (an empty or truncated file gives "" or "negative seek value")
+        raise BundleError(f"cannot load {WEIGHTS_FILE} of model bundle {url} ({len(weights)} "
+                          f"bytes: truncated, or not a torch weights file): "
+                          f"{str(exc) or type(exc).__name__}") from exc
 
     try:
         model = build_model(config["model"])

@@ -104,7 +104,14 @@ def model_masks(model: torch.nn.Module, x: torch.Tensor, threshold: float, flip:
 def _check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
     if isinstance(images, np.ndarray) and images.ndim != 4:
         raise TypeError("pass a list of images (or an (N,H,W,C) array), not a single image")
-    return list(images)
+    images = list(images)
+    for i, image in enumerate(images):
+        if not isinstance(image, np.ndarray):
+            # a PIL image, bytes or a path failed deep inside, or passed one model and not the other
+            raise TypeError(f"image {i} is a {type(image).__name__}, not a numpy array: decode "
+                            "it first (medseg_core.io.decode_image for bytes or a file, "
+                            "np.asarray for a PIL image)")
+    return images
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -126,10 +133,16 @@ def prefers_channels_last(model: torch.nn.Module) -> bool:
 class _Runner:
     """Shared model/device/config handling for the two predictors."""
 
+    task = ""
+
     def __init__(self, bundle: Bundle, device: str | torch.device, batch_size: int,
                  amp: bool | None, channels_last: bool | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        task = bundle.config.get("task")
+        if task != self.task:  # the other model's bundle failed only at its first forward pass
+            raise ValueError(f"model bundle {getattr(bundle, 'uri', None) or ''} is a {task!r} "
+                             f"bundle; {type(self).__name__} needs a {self.task!r} one")
         self.bundle = bundle
         self.config: dict[str, Any] = dict(bundle.config)
         self.device = torch.device(device)
@@ -216,6 +229,8 @@ class Segmenter(_Runner):
     only each tile's centre (a margin of ``tile_overlap // 2`` removed on every side) is kept, the
     image being reflect-padded so border pixels also get a full context (U-Net overlap-tile).
     """
+
+    task = "segmentation"
 
     def __init__(
         self,
@@ -352,7 +367,8 @@ class Segmenter(_Runner):
 
         ``threshold`` defaults to the bundle's ``threshold``.
         """
-        t = self.threshold if threshold is None else float(threshold)
+        checked = check_threshold(threshold)  # 1.5 or NaN made every mask empty, -0.2 full
+        t = self.threshold if checked is None else checked
         return [(p > t).astype(np.uint8) for p in self.predict_proba(images)]
 
 
@@ -362,6 +378,8 @@ class Classifier(_Runner):
     Images are resized (bilinear) and masks (nearest) to the bundle's ``input_size``; integer or
     bool masks count non-zero pixels as lesion, float masks are taken as probabilities in [0, 1].
     """
+
+    task = "classification"
 
     def __init__(
         self,
@@ -390,7 +408,7 @@ class Classifier(_Runner):
     def predict(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
         """Class probabilities (softmax), float32 array (N, num_classes)."""
         images = _check_images(images)
-        masks = list(masks)
+        masks = [mask_2d(m, f"mask {i}") for i, m in enumerate(masks)]
         if len(images) != len(masks):
             raise ValueError(f"got {len(images)} images but {len(masks)} masks")
         for i, (im, m) in enumerate(zip(images, masks)):

@@ -196,6 +196,22 @@ def test_bundle_meta_of_a_missing_bundle_or_of_another_task(tmp_path):
         ("config.yaml", b"model: {name: unet}\ntask: segmentation\n", "missing keys"),
         ("metrics.json", b"{not json", "JSON"),
         ("weights.pt", b"\x00garbage", "weights.pt"),
+        # the message ended in ": " for an empty file
+        ("weights.pt", b"", r"weights.pt of model bundle \S+ \(0 bytes: truncated, or not a "
+                            r"torch weights file\): \S"),
+        # loaded, then every mask came out empty or full
+        ("config.yaml", b"model: {name: unet_bn, widths: [4, 8, 16]}\ntask: segmentation\n"
+                        b"input_size: [32, 32]\nin_channels: 3\nmean: [0.5, 0.5, 0.5]\n"
+                        b"std: [0, 0, 0]\nthreshold: 0.5\nclass_names: null\ninference: {}\n",
+         r"std must be 1 or in_channels=3 finite numbers > 0, got \[0, 0, 0\]"),
+        ("config.yaml", b"model: {name: unet_bn, widths: [4, 8, 16]}\ntask: segmentation\n"
+                        b"input_size: [32, 32]\nin_channels: 3\nmean: .nan\n"
+                        b"std: [0.25, 0.25, 0.25]\nthreshold: 0.5\nclass_names: null\n"
+                        b"inference: {}\n", "mean must be 1 or in_channels=3 finite numbers"),
+        ("config.yaml", b"model: {name: unet_bn, widths: [4, 8, 16]}\ntask: segmentation\n"
+                        b"input_size: [32, 32]\nin_channels: 3\nmean: [0.5, 0.5, 0.5]\n"
+                        b"std: [0.25, 0.25, 0.25]\nthreshold: 5.0\nclass_names: null\n"
+                        b"inference: {}\n", "threshold must be strictly between 0 and 1"),
     ],
 )
 def test_garbled_files_are_reported(tmp_path, name, content, message):
@@ -209,7 +225,8 @@ def test_garbled_files_are_reported(tmp_path, name, content, message):
 def test_missing_file_and_foreign_weights(tmp_path):
     url = save_bundle(str(tmp_path / "b"), _trained_model(), _config())
     (tmp_path / "b" / "metrics.json").unlink()
-    with pytest.raises(BundleError, match="metrics.json"):
+    # not "metrics.json ... is not valid JSON: model bundle ... has no metrics.json"
+    with pytest.raises(BundleError, match=r"^model bundle \S+ has no metrics.json$"):
         load_bundle(url)
     url = save_bundle(str(tmp_path / "c"), _trained_model(), _config())
     other = build_model({"name": "unet", "widths": [4, 8, 16]}).state_dict()

@@ -219,7 +219,10 @@ def test_predict_thresholds(seg_uri: str) -> None:
     m = seg.predict(images[:1], threshold=t)[0]
     np.testing.assert_array_equal(m, (probs[0] > t).astype(np.uint8))
     assert 0 < m.mean() < 1
-    assert seg.predict(images, threshold=1.0)[0].sum() == 0
+    # as the jobs and the endpoint take it: 1.5 or NaN made every mask empty, -0.2 every mask full
+    for bad in (1.0, 1.5, -0.2, 0.0, float("nan"), "0.3x"):
+        with pytest.raises(ValueError, match="threshold"):
+            seg.predict(images[:1], threshold=bad)
 
 
 def test_channel_conversion(root: Path, seg_uri: str) -> None:
@@ -340,9 +343,14 @@ def test_chain_outputs_are_consistent(seg_uri: str, cls_uri: str) -> None:
 def test_chain_empty_and_full_masks(seg_uri: str, cls_uri: str) -> None:
     chain = Chain(Segmenter(load_bundle(seg_uri)), Classifier(load_bundle(cls_uri)))
     (image,) = images_for(11, [(30, 45)])
-    empty = chain.predict([image], threshold=1.0)[0]
+    proba = chain.segmenter.predict_proba([image])[0]
+    assert 0 < proba.min() and proba.max() < 1
+    # the next float32 values (the maps' type, which a Python float threshold is compared in)
+    above, below = (float(np.nextafter(p, np.float32(t))) for p, t in ((proba.max(), 1),
+                                                                        (proba.min(), 0)))
+    empty = chain.predict([image], threshold=above)[0]
     assert empty["bbox"] is None and empty["lesion_area_fraction"] == 0.0 and empty["mask"].sum() == 0
-    full = chain.predict([image], threshold=-1.0)[0]
+    full = chain.predict([image], threshold=below)[0]
     assert full["bbox"] == [0, 0, 45, 30] and full["lesion_area_fraction"] == 1.0
     assert chain.predict([]) == []
 
@@ -464,3 +472,27 @@ def test_amp_on_a_cpu_runs_bf16_only_where_the_cpu_has_it(root: Path, seg_model,
         np.testing.assert_allclose(probs[0], probs[1], atol=0.05)
     else:
         np.testing.assert_array_equal(probs[0], probs[1])
+
+
+def test_predictors_refuse_the_other_task_and_inputs_that_are_not_arrays(seg_uri, cls_uri):
+    """A bundle of the other task built without error and failed at its first forward pass; a
+    PIL image failed deep in the segmenter and a 1xHxW mask was blamed on the image's size."""
+    from PIL import Image
+
+    with pytest.raises(ValueError, match=r"is a 'classification' bundle; Segmenter needs a "
+                                         r"'segmentation' one"):
+        Segmenter(load_bundle(cls_uri))
+    with pytest.raises(ValueError, match=r"is a 'segmentation' bundle; Classifier needs a "
+                                         r"'classification' one"):
+        Classifier(load_bundle(seg_uri))
+    with pytest.raises(ValueError, match=r"is a 'classification' bundle; Segmenter needs"):
+        Chain.from_uris(cls_uri, seg_uri)  # the two swapped
+    seg, clf = Segmenter(load_bundle(seg_uri)), Classifier(load_bundle(cls_uri))
+    (image,) = images_for(13, [(20, 24)])
+    for bad in (Image.fromarray(image), image.tobytes(), "image.png"):
+        with pytest.raises(TypeError, match=r"image 0 is a \w+, not a numpy array"):
+            seg.predict([bad])
+        with pytest.raises(TypeError, match=r"image 0 is a \w+, not a numpy array"):
+            clf.predict([bad], [np.zeros((20, 24), np.uint8)])
+    with pytest.raises(ValueError, match=r"mask 0 must be HxW, got shape \(1, 20, 24\)"):
+        clf.predict([image], [np.zeros((1, 20, 24), np.uint8)])
