@@ -18,6 +18,7 @@ statistic that is the same for every resample (e.g. a perfect predictor) has zer
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -680,6 +681,18 @@ def _flip(a: np.ndarray, flip: str) -> np.ndarray:
     raise ValueError(f"unknown flip {flip!r}; expected identity, hflip, vflip or hvflip")
 
 
+def flip_tta(segmenter: Any, flips: Sequence[str] = FLIPS) -> FlipTTA:
+    """`FlipTTA` over the plain maps of `segmenter` (a `Segmenter`), with the bundle's
+    largest-component rule applied to the averaged map: the flip a bundle chose was averaged
+    in a second time, and a component kept in each flipped map was not one in their mean."""
+    plain = copy.copy(segmenter)  # the same model and settings
+    largest = bool(getattr(segmenter, "keep_largest", False))
+    for name in ("flip", "keep_largest"):
+        if hasattr(plain, name):
+            setattr(plain, name, False)
+    return FlipTTA(plain, flips, keep_largest=largest)
+
+
 class FlipTTA:
     """Test-time augmentation around a `medseg_core.inference.Segmenter` (or anything with
     ``predict_proba(images) -> list of HxW maps`` and a ``threshold``).
@@ -688,9 +701,16 @@ class FlipTTA:
     identity, horizontal and vertical flip), each map flipped back before averaging; masks are
     the averaged probability above the threshold. Drop-in for the segmenter of a
     `medseg_core.inference.Chain`: ``Chain(FlipTTA(segmenter), classifier)``.
+
+    The wrapped segmenter should predict plain maps (``Segmenter(..., flip=False,
+    keep_largest=False)``): its own mirror averaging would count the horizontal flip twice.
+    ``keep_largest`` then keeps the largest component of the averaged mask at ``threshold``,
+    as the bundle's post-processing does for one map (a component cut from each flipped map
+    before averaging is not one after it).
     """
 
-    def __init__(self, segmenter: Any, flips: Sequence[str] = FLIPS) -> None:
+    def __init__(self, segmenter: Any, flips: Sequence[str] = FLIPS,
+                 keep_largest: bool = False) -> None:
         flips = tuple(str(f) for f in flips)
         if not flips:
             raise ValueError("FlipTTA needs at least one flip")
@@ -698,6 +718,7 @@ class FlipTTA:
             _flip(np.zeros((1, 1)), f)  # validates the name
         self.segmenter = segmenter
         self.flips = flips
+        self.keep_largest = bool(keep_largest)
 
     @property
     def threshold(self) -> float:
@@ -726,9 +747,20 @@ class FlipTTA:
             probs = self.segmenter.predict_proba([_flip(np.asarray(im), flip) for im in images])
             back = [_flip(np.asarray(p, dtype=np.float64), flip) for p in probs]
             total = back if total is None else [t + b for t, b in zip(total, back)]
-        return [(t / len(self.flips)).astype(np.float32) for t in (total or [])]
+        out = [(t / len(self.flips)).astype(np.float32) for t in (total or [])]
+        if self.keep_largest:
+            import torch
+
+            from medseg_core.postprocess import keep_largest
+
+            for p in out:
+                p *= keep_largest(torch.from_numpy(p[None]) > self.threshold)[0].numpy()
+        return out
 
     def predict(self, images: Sequence[np.ndarray], threshold: float | None = None) -> list[np.ndarray]:
         """Binary masks (uint8 {0,1}): averaged probability > threshold (default the bundle's)."""
-        t = self.threshold if threshold is None else float(threshold)
+        from medseg_core.inference import check_threshold
+
+        checked = check_threshold(threshold)
+        t = self.threshold if checked is None else checked
         return [(p > t).astype(np.uint8) for p in self.predict_proba(images)]

@@ -48,8 +48,8 @@ from medseg_core.checkpoint import BundleNotFoundError, check_bundle_task, load_
 from medseg_core.evaluation import (
     FLIPS,
     BootstrapConfig,
-    FlipTTA,
     check_case_metric,
+    flip_tta,
     summarize,
     table_records,
 )
@@ -216,7 +216,7 @@ class LocalPredictor:
                                     device, bs)
         self.chains: dict[str, Chain] = {"plain": Chain(segmenter, classifier)}
         if flips:
-            self.chains["tta"] = Chain(FlipTTA(segmenter, flips), classifier)
+            self.chains["tta"] = Chain(flip_tta(segmenter, flips), classifier)
         self.threshold = ev.get("threshold")
         self.hausdorff = bool(ev.get("hausdorff", True))
         self.cfg = cfg
@@ -318,7 +318,7 @@ class EvalPredictor(ChainPredictor):
         plain = self.chain
         chains = {"plain": plain}
         if tta_flips:
-            chains["tta"] = Chain(FlipTTA(plain.segmenter, tta_flips), plain.classifier)
+            chains["tta"] = Chain(flip_tta(plain.segmenter, tta_flips), plain.classifier)
         wanted = list(variants or chains)
         unknown = [v for v in wanted if v not in chains]
         if unknown:

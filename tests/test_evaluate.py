@@ -18,6 +18,7 @@ from medseg_core.checkpoint import load_bundle, make_bundle_config, save_bundle
 from medseg_core.evaluation import (
     BootstrapConfig,
     FlipTTA,
+    flip_tta,
     bootstrap_weights,
     classification_summary,
     global_metric_ci,
@@ -120,7 +121,7 @@ def test_table_metrics_equal_core_metrics(local_run) -> None:
     segmenter's (with TTA: FlipTTA's) prediction against the ground truth."""
     summary, out, cfg = local_run
     seg = Segmenter(load_bundle(cfg["evaluate"]["segmenter"]))
-    variants = {"per_image": FlipTTA(seg), "per_image_no_tta": seg}
+    variants = {"per_image": flip_tta(seg), "per_image_no_tta": seg}
     records = {r.id: r for r in _records(cfg)}
     for name, predictor in variants.items():
         table = pq.read_table(out / f"{name}.parquet").to_pylist()
@@ -766,3 +767,37 @@ def test_flip_tta_averages_flipped_predictions() -> None:
         assert np.array_equal(a, b)
     with pytest.raises(ValueError):
         FlipTTA(stub, ["rotate90"])
+
+
+class _PostprocessedStub(_Stub):
+    """A segmenter whose bundle chose the mirror average and the largest component."""
+
+    flip = True
+    keep_largest = True
+
+    def predict_proba(self, images):
+        assert not self.flip and not self.keep_largest, "TTA must run over the plain maps"
+        return super().predict_proba(images)
+
+
+def test_tta_runs_over_the_plain_maps_and_keeps_the_largest_component_of_their_mean() -> None:
+    """Evaluation's TTA wrapped a bundle that flips and keeps the largest component: its hflip
+    view repeated the bundle's own mirror average, and the mean of per-view components left
+    masks of several components."""
+    import torch
+
+    from medseg_core.postprocess import keep_largest
+
+    rng = np.random.default_rng(11)
+    images = [rng.integers(0, 256, (17, 23, 3), dtype=np.uint8) for _ in range(3)]
+    stub = _PostprocessedStub()
+    tta = flip_tta(stub)
+    assert stub.flip and stub.keep_largest  # the bundle's own segmenter is left as it was
+    plain = _Stub()
+    for im, got in zip(images, tta.predict_proba(images)):
+        mean = (plain.predict_proba([im])[0] + plain.predict_proba([im[:, ::-1]])[0][:, ::-1]
+                + plain.predict_proba([im[::-1]])[0][::-1]) / 3
+        keep = keep_largest(torch.from_numpy(mean[None]) > 0.5)[0].numpy()
+        assert np.allclose(got, mean * keep, atol=1e-6)
+    for mask in tta.predict(images):
+        assert np.array_equal(mask, keep_largest(torch.from_numpy(mask[None]) > 0)[0].numpy())
