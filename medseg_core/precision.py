@@ -54,4 +54,11 @@ def resolve_device(name: str, setting: str = "device") -> torch.device:
     """`check_device`'s name as a torch device: auto is CUDA where torch sees a GPU, else CPU."""
     if check_device(name, setting) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":  # else torch's AssertionError, deep in the first model move
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            build = " (a CPU-only build of torch)" if torch.version.cuda is None else ""
+            raise ValueError(f"{setting}={name}, but torch sees {count} CUDA device(s) "
+                             f"here{build}: use auto or cpu, or run where that GPU is")
+    return device

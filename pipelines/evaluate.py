@@ -105,7 +105,10 @@ def select_records(cfg: dict[str, Any]) -> list[Record]:
     ``evaluate.limit``."""
     ev = cfg["evaluate"]
     check_decode_settings(cfg["data"])
-    check_device(ev.get("device", "auto"), "evaluate.device")
+    if ev.get("backend", "local") == "local":  # this process's GPUs (Ray's are its nodes')
+        resolve_device(ev.get("device", "auto"), "evaluate.device")
+    else:
+        check_device(ev.get("device", "auto"), "evaluate.device")
     # the Ray backend reads image files by URI; `auto` chooses it for raw archives only
     if ev.get("backend") == "ray" and is_packed(cfg["data"]):
         raise ValueError("evaluate.backend=ray reads image files by URI (pipelines/predict.py) "

@@ -426,7 +426,10 @@ def check_trainer(trainer: dict[str, Any]) -> None:
         raise ValueError(f"unknown trainer.backend {backend!r}; expected local or ray")
     for key in ("bf16", "cpu_bf16", "channels_last"):
         check_flag(trainer.get(key, False), f"trainer.{key}")
-    check_device(trainer.get("device", "auto"), "trainer.device")
+    if backend == "local":  # trains in this process, on its GPUs
+        resolve_device(trainer.get("device", "auto"), "trainer.device")
+    else:
+        check_device(trainer.get("device", "auto"), "trainer.device")
     if backend == "local":
         check_whole(trainer.get("loader_workers", 0), "trainer.loader_workers", 0)
         return

@@ -18,9 +18,9 @@ from medseg_core.checkpoint import load_bundle, make_bundle_config, save_bundle
 from medseg_core.evaluation import (
     BootstrapConfig,
     FlipTTA,
-    flip_tta,
     bootstrap_weights,
     classification_summary,
+    flip_tta,
     global_metric_ci,
     mean_ci,
     select_cases,
@@ -260,6 +260,9 @@ def test_bad_settings_are_refused_before_any_prediction(workspace, monkeypatch) 
                          ("evaluate.bootstrap.seed=-1", "seed must be a whole number"),
                          ("evaluate.limit=0", "evaluate.limit must be"),
                          ("evaluate.device=bogus", "evaluate.device must be auto, cpu, cuda"),
+                         # torch's AssertionError after listing, as a traceback
+                         ("evaluate.device=cuda:63", r"evaluate.device=cuda:63, but torch sees "
+                          r"\d+ CUDA device\(s\) here"),
 
                          ("evaluate.limit=-2", "evaluate.limit must be"),
                          ("evaluate.tta.flips=[]", "tta.flips must name"),

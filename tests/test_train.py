@@ -1287,6 +1287,8 @@ def test_settings_are_refused_before_any_data_is_read(tmp_path):
                          ("classifier.name=unet", "classifier: bad config for model 'unet'"),
                          ("model.out_channels=2", "model.out_channels must be 1"),
                          ("trainer=local trainer.device=bogus", "trainer.device must be auto"),
+                         ("trainer=local trainer.device=cuda:63",
+                          r"trainer.device=cuda:63, but torch sees \d+ CUDA device\(s\)"),
                          # every file dropped, or every mask read empty
                          ("data.max_bytes=0", "data.max_bytes must be a whole number >= 1"),
                          ("data.mask_threshold=300", "data.mask_threshold must be a whole number"),
