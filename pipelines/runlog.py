@@ -100,6 +100,16 @@ def copy_dir(src: str, dst: str, exclude: tuple[str, ...] = ()) -> None:
     remove_path(fs, staged, recursive=True)
 
 
+def complete_dir(dst: str) -> str | None:
+    """Where the complete bundle of `dst` lies, without moving anything: `dst`, or the copy
+    beside it that `recover_dir` would put back; None for none. For readers that may not hold
+    the run's lock (`recover_dir` renames under a running writer)."""
+    fs, path = fsspec.core.url_to_fs(dst)
+    path = path.rstrip("/")
+    found = next((p for p in (path, path + STAGED, path + ASIDE) if _has_version(fs, p)), None)
+    return None if found is None else dst.rstrip("/") + found[len(path):]
+
+
 def recover_dir(dst: str) -> bool:
     """Put back the bundle that a kill inside `copy_dir` left only beside `dst` (the new one in
     `<dst>.new`, else the old one in `<dst>.old`); True when `dst` then holds a bundle."""
@@ -157,12 +167,32 @@ class RunLock:
         except (FileNotFoundError, ValueError):
             return None
 
+    def _content(self, started: float) -> bytes:
+        return json.dumps({"token": self.token, "host": socket.gethostname(),
+                           "pid": os.getpid(), "started": started, "beat": time.time()}).encode()
+
     def _write(self, started: float) -> None:
         fs, path = fsspec.core.url_to_fs(self.url)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, json.dumps({
-            "token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-            "started": started, "beat": time.time()}).encode())
+        fs.pipe_file(path, self._content(started))
+
+    def _create(self, started: float) -> bool:
+        """Write the lock where there is none; False where another start wrote one first. On
+        a local disk the file is created exclusively (two starts at the same instant both
+        found no lock, both wrote theirs and both trained); object stores have no such
+        create, and the read-back in `acquire` stands in for it."""
+        fs, path = fsspec.core.url_to_fs(self.url)
+        if not isinstance(fs, LocalFileSystem):
+            self._write(started)
+            return True
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._content(started))
+        return True
 
     @staticmethod
     def held(lock: dict[str, Any] | None, now: float | None = None) -> bool:
@@ -181,21 +211,34 @@ class RunLock:
         return True
 
     def acquire(self, run_name: str) -> None:
-        lock = self._read()
-        if self.held(lock) and lock.get("token") != self.token:
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(lock["started"])))
-            raise RuntimeError(
-                f"run {run_name!r} is being trained by another process ({lock.get('host')}, pid "
-                f"{lock.get('pid')}, since {since}; its lock {self.url} was renewed "
-                f"{time.time() - float(lock['beat']):.0f} s ago): two runs under one run_name "
-                "would resume from and overwrite each other's bundles and logs. Wait for it, "
-                f"or use another run_name; a lock not renewed for {LOCK_STALE_S:.0f} s is "
-                "taken over")
         started = time.time()
-        self._write(started)
+        lock = self._read()
+        if lock is None:
+            if not self._create(started):  # another start created it first
+                self._refuse(run_name, self._read())
+        elif self.held(lock) and lock.get("token") != self.token:
+            self._refuse(run_name, lock)
+        else:
+            self._write(started)  # a dead run's lock: taken over
+        mine = self._read()  # another writer may have come between
+        if mine is None or mine.get("token") != self.token:
+            self._refuse(run_name, mine)
         self._thread = threading.Thread(target=self._beat, args=(started,), daemon=True,
                                         name="medseg-run-lock")
         self._thread.start()
+
+    def _refuse(self, run_name: str, lock: dict[str, Any] | None) -> None:
+        if lock is None:
+            raise RuntimeError(f"run {run_name!r}: its lock {self.url} changed hands while this "
+                               "start took it (another start at the same moment): try again")
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(lock["started"])))
+        raise RuntimeError(
+            f"run {run_name!r} is being trained by another process ({lock.get('host')}, pid "
+            f"{lock.get('pid')}, since {since}; its lock {self.url} was renewed "
+            f"{time.time() - float(lock['beat']):.0f} s ago): two runs under one run_name "
+            "would resume from and overwrite each other's bundles and logs. Wait for it, "
+            f"or use another run_name; a lock not renewed for {LOCK_STALE_S:.0f} s is "
+            "taken over")
 
     def _beat(self, started: float) -> None:
         while not self._stop.wait(LOCK_BEAT_S):
@@ -302,9 +345,10 @@ class RunLog:
         recover_dir(self.best)
         return self.latest if recover_dir(self.latest) else None
 
-    def train_state(self) -> dict[str, Any]:
-        """The latest bundle's `train_state` (empty without one)."""
-        latest = self.resume_dir()
+    def train_state(self, read_only: bool = False) -> dict[str, Any]:
+        """The latest bundle's `train_state` (empty without one); `read_only` reads it where
+        it lies (`complete_dir`), for a process that does not hold the run's lock."""
+        latest = complete_dir(self.latest) if read_only else self.resume_dir()
         if latest is None:
             return {}
         fs, path = fsspec.core.url_to_fs(join(latest, METRICS_FILE))

@@ -66,6 +66,7 @@ from pipelines.loop import StageSpec, epoch_seed, fit_stage
 from pipelines.runlog import (
     RunLock,
     RunLog,
+    complete_dir,
     finished,
     finished_note,
     join,
@@ -174,7 +175,9 @@ def check_resumable(cfg: dict[str, Any]) -> None:
     `stages=[classifier]` under another split would train and choose the mask clearing on
     images the run's segmenter trained on."""
     for stage in STAGES:
-        latest = RunLog(run_dir(cfg), stage).resume_dir()
+        # read where it lies: this runs before the run's lock is taken, and putting a bundle
+        # back (`resume_dir`) under a run that holds it broke that run's rename of `latest/`
+        latest = complete_dir(RunLog(run_dir(cfg), stage).latest)
         if latest is None:
             continue
         _, old = read_bundle_meta(latest)
@@ -216,7 +219,7 @@ def check_resumable(cfg: dict[str, Any]) -> None:
             trained and isinstance(old.get("training"), dict)) else []
         if not differ:
             continue
-        state = RunLog(run_dir(cfg), stage).train_state()
+        state = RunLog(run_dir(cfg), stage).train_state(read_only=True)
         if _finished(cfg, stage, state):
             raise ValueError(
                 f"run {cfg['run_name']!r} has finished its {stage} under other training "

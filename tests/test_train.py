@@ -577,6 +577,54 @@ def test_a_second_run_under_the_same_name_is_refused_while_the_first_holds_it(tm
     assert not RunLock.held(elsewhere, now=now + LOCK_STALE_S + 1)
 
 
+def test_two_starts_that_both_find_no_lock_do_not_both_take_it(tmp_path, monkeypatch):
+    """Two starts at the same instant both read no lock, both wrote theirs and both trained
+    (6 of 20 simultaneous starts of two processes)."""
+    from pipelines.runlog import RunLock
+
+    first, second = RunLock(str(tmp_path / "run")), RunLock(str(tmp_path / "run"))
+    real, reads = RunLock._read, {}
+
+    def first_read_finds_none(self):  # each start read before the other wrote
+        reads[id(self)] = reads.get(id(self), 0) + 1
+        return None if reads[id(self)] == 1 else real(self)
+
+    monkeypatch.setattr(RunLock, "_read", first_read_finds_none)
+    first.acquire("r")
+    try:
+        with pytest.raises(RuntimeError, match="being trained by another process"):
+            second.acquire("r")
+    finally:
+        first.release()
+
+
+def test_a_refused_second_start_leaves_the_holders_bundles_where_they_lie(tmp_path):
+    """A refused start put back `latest/` from `latest.new` (check_resumable, before the lock)
+    while the run holding the lock was between its two renames: that run then died on its
+    own rename."""
+    import json
+    import os
+    import shutil
+    import time
+
+    from pipelines.runlog import LOCK_FILE
+    from pipelines.train import run
+
+    base = ["trainer=local", "stages=[segmenter]", "train.epochs=1", "run_name=swap"]
+    run(config(tmp_path, *base))
+    stage = tmp_path / "runs" / "swap" / "segmenter"
+    shutil.copytree(stage / "latest", stage / "latest.old")  # the holder mid-swap
+    os.rename(stage / "latest", stage / "latest.new")
+    now = time.time()
+    (tmp_path / "runs" / "swap" / LOCK_FILE).write_text(json.dumps(
+        {"token": "holder", "host": os.uname().nodename, "pid": os.getpid(), "started": now,
+         "beat": now}))
+    with pytest.raises(RuntimeError, match="being trained by another process"):
+        run(config(tmp_path, *base))
+    assert sorted(p.name for p in stage.iterdir() if p.name.startswith("latest")) == [
+        "latest.new", "latest.old"]
+
+
 def test_a_rerun_writes_the_log_rows_a_kill_after_the_latest_bundle_left_out(tmp_path, capsys):
     """A kill after `latest/` was written and before the logs left metrics.csv, TensorBoard
     and the curves an epoch short for good: the finished stage's reruns wrote nothing."""
