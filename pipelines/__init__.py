@@ -19,7 +19,7 @@ def local_dir(url: str) -> str:
     url = str(url)
     scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", url)
     if scheme is None:
-        return url
+        return os.path.expanduser(url)
     if scheme.group(1).lower() == "file":
         return url[len("file://"):]
     rest = re.sub(r"[^A-Za-z0-9._/-]", "_", url[scheme.end():]).strip("/")

@@ -18,8 +18,10 @@ from pipelines import CONF_DIR
 
 
 def _absolute(path: Any) -> Any:
+    """A local path made absolute, `~` expanded as a shell would (`output_dir='~/out'` wrote
+    to a folder named `~` in the working directory)."""
     if isinstance(path, str) and path and "://" not in path:
-        return os.path.abspath(path)
+        return os.path.abspath(os.path.expanduser(path))
     return path
 
 

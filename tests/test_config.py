@@ -35,6 +35,16 @@ def test_local_paths_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
     assert job["bundles"] == {"segmenter": str(tmp_path / "seg"), "classifier": None}
     packed = load_config(["pack.out=p"], config_name="pack")
     assert os.path.isabs(packed["pack"]["out"]) and os.path.isabs(packed["data"]["url"])
+    # `~` as a shell expands it: a folder named `~` appeared in the working directory (and
+    # `rm -rf ~` is how a user would remove it)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = load_config(["output_dir='~/out'", "data.url='~/arc'"])  # Hydra needs the quotes
+    assert home["output_dir"] == str(tmp_path / "home" / "out")
+    assert home["data"]["url"] == str(tmp_path / "home" / "arc")
+    assert home["data"]["report"].startswith(str(tmp_path / "home" / "out") + "/")
+    from pipelines import local_dir
+
+    assert local_dir("~/out/hydra") == str(tmp_path / "home" / "out" / "hydra")
 
 
 def test_boolean_settings_spelt_as_words_are_refused_and_other_words_kept():
