@@ -346,23 +346,39 @@ async def gather_model_infos(calls: Mapping[str, Callable[[], Awaitable[Any]]],
             return name, None, type(exc).__name__
 
     results = await asyncio.gather(*(one(n, c) for n, c in calls.items()))
-    problems = [f"{name} ({why})" for name, _, why in results if why is not None]
-    if problems:
-        raise ApiError(503, "not_ready", "model deployments not ready: " + ", ".join(problems))
+    not_ready([f"{name} ({why})" for name, _, why in results if why is not None])
     return {name: info for name, info, _ in results}
+
+
+def not_ready(problems: list[str]) -> None:
+    """503 naming the model deployments in `problems`, if any."""
+    if problems:
+        raise ApiError(503, "not_ready", "model deployments not ready: " + ", ".join(problems),
+                       {"Retry-After": "5"})
 
 
 class ModelReadiness:
     """Readiness of the model deployments, asked with `gather_model_infos` only until all of
     them have answered once; afterwards the infos are kept, so /healthz does not queue behind
     prediction batches under load and report 503 for loaded models. `reset()` (a deployment
-    became unavailable) makes the next `infos()` ask again."""
+    became unavailable) makes the next `infos()` ask again.
 
-    def __init__(self, calls: Mapping[str, Callable[[], Awaitable[Any]]],
-                 timeout_s: float) -> None:
+    While the infos are kept, `replicas` (running replicas per model deployment, as Serve's
+    controller reports them: it answers whatever the models' load) is asked at most every
+    `replicas_ttl_s`; a deployment with none running makes it not ready. Without this /healthz
+    answered "ok" for minutes while a segmenter whose bundle had gone bad failed every restart
+    and each prediction waited `model_timeout_s`."""
+
+    def __init__(self, calls: Mapping[str, Callable[[], Awaitable[Any]]], timeout_s: float,
+                 replicas: Callable[[], Awaitable[dict[str, int]]] | None = None,
+                 replicas_ttl_s: float = 5.0) -> None:
         self._calls = dict(calls)
         self._timeout_s = timeout_s
         self._infos: dict[str, Any] | None = None
+        self._replicas = replicas
+        self._replicas_ttl_s = replicas_ttl_s
+        self._replicas_at = -math.inf
+        self.running: dict[str, int] | None = None
 
     @property
     def ready(self) -> bool:
@@ -370,10 +386,29 @@ class ModelReadiness:
 
     async def infos(self, refresh: bool = False) -> dict[str, Any]:
         """The models' infos: cached once all answered, asked again while not ready or when
-        `refresh` is set (503 `ApiError` when one does not answer)."""
+        `refresh` is set (503 `ApiError` when one does not answer, or has no running
+        replica)."""
+        if self._infos is not None and not refresh:
+            await self._check_replicas()
         if self._infos is None or refresh:
             self._infos = await gather_model_infos(self._calls, self._timeout_s)
         return self._infos
+
+    async def _check_replicas(self) -> None:
+        if self._replicas is None or time.monotonic() - self._replicas_at < self._replicas_ttl_s:
+            return
+        self._replicas_at = time.monotonic()
+        try:
+            self.running = await asyncio.wait_for(self._replicas(), self._timeout_s)
+        except Exception as exc:  # the controller slow or restarting: keep the last answer
+            logger.warning("Ingress: Serve's replica states unavailable (%s)",
+                           type(exc).__name__)
+            return
+        missing = [f"{name} (no running replica)" for name in self._calls
+                   if not self.running.get(name)]
+        if missing:
+            self._infos = None
+            not_ready(missing)
 
     def reset(self) -> None:
         self._infos = None
@@ -552,9 +587,22 @@ class Ingress:
         self.readiness = ModelReadiness(
             {"segmenter": lambda: self.segmenter.info.remote(),
              "classifier": lambda: self.classifier.info.remote()},
-            self.settings.health_timeout_s)
+            self.settings.health_timeout_s, self.running_replicas)
 
     # ---- helpers
+    async def running_replicas(self) -> dict[str, int]:
+        """RUNNING replicas of each model deployment, from Serve's controller."""
+        app = serve.get_replica_context().app_name
+        status = await asyncio.to_thread(serve.status)
+        application = status.applications.get(app)
+        deployments = application.deployments if application is not None else {}
+        out = {}
+        for name, handle in (("segmenter", self.segmenter), ("classifier", self.classifier)):
+            deployment = deployments.get(handle.deployment_name)
+            out[name] = 0 if deployment is None else int(
+                deployment.replica_states.get("RUNNING", 0))
+        return out
+
     def authorize(self, request: Request) -> None:
         if self._token is None:
             return
@@ -688,7 +736,8 @@ class Ingress:
     async def healthz(self) -> dict[str, Any]:
         infos = await self.readiness.infos()
         return {"status": "ok",
-                "model_versions": {k: v.get("version") for k, v in infos.items()}}
+                "model_versions": {k: v.get("version") for k, v in infos.items()},
+                "running_replicas": self.readiness.running}
 
     # load balancers and uptime checkers probe with HEAD; a route of its own keeps the GET's
     # operationId stable in the OpenAPI schema

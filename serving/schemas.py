@@ -281,3 +281,7 @@ class ModelsResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok"]
     model_versions: dict[str, str | None]
+    running_replicas: dict[str, int] | None = Field(
+        None, description="RUNNING replicas of each model deployment as Serve's controller "
+        "last reported them (asked at most every 5 s once ready; null before the first answer)."
+        " A deployment with none makes /healthz answer 503.")

@@ -13,6 +13,7 @@ import io
 import json
 import socket
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -680,6 +681,41 @@ def test_readiness_is_cached_after_both_models_answer():
     asyncio.run(scenario())
 
 
+def test_readiness_is_lost_when_serve_reports_a_model_deployment_without_running_replicas():
+    """/healthz kept its cached "ok" for minutes while the segmenter, its bundle gone bad,
+    failed every restart: no prediction arrived to time out and reset it."""
+    import asyncio
+
+    from serving.app import ModelReadiness
+    from serving.inputs import ApiError
+
+    running = {"a": 1, "b": 1}
+    asked = []
+
+    async def replicas():
+        asked.append(dict(running))
+        return dict(running)
+
+    async def info():
+        return {"version": "v"}
+
+    readiness = ModelReadiness({"a": info, "b": info}, 0.5, replicas, replicas_ttl_s=0.0)
+
+    async def scenario() -> None:
+        await readiness.infos()                       # ready; the controller not asked yet
+        assert asked == [] and readiness.running is None
+        await readiness.infos()
+        assert readiness.ready and readiness.running == {"a": 1, "b": 1}
+        running["a"] = 0                              # its replicas fail to start
+        with pytest.raises(ApiError) as err:
+            await readiness.infos()
+        assert err.value.status == 503 and not readiness.ready
+        assert "a (no running replica)" in err.value.message
+        assert err.value.headers == {"Retry-After": "5"}
+
+    asyncio.run(scenario())
+
+
 def test_health_gathering_reports_missing_models():
     import asyncio
 
@@ -707,10 +743,17 @@ def test_health_gathering_reports_missing_models():
 
 
 def test_healthz_and_models(server):
-    r = requests.get(f"{server}/healthz", timeout=30)
-    assert r.status_code == 200, r.text
-    assert r.json() == {"status": "ok",
-                        "model_versions": {"segmenter": "seg-test-1", "classifier": "cls-test-1"}}
+    # once ready, the running replicas come from Serve's controller (at most every 5 s)
+    deadline = time.monotonic() + 30
+    while True:
+        r = requests.get(f"{server}/healthz", timeout=30)
+        assert r.status_code == 200, r.text
+        health = r.json()
+        if health["running_replicas"] is not None or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert health == {"status": "ok", "running_replicas": {"segmenter": 1, "classifier": 1},
+                      "model_versions": {"segmenter": "seg-test-1", "classifier": "cls-test-1"}}
     r = requests.head(f"{server}/healthz", timeout=30)
     assert (r.status_code, r.content) == (200, b"")
 
