@@ -63,6 +63,7 @@ import re
 import time
 import unicodedata
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +106,7 @@ MASKS_DIR = "masks"
 QUARANTINE_DIR = "quarantine"  # unreadable result parts, moved out of results/
 RUNS_DIR = "runs"
 MANIFEST = "manifest.json"
+SOURCES = "sources.parquet"  # id -> the input files and threshold each committed row came from
 PARTITION = "predicted_class"
 ERROR_CLASS = "error"
 UNCLASSIFIED = "unclassified"
@@ -479,10 +481,13 @@ class State:
         return Counter(self.rows.column("_part").to_pylist())
 
 
-def repair(out: Output, state: State, retried: Iterable[str] = ()) -> tuple[State, dict[str, int]]:
+def repair(out: Output, state: State, retried: Iterable[str] = (), renewed: Iterable[str] = ()
+           ) -> tuple[State, dict[str, int]]:
     """Rewrite the parts that hold a duplicated id or a row whose mask is missing, so that every
     id is in exactly one part and every row's mask exists. Returns the new state and counts
-    (the error rows of ``retried`` ids that a new row replaced are not duplicates)."""
+    (the error rows of ``retried`` ids that a new row replaced are not duplicates). Of the rows
+    of an id in ``renewed`` (its input changed since) the newest wins, an error included: the
+    older ones are of a file that is no longer there."""
     dups = state.duplicates()
     missing = state.missing_masks()
     stats = {"duplicate_rows_removed": 0, "rows_without_mask_removed": len(missing)}
@@ -496,14 +501,16 @@ def repair(out: Output, state: State, retried: Iterable[str] = ()) -> tuple[Stat
     drop = {(part_col[i], ids[i]) for i in missing}
     rows = [r for r in table.to_pylist() if (r["_part"], r["id"]) not in drop]
     # one row per id: a result beats an error, then the newest, then the later part name
-    rows.sort(key=lambda r: (r["id"], r["error"] is None, r["processed_at"], r["_part"]))
+    renewed = set(renewed)
+    rows.sort(key=lambda r: (r["id"], r["id"] in renewed or r["error"] is None,
+                             r["processed_at"], r["_part"]))
     best: dict[str, dict[str, Any]] = {}
     for r in rows:
         best[r["id"]] = r
     retried = set(retried)
     kept = {id(r) for r in best.values()}
-    replaced = sum(1 for r in rows if id(r) not in kept and r["error"] is not None
-                   and r["id"] in retried)
+    replaced = sum(1 for r in rows if id(r) not in kept and (
+        r["id"] in renewed or r["error"] is not None and r["id"] in retried))
     stats["duplicate_rows_removed"] = len(rows) - len(best) - replaced
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in best.values():  # the partition follows from the row, wherever the copy was
@@ -728,11 +735,41 @@ def _clean(obj: Any) -> Any:
 
 
 def list_input(cfg: Mapping[str, Any], so: dict | None) -> Listing:
-    """The input's records (bad files skipped). LayoutError naming the URL for an input that
-    does not exist or where the layout found no record among its files; an existing empty
-    folder (nothing arrived) lists empty."""
+    """The input's records (bad files skipped), with the stamps of their files. LayoutError
+    naming the URL for an input that does not exist or where the layout found no record among
+    its files; an existing empty folder (nothing arrived) lists empty."""
     return list_records(str(cfg["input"]), str(cfg["layout"]), storage_options=so, strict=False,
-                        allow_empty=True, **dict(cfg.get("layout_options") or {}))
+                        allow_empty=True, stamps=True, **dict(cfg.get("layout_options") or {}))
+
+
+def source_stamp(record: Record, stamps: Mapping[str, str]) -> str:
+    """What a record's row was made from: its files and their sizes and modification times
+    (ETags on object storage), as listed."""
+    return "\n".join(f"{uri}\t{stamps.get(uri, '')}" for uri in (record.image_uri,
+                                                                    *record.mask_uris))
+
+
+def read_sources(out: Output) -> dict[str, tuple[str, float | None]]:
+    """id -> (source stamp, threshold) of the rows committed so far (`SOURCES`; empty for an
+    output written before it existed, or an unreadable one)."""
+    try:
+        table = pq.read_table(io.BytesIO(out.read(SOURCES)))
+    except FileNotFoundError:
+        return {}
+    except Exception as exc:  # a damaged file: its rows are taken as they are
+        warnings.warn(f"{SOURCES} of the output could not be read ({exc}): images changed "
+                      "since they were processed are not looked for this run", stacklevel=2)
+        return {}
+    return {i: (st, t) for i, st, t in zip(*(table.column(c).to_pylist()
+                                              for c in ("id", "stamp", "threshold")))}
+
+
+def write_sources(out: Output, sources: Mapping[str, tuple[str, float | None]]) -> None:
+    ids = sorted(sources)
+    table = pa.table({"id": pa.array(ids, pa.string()),
+                      "stamp": pa.array([sources[i][0] for i in ids], pa.string()),
+                      "threshold": pa.array([sources[i][1] for i in ids], pa.float64())})
+    out.write(SOURCES, _table_bytes(table), atomic=True)
 
 
 def check_settings(cfg: Mapping[str, Any]) -> None:
@@ -813,6 +850,13 @@ def run(cfg: Mapping[str, Any], release: Callable[[], None] | None = None) -> di
     # the new row)
     retried = {i for i, e in zip(state.ids, state.rows.column("error").to_pylist())
                if e is not None} if cfg.get("retry_errors") else set()
+    # an image replaced under its name (or a name now read from another file) since its row
+    # was made is processed again: its old mask kept the old image's size for ever
+    sources = read_sources(out)
+    stamps = {r.id: source_stamp(r, listing.stamps) for r in listing.records}
+    changed = {i for i in set(state.ids) & set(stamps)
+               if i in sources and sources[i][0] != stamps[i]}
+    retried |= changed
     done = set(state.ids) - retried
     # new images first: with a limit, retried errors (often files that stay corrupt) must not
     # take every night's whole share
@@ -830,20 +874,37 @@ def run(cfg: Mapping[str, Any], release: Callable[[], None] | None = None) -> di
         print(f"  ... and {len(listing.skipped) - 5} more, every one in the manifest's "
               "input.skipped", flush=True)
 
+    if changed:
+        print(f"[segment_batch] {len(changed)} of the images already done changed since (a "
+              "file replaced under its name, or the name now read from another file): "
+              "processed again", flush=True)
     stale = done_by_other_bundles(state, {r.id for r in listing.records} & done,
                                   seg_info, cls_info)
     if stale:
         print(f"[segment_batch] {sum(stale.values())} of the images already done were "
               f"segmented by other bundles ({_version_list(stale)}); their rows are kept "
               "(overwrite=true processes every image again with these bundles)", flush=True)
+    other_threshold = Counter(sources[i][1] for i in done & set(stamps)
+                              if i in sources and sources[i][1] != threshold)
+    if other_threshold:
+        print(f"[segment_batch] {sum(other_threshold.values())} of the images already done "
+              "were segmented at another threshold ("
+              + ", ".join(f"{n} at {'the bundle' + chr(39) + 's' if t is None else t}"
+                          for t, n in sorted(other_threshold.items(), key=str))
+              + "); their rows are kept (overwrite=true processes every image again)",
+              flush=True)
 
     progress = Progress()
     if todo:
+        # before any row is committed: a row always has the stamp of the files it was made of
+        write_sources(out, {**({} if cfg.get("overwrite") else sources),
+                            **{r.id: (stamps[r.id], threshold) for r in todo}})
         _process(cfg, batch, todo, seg_uri, cls_uri, so_in, so_bundles, out, run_id,
                  progress, threshold)
     processed, run_errors, seconds = progress.counts, progress.errors, progress.seconds
 
-    state, repaired_end = repair(out, State(out, SUMMARY_COLUMNS), retried)
+    state, repaired_end = repair(out, State(out, SUMMARY_COLUMNS), retried,
+                                 {r.id for r in todo if r.id in changed})
     state, merged = compact(out, state, int(cfg.get("compact_rows") or 0),
                             int(cfg.get("compact_min_parts") or 0))
     referenced = state.referenced()
@@ -886,7 +947,10 @@ def run(cfg: Mapping[str, Any], release: Callable[[], None] | None = None) -> di
             "steady_images_per_s": round(progress.steady_rate(), 3),
             "overwrite": bool(cfg.get("overwrite")),
             "retry_errors": bool(cfg.get("retry_errors")),
-            "errors_retried": sum(1 for r in todo if r.id in retried),
+            "errors_retried": sum(1 for r in todo if r.id in retried - changed),
+            "inputs_changed": sum(1 for r in todo if r.id in changed),
+            "done_at_other_thresholds": [{"threshold": t, "images": n}
+                                         for t, n in sorted(other_threshold.items(), key=str)],
             "batch": {k: batch.get(k) for k in ("batch_size", "num_cpus", "num_gpus",
                                                  "torch_threads", "io_threads")},
         },

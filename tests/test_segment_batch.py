@@ -748,6 +748,40 @@ def test_a_rerun_with_new_bundles_names_the_images_done_by_the_old_ones(ray_clus
     assert "segmented by other bundles" not in capsys.readouterr().out
 
 @pytest.mark.ray
+def test_an_image_replaced_under_its_name_is_processed_again(ray_cluster, bundles, tmp_path,
+                                                              capsys):
+    """Done was decided by id alone: an image replaced under its name (a nightly copy still
+    being written when listed, then completed) kept its old row, and a mask of the old
+    image's size, for ever. A rerun at another threshold mixed masks of two thresholds
+    without a word."""
+    import os
+
+    from medseg_core.io import encode_mask_png, encode_png
+
+    archive = make_busi_archive(tmp_path / "busi", per_class=2, seed=5)
+    out = tmp_path / "out"
+    base = [f"input={archive}", "layout=busi", f"bundles.segmenter={bundles[0]}",
+            f"bundles.classifier={bundles[1]}", f"output={out}", "batch.concurrency=1"]
+    assert run_job(base)["run"]["processed"] == 6
+    image = archive / "benign" / "benign (1).png"
+    image.write_bytes(encode_png(np.full((23, 57, 3), 90, np.uint8)))
+    (archive / "benign" / "benign (1)_mask.png").write_bytes(
+        encode_mask_png(np.ones((23, 57), np.uint8)))
+    os.utime(image, (1, 1))  # another size and modification time
+    capsys.readouterr()
+    again = run_job([*base, "threshold=0.3"])
+    said = capsys.readouterr().out
+    assert again["run"]["processed"] == 1 and again["run"]["inputs_changed"] == 1
+    assert "1 of the images already done changed since" in said
+    assert again["run"]["done_at_other_thresholds"] == [{"threshold": None, "images": 5}]
+    assert "5 of the images already done were segmented at another threshold (5 at the " \
+           "bundle's)" in said
+    rows = {r["id"]: r for r in check_exactly_once(out)}
+    assert (rows["benign/benign (1)"]["height"], rows["benign/benign (1)"]["width"]) == (23, 57)
+    assert run_job([*base, "threshold=0.3"])["run"]["processed"] == 0  # now up to date
+
+
+@pytest.mark.ray
 def test_killed_driver_then_rerun_processes_every_image_once(ray_cluster, bundles, tmp_path):
     import ray
 
