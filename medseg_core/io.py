@@ -105,7 +105,30 @@ def _load(data: bytes | BinaryIO, max_pixels: int | None, name: str) -> Image.Im
     return _decode(im, name)
 
 
+# Pillow (13) turns a TIFF by its Orientation tag as it loads it, and no other format: these
+# undo each turn, so that every format decodes in stored order and reports the tag alike
+# (`exif_orientation`)
+_UNDO_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                     4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                     6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+                     8: Image.Transpose.ROTATE_270}
+
+
+def _tiff_orientation(im: Image.Image) -> int | None:
+    if im.format != "TIFF":
+        return None
+    value = getattr(im, "tag_v2", {}).get(0x0112)
+    return value if isinstance(value, int) and value in _UNDO_ORIENTATION else None
+
+
+def _stored_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as stored: Pillow reports a TIFF's turned size before loading it."""
+    w, h = im.size
+    return (h, w) if (_tiff_orientation(im) or 0) >= 5 else (w, h)
+
+
 def _decode(im: Image.Image, name: str) -> Image.Image:
+    orientation = _tiff_orientation(im)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -114,6 +137,8 @@ def _decode(im: Image.Image, name: str) -> Image.Image:
         raise ImageTooLargeError(f"{name}: image too large to decode ({e})") from e
     except _MALFORMED as e:
         raise ImageDecodeError(f"{name}: cannot decode image (truncated or corrupt): {e}") from e
+    if orientation is not None and _tiff_orientation(im) is None:  # turned while loading
+        im = im.transpose(_UNDO_ORIENTATION[orientation])
     return im
 
 
@@ -281,8 +306,7 @@ def image_size(data: bytes | BinaryIO, name: str = "<bytes>") -> tuple[int, int]
 
     Sizes beyond Pillow's hard limit (2 x ``Image.MAX_IMAGE_PIXELS``) raise ImageTooLargeError.
     """
-    im = _open(data, name)
-    return im.size
+    return _stored_size(_open(data, name))
 
 
 def check_url_credentials(url: str, setting: str) -> None:

@@ -650,3 +650,27 @@ def test_a_file_that_is_no_image_is_named_with_every_format_read():
     with pytest.raises(ImageDecodeError, match=r"^notes\.png: not a recognised image "
                                                r"\(PNG/JPEG/BMP/TIFF/GIF/WEBP/PPM\)$"):
         decode_image(b"just some text, not pixels", name="notes.png")
+
+
+@pytest.mark.parametrize("compression", [None, "tiff_deflate"])  # Pillow's own and libtiff's
+def test_tiff_decodes_in_stored_order_whatever_its_orientation_tag(compression):
+    """Pillow turns a TIFF by its Orientation tag as it loads it (no other format), while the
+    endpoint said pixels come in stored order and reported the tag for the client to turn the
+    mask: a client doing so turned a TIFF's mask twice."""
+    from medseg_core.io import decode_image, decode_mask, exif_orientation, image_size
+
+    stored = np.arange(4 * 7 * 3, dtype=np.uint8).reshape(4, 7, 3)
+    mask = np.zeros((4, 7), np.uint8)
+    mask[0, :3] = 255
+    def tiff(a, orientation):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "TIFF", tiffinfo={274: orientation},
+                                compression=compression)
+        return buf.getvalue()
+
+    for orientation in range(1, 9):
+        data = tiff(stored, orientation)
+        assert np.array_equal(decode_image(data), stored), orientation
+        assert np.array_equal(decode_mask(tiff(mask, orientation)), mask > 0), orientation
+        assert image_size(data) == (7, 4)
+        assert exif_orientation(data) == (None if orientation == 1 else orientation)
