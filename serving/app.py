@@ -651,7 +651,7 @@ class Ingress:
 
     def _decode(self, data: bytes) -> tuple[np.ndarray, int | None]:
         """The pixels, and the EXIF orientation they are not turned by."""
-        sniff(data, self.accepted)
+        kind = sniff(data, self.accepted)
         try:
             # a grey image stays one plane: a third of the bytes to the model replicas, which
             # resize it before repeating it (inference.model_input)
@@ -661,7 +661,11 @@ class Ingress:
         except ImageTooLargeError as exc:
             raise ApiError(413, "image_too_large", str(exc)) from None
         except ImageDecodeError as exc:
-            raise ApiError(400, "invalid_image", str(exc)) from None
+            message = str(exc)
+            if "not a recognised image" in message:  # whose list names formats not served
+                message = (f"request body: a {kind.split('/')[1].upper()} signature, but no "
+                           "readable image after it (truncated or corrupt)")
+            raise ApiError(400, "invalid_image", message) from None
 
     async def _call(self, what: str, response: Any) -> Any:
         try:
