@@ -6,7 +6,7 @@ import contextlib
 import functools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,20 +88,57 @@ def explained_storage_errors() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if not _lacks_credentials(exc):
-            raise
-        raise PermissionError(
-            "object storage asked for credentials and none were found: medseg takes them only "
-            "from the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
-            "or the instance's role), never from its settings, on every node that reads or "
-            "writes (on a cluster: the workers' IamInstanceProfile in cluster.yaml); for a "
-            "public bucket set data.anonymous=true (the bulk job: storage.anonymous=true)"
-        ) from exc
+        if _lacks_credentials(exc):
+            raise PermissionError(
+                "object storage asked for credentials and none were found: medseg takes them "
+                "only from the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE, or the instance's role), never from its settings, on every node "
+                "that reads or writes (on a cluster: the workers' IamInstanceProfile in "
+                "cluster.yaml); for a public bucket set data.anonymous=true (the bulk job: "
+                "storage.anonymous=true)") from exc
+        unreachable = _found(exc, UNREACHABLE)
+        if unreachable is not None:
+            # botocore's own, after minutes of retries, came as a 100-line traceback
+            raise ConnectionError(
+                f"object storage did not answer ({type(unreachable).__name__}: {unreachable}): "
+                "check the endpoint (data.endpoint_url; the bulk job's storage.endpoint_url; "
+                "unset, AWS's or $AWS_ENDPOINT_URL), that it is an S3 endpoint and not another "
+                "port of the server, and the network between this node and it") from exc
+        refused = _found(exc, ("ClientError",))
+        if isinstance(exc, PermissionError) and refused is not None:
+            raise PermissionError(
+                f"{exc} (object storage refused the request: check the credentials in the "
+                "environment, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, and "
+                "their rights on the bucket; a public bucket needs data.anonymous=true)"
+            ) from exc
+        raise
+
+
+# botocore's errors for an endpoint that refused, dropped or never answered the connection
+UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+               "ConnectionClosedError")
+
+
+def _found(exc: BaseException, names: Sequence[str], depth: int = 0) -> BaseException | None:
+    """The first exception of a class named in `names` in `exc`'s chain (cause, context, a Ray
+    Train worker's or controller's failure)."""
+    if any(t.__name__ in names for t in type(exc).__mro__):
+        return exc
+    if depth > 8:
+        return None
+    inner = [exc.__cause__, exc.__context__, getattr(exc, "controller_failure", None),
+             *dict(getattr(exc, "worker_failures", None) or {}).values()]
+    for e in inner:
+        if isinstance(e, BaseException):
+            hit = _found(e, names, depth + 1)
+            if hit is not None:
+                return hit
+    return None
 
 
 # what the entry points raise for a setting, an input or a machine they refuse, with a message
 # that says what to change (LayoutError, BundleError, ... are ValueErrors)
-REFUSALS = (ValueError, PermissionError, FileNotFoundError, RuntimeError)
+REFUSALS = (ValueError, PermissionError, FileNotFoundError, RuntimeError, ConnectionError)
 
 
 @contextlib.contextmanager
@@ -122,16 +159,10 @@ def reported_refusals() -> Iterator[None]:
         raise SystemExit(1) from None
 
 
-def _lacks_credentials(exc: BaseException, depth: int = 0) -> bool:
+def _lacks_credentials(exc: BaseException) -> bool:
     """Whether `exc` is botocore's NoCredentialsError, or wraps one: as its cause, or as the
     failure of a Ray Train worker or controller (WorkerGroupError, ControllerError)."""
-    if any(t.__name__ == "NoCredentialsError" for t in type(exc).__mro__):
-        return True
-    if depth > 8:
-        return False
-    inner = [exc.__cause__, exc.__context__, getattr(exc, "controller_failure", None),
-             *dict(getattr(exc, "worker_failures", None) or {}).values()]
-    return any(isinstance(e, BaseException) and _lacks_credentials(e, depth + 1) for e in inner)
+    return _found(exc, ("NoCredentialsError",)) is not None
 
 
 # YAML 1.1 spellings of a boolean: Hydra (YAML 1.2) reads `overwrite=no` as the string "no",

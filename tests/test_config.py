@@ -150,6 +150,37 @@ def test_missing_object_storage_credentials_are_explained(tmp_path):
     assert "PermissionError: object storage asked for credentials and none were found" in \
         proc.stderr, proc.stderr[-2000:]
     assert "data.anonymous=true" in proc.stderr
+    # with credentials, the same endpoint (nothing listens there) is said not to answer, in
+    # one line: botocore's error came as a 100-line traceback
+    env.update(AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s")
+    proc = subprocess.run(proc.args, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert "Error: ConnectionError: object storage did not answer (EndpointConnectionError: " \
+           "Could not connect to the endpoint URL" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "data.endpoint_url" in proc.stderr
+
+
+def test_object_storage_that_does_not_answer_or_refuses_is_explained():
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    from pipelines.config import explained_storage_errors
+
+    for raised in (EndpointConnectionError(endpoint_url="http://10.0.0.9:9000/b"),
+                   ReadTimeoutError(endpoint_url="http://10.0.0.9:9000/b")):
+        with pytest.raises(ConnectionError, match=r"object storage did not answer \(\w+Error: "
+                           r".*http://10.0.0.9:9000/b.*check the endpoint \(data.endpoint_url"):
+            with explained_storage_errors():
+                raise OSError("listing failed") from raised
+    denied = ClientError({"Error": {"Code": "SignatureDoesNotMatch", "Message": "m"}}, "List")
+    with pytest.raises(PermissionError, match=r"^The request signature .* \(object storage "
+                       r"refused the request: check the credentials in the environment"):
+        with explained_storage_errors():
+            raise PermissionError("The request signature we calculated does not match") \
+                from denied
+    with pytest.raises(PermissionError, match=r"^\[Errno 13\] Permission denied: '/x'$"):
+        with explained_storage_errors():  # a local file's: unchanged
+            raise PermissionError(13, "Permission denied", "/x")
 
 
 @pytest.mark.parametrize("entry, override", [("train.py", "trainer.num_workers=0"),
