@@ -138,6 +138,7 @@ MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "data_report.json"  # the bad-input report's name where an entry point places it
 PACKED_FORMAT = "medseg-packed"
 PACKED_MARK = "#rg="
+PROGRESS_EVERY_S = 10.0  # a progress line of work on the driver that the Ray progress bars miss
 # Errors that mean "this file is bad": dropped and reported (or fatal in strict). Anything else
 # (no permission, wrong credentials, network down, a bug) fails the run: it is not bad input, and
 # dropping every record for it would hide the real problem.
@@ -560,6 +561,10 @@ def list_archive(data_cfg: dict[str, Any], strict: bool | None = None,
     them) must be those, in that order, or LayoutError (reordered, every label was named
     after another class)."""
     url = ensure_dataset(data_cfg)
+    if "://" in url and not url.startswith("file://"):  # minutes where the endpoint is wrong
+        endpoint = (storage_options(data_cfg) or {}).get("client_kwargs", {}).get("endpoint_url")
+        print(f"[data] listing {valid_text(url)}{f' at {endpoint}' if endpoint else ''}",
+              flush=True)
     listing = list_records(
         url, data_cfg["layout"], storage_options=storage_options(data_cfg),
         strict=bool(data_cfg.get("strict", True) if strict is None else strict),
@@ -642,8 +647,14 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
             return rec.id, {"path": p.path, "reason": p.reason}
 
     if todo:
+        start = last = time.monotonic()
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            cache.update(pool.map(one, todo))
+            for done, (rid, value) in enumerate(pool.map(one, todo), 1):
+                cache[rid] = value
+                if time.monotonic() - last >= PROGRESS_EVERY_S and done < len(todo):
+                    last = time.monotonic()  # a large archive was checked without a word
+                    print(f"[data] checked {done}/{len(todo)} records before splitting "
+                          f"({done / (last - start):.0f}/s)", flush=True)
         if url and any(not isinstance(cache[r.id], dict) and digests[r.id] for r in todo):
             fs, path = fsspec.core.url_to_fs(url)
             if is_local(fs):
