@@ -561,15 +561,23 @@ def list_archive(data_cfg: dict[str, Any], strict: bool | None = None,
     them) must be those, in that order, or LayoutError (reordered, every label was named
     after another class)."""
     url = ensure_dataset(data_cfg)
+    endpoint = None
     if "://" in url and not url.startswith("file://"):  # minutes where the endpoint is wrong
         endpoint = (storage_options(data_cfg) or {}).get("client_kwargs", {}).get("endpoint_url")
         print(f"[data] listing {valid_text(url)}{f' at {endpoint}' if endpoint else ''}",
               flush=True)
-    listing = list_records(
-        url, data_cfg["layout"], storage_options=storage_options(data_cfg),
-        strict=bool(data_cfg.get("strict", True) if strict is None else strict),
-        max_bytes=_max_bytes(data_cfg), stamps=stamps, **(data_cfg.get("options") or {}),
-    )
+    try:
+        listing = list_records(
+            url, data_cfg["layout"], storage_options=storage_options(data_cfg),
+            strict=bool(data_cfg.get("strict", True) if strict is None else strict),
+            max_bytes=_max_bytes(data_cfg), stamps=stamps, **(data_cfg.get("options") or {}),
+        )
+    except LayoutError as exc:
+        if endpoint and "does not exist" in str(exc):
+            # a server's other port (or any HTTP server) answers 404 to every S3 request
+            raise LayoutError(f"{exc}; or data.endpoint_url={endpoint} is not the S3 endpoint "
+                              "(another port of the server, or another service)") from exc
+        raise
     named = [str(c) for c in data_cfg.get("class_names") or []]
     labels = [str(c) for c in listing.class_names]
     if named and labels and named != labels:
@@ -1157,6 +1165,9 @@ def _read_row_group(shard: str, row_group: int, columns: list[str], so: dict | N
             return read(path)
         with fs.open(path, "rb") as f:
             return read(f)
+    except FileNotFoundError as e:  # s3fs's message was the bare key
+        raise LayoutError(f"{shard}: shard not found: the pack was rewritten or removed since "
+                          "it was listed (rerun once a repack has finished)") from e
     except (pa.ArrowInvalid, OSError) as e:
         if not corrupt_parquet(e):
             raise

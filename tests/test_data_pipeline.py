@@ -123,6 +123,40 @@ def test_a_missing_archive_or_a_layout_matching_nothing_fails_at_listing(tmp_pat
                 load_splits(make_cfg(tmp_path, url, "data=busi"))
 
 
+def test_an_endpoint_that_is_not_s3_is_named_where_the_archive_seems_missing(tmp_path,
+                                                                            monkeypatch):
+    """Another port of the store (its filer, its master) or any web server answers 404 to
+    every S3 request, which read as "the archive does not exist"."""
+    import http.server
+    import threading
+
+    from medseg_core.layouts import LayoutError
+
+    class NotS3(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the standard library's name)
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotS3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    try:
+        with pytest.raises(LayoutError, match=rf"the archive does not exist.*; or "
+                           rf"data.endpoint_url={endpoint} is not the S3 endpoint"):
+            load_splits(make_cfg(tmp_path, "s3://bucket/arc", "data=busi",
+                                 f"data.endpoint_url={endpoint}"))
+    finally:
+        server.shutdown()
+
+
 # ------------------------------------------------------------------------------ Ray pipeline
 
 

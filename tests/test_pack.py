@@ -432,6 +432,11 @@ def test_an_unreadable_shard_is_reported_record_by_record(ray_cluster, synthetic
     lost = next(r for r in records if shard.name in r.image_uri)
     with pytest.raises(LayoutError, match=rf"{shard.stem}\.parquet: row group \d unreadable"):
         load_any_record(lost, cfg)
+    # removed after listing (a repack into the same folder): said so, not the bare path
+    shard.unlink()
+    with pytest.raises(LayoutError, match=rf"{shard.stem}\.parquet: shard not found: the pack "
+                                          "was rewritten or removed since it was listed"):
+        load_any_record(lost, cfg)
 
 
 def test_only_pyarrows_verdict_on_the_bytes_counts_as_a_corrupt_shard():
