@@ -162,8 +162,10 @@ def plot_curves(
     size: tuple[int, int] = (640, 400),
     xlabel: str = "epoch",
     storage_options: dict | None = None,
+    first: int = 1,
 ) -> np.ndarray:
-    """Line plot of each series against its 1-based index (epoch), as uint8 RGB (H, W, 3).
+    """Line plot of each series against its index (epoch) counted from ``first``, as uint8
+    RGB (H, W, 3).
 
     Axes with labelled ticks, light grid, one colour per series and a legend. Non-finite values
     break a line (and are left out of the range); empty or all-NaN series appear in the legend
@@ -192,10 +194,10 @@ def plot_curves(
     else:
         pad = (y_hi - y_lo) * 0.05
         y_lo, y_hi = y_lo - pad, y_hi + pad
-    x_lo, x_hi = (1.0, float(n_max)) if n_max > 1 else (0.5, 1.5)  # one point: centre it
+    x_lo, x_hi = (first, first + n_max - 1.0) if n_max > 1 else (first - 0.5, first + 0.5)
     yticks = _ticks(y_lo, y_hi, 6)
     ystep = yticks[1] - yticks[0] if len(yticks) > 1 else 1.0
-    xticks = [t for t in _ticks(x_lo, x_hi, 8) if float(t).is_integer()] or [1.0]
+    xticks = [t for t in _ticks(x_lo, x_hi, 8) if float(t).is_integer()] or [float(first)]
     ylabels = [_tick_label(t, ystep) for t in yticks]
 
     label_w = max((_text_size(draw, s, font)[0] for s in ylabels), default=0)
@@ -234,7 +236,8 @@ def plot_curves(
         colour = PALETTE[i % len(PALETTE)]
         ok = np.isfinite(s)
         legend.append((name if ok.any() else f"{name} (no data)", colour))
-        points = [(px(j + 1.0), py(float(v))) if ok[j] else None for j, v in enumerate(s)]
+        points = [(px(j + float(first)), py(float(v))) if ok[j] else None
+                  for j, v in enumerate(s)]
         run: list[tuple[float, float]] = []
         for p in [*points, None]:
             if p is not None:

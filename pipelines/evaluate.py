@@ -486,9 +486,10 @@ def find_training_log(bundle_uri: str, so: dict | None = None) -> tuple[Any, str
                 vals = np.array(series.get(key, []), dtype=np.float64)
                 if vals.size and np.isfinite(vals).any():
                     best = int(np.nanargmax(vals))
-                    note += f"; best {key} {vals[best]:.4f} at epoch {best + 1}"
+                    # numbered as metrics.csv and the training log number them, from 0
+                    note += f"; best {key} {vals[best]:.4f} at epoch {rows[best].get('epoch', best)}"
                     break
-            return plot_curves(series, title=f"{stage} training curves"), note
+            return plot_curves(series, title=f"{stage} training curves", first=0), note
     png = _read_url(join(stage_dir, "curves.png"), so)
     if png and png[:8] == b"\x89PNG\r\n\x1a\n":
         return png, f"{stage}: {join(stage_dir, 'curves.png')}"

@@ -407,8 +407,9 @@ class RunLog:
     def _write_curves(self, history: list[dict[str, Any]]) -> None:
         series = {k: [h.get(k, float("nan")) for h in history] for k in CURVE_KEYS
                   if any(k in h for h in history)}
-        save_png(plot_curves(series, title=f"{self.stage_dir.rsplit('/', 2)[-2]} {self.stage_name}"),
-                 join(self.stage_dir, "curves.png"))
+        # epochs numbered from 0, as in metrics.csv, TensorBoard and the training log
+        save_png(plot_curves(series, title=f"{self.stage_dir.rsplit('/', 2)[-2]} {self.stage_name}",
+                             first=0), join(self.stage_dir, "curves.png"))
 
     @property
     def stage_name(self) -> str:

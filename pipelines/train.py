@@ -429,13 +429,16 @@ def check_trainer(trainer: dict[str, Any]) -> None:
         raise ValueError(f"unknown trainer.backend {backend!r}; expected local or ray")
     for key in ("bf16", "cpu_bf16", "channels_last"):
         check_flag(trainer.get(key, False), f"trainer.{key}")
+    for stage, epoch in (trainer.get("fail_at_epoch") or {}).items():
+        if stage not in STAGES:  # a misspelt stage injected no failure, silently
+            raise ValueError(f"trainer.fail_at_epoch.{stage}: no such stage; stages are "
+                             f"{list(STAGES)}")
+        check_whole(epoch, f"trainer.fail_at_epoch.{stage}", -1)
     if backend == "local":  # trains in this process, on its GPUs
         resolve_device(trainer.get("device", "auto"), "trainer.device")
-    else:
-        check_device(trainer.get("device", "auto"), "trainer.device")
-    if backend == "local":
         check_whole(trainer.get("loader_workers", 0), "trainer.loader_workers", 0)
         return
+    check_device(trainer.get("device", "auto"), "trainer.device")
     check_whole(trainer.get("num_workers"), "trainer.num_workers", 1)
     check_whole(trainer.get("local_num_cpus"), "trainer.local_num_cpus", 1, none=True)
     check_whole(trainer.get("max_failures", 3), "trainer.max_failures", -1)  # -1: no limit
@@ -446,11 +449,6 @@ def check_trainer(trainer: dict[str, Any]) -> None:
     elif not trainer.get("cpus_per_worker", 1):
         raise ValueError("trainer.cpus_per_worker=0 without GPUs leaves a worker no resources "
                          "to be scheduled by: give it CPUs, or set trainer.use_gpu=true")
-    for stage, epoch in (trainer.get("fail_at_epoch") or {}).items():
-        if stage not in STAGES:  # a misspelt stage injected no failure, silently
-            raise ValueError(f"trainer.fail_at_epoch.{stage}: no such stage; stages are "
-                             f"{list(STAGES)}")
-        check_whole(epoch, f"trainer.fail_at_epoch.{stage}", -1)
 
 
 def check_input_settings(data: dict[str, Any]) -> None:

@@ -568,7 +568,7 @@ def test_choose_backend_and_training_log(tmp_path) -> None:
         choose_backend("spark", 1)
     run = make_run(tmp_path)
     image, note = find_training_log(str(run / "segmenter" / "best"))
-    assert image.ndim == 3 and "4 epochs" in note and "best val_dice 0.7000 at epoch 4" in note
+    assert image.ndim == 3 and "4 epochs" in note and "best val_dice 0.7000 at epoch 3" in note
     assert find_training_log(str(run / "classifier" / "best")) is None
     from medseg_core.io import encode_png
 

@@ -667,7 +667,7 @@ def test_a_start_that_died_before_its_first_bundle_does_not_fix_the_runs_split(t
 
     base = ["trainer=local", "stages=[segmenter]", "train.epochs=1", "run_name=died"]
     with pytest.raises(RuntimeError, match="injected failure at epoch 0"):
-        run(config(tmp_path, *base, "+trainer.fail_at_epoch.segmenter=0"))
+        run(config(tmp_path, *base, "trainer.fail_at_epoch.segmenter=0"))
     first = read_splits(str(tmp_path / "runs" / "died"))
     cfg = config(tmp_path, *base, "data.split.seed=1")
     with warnings.catch_warnings():

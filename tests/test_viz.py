@@ -143,6 +143,15 @@ def test_plot_curves_draws_each_series(tmp_path: Path) -> None:
     assert (out.max(axis=2) < 80).sum() > 200
 
 
+def test_curves_number_their_points_from_first() -> None:
+    """Training's curves numbered epochs from 1 while metrics.csv, TensorBoard and the log
+    number them from 0: `first` moves the axis labels and leaves the lines where they are."""
+    history = {"val_dice": [0.2, 0.5, 0.4, 0.6, 0.7, 0.65]}
+    from_one, from_zero = plot_curves(history), plot_curves(history, first=0)
+    differ = np.flatnonzero((from_one != from_zero).any(axis=(1, 2)))
+    assert differ.size and differ.min() > 0.8 * from_one.shape[0]  # the tick labels only
+
+
 def test_tick_labels_show_the_tick_values() -> None:
     """Each tick's label is its value: steps such as 0.025 or 2.5 need a decimal more than
     their order of magnitude (they were labelled 0.83 for 0.825, 8 for 7.5)."""
