@@ -400,9 +400,12 @@ class RunLog:
                 # the optimizer state is for resuming, which reads latest/ only
                 copy_dir(bundle_dir, self.best, exclude=(TRAIN_STATE_FILE,))
             copy_dir(bundle_dir, self.latest)
-        self._write_csv(history)
+        # metrics.csv last: `catch_up` goes by its epochs, so a kill after it had been written
+        # and before the scalars and curves left those short for good (a kill before it
+        # writes the epoch's scalars a second time at the same step, where they overlap)
         self._write_tb(metrics)
         self._write_curves(history)
+        self._write_csv(history)
 
     def _write_curves(self, history: list[dict[str, Any]]) -> None:
         series = {k: [h.get(k, float("nan")) for h in history] for k in CURVE_KEYS

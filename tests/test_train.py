@@ -653,6 +653,29 @@ def test_a_rerun_writes_the_log_rows_a_kill_after_the_latest_bundle_left_out(tmp
     assert "logs caught up" not in capsys.readouterr().out
 
 
+def test_an_epoch_is_in_metrics_csv_only_once_its_scalars_and_curves_are_written(tmp_path,
+                                                                                 monkeypatch):
+    """metrics.csv was written first: a kill after it and before TensorBoard and the curves
+    left those an epoch short for good, since a rerun catches up by the CSV's epochs."""
+    from pipelines.runlog import RunLog
+
+    log = RunLog(str(tmp_path / "run"), "segmenter")
+    history = [{"epoch": 0.0, "train_loss": 1.0, "val_dice": 0.2}]
+    log.record(dict(history[0]), None, history)
+    history = [*history, {"epoch": 1.0, "train_loss": 0.8, "val_dice": 0.3}]
+
+    def killed(self, history):
+        raise KeyboardInterrupt  # as a kill between the scalars and the rest
+
+    monkeypatch.setattr(RunLog, "_write_curves", killed)
+    with pytest.raises(KeyboardInterrupt):
+        log.record(dict(history[1]), None, history)
+    assert [r["epoch"] for r in read_csv(tmp_path / "run" / "segmenter" / "metrics.csv")] == \
+        ["0"]
+    monkeypatch.undo()
+    assert RunLog(str(tmp_path / "run"), "segmenter").catch_up({"history": history}) == 1
+
+
 def test_a_start_that_died_before_its_first_bundle_does_not_fix_the_runs_split(tmp_path):
     """splits.json was written once, at a run's first start: a start that died before its
     first epoch's bundle left it, and a rerun under another split (nothing to resume, so not
