@@ -104,10 +104,12 @@ class Record:
 
 @dataclass
 class Skipped:
-    """A file left out of a non-strict listing, and why."""
+    """A file left out of a non-strict listing, and why (``bad``: bad input, which a strict
+    listing refuses; else a file the layout does not read, listed so that it is counted)."""
 
     path: str
     reason: str
+    bad: bool = True
 
     def __post_init__(self) -> None:
         self.path = valid_text(self.path)
@@ -701,6 +703,10 @@ class ImagesLayout(Layout):
         records = []
         for rel, full in arc.find(recursive=self.recursive):
             if not _is_image(rel):
+                # a DICOM study or a half-copied `.png.part` vanished from every count
+                ext = posixpath.splitext(rel)[1] or "no extension"
+                problems.append(Skipped(arc.uri(full), f"not an image file by its extension "
+                                        f"({ext}): not processed", bad=False))
                 continue
             key = posixpath.splitext(rel)[0]
             if key in seen:
@@ -838,9 +844,10 @@ def list_records(
         records = [r for r in records if r.id not in bad]
 
     problems.sort(key=lambda s: (s.path, s.reason))
-    if strict and problems:
-        first = problems[0]
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    bad = [p for p in problems if p.bad]
+    if strict and bad:
+        first = bad[0]
+        more = f" (and {len(bad) - 1} more problems)" if len(bad) > 1 else ""
         raise LayoutError(f"{first.path}: {first.reason}{more}")
     by_uri = {arc.uri(p): v for p, v in (arc.stamps or {}).items()}
     kept = {u: by_uri[u] for r in records for u in (r.image_uri, *r.mask_uris) if u in by_uri}

@@ -743,10 +743,11 @@ def list_input(cfg: Mapping[str, Any], so: dict | None) -> Listing:
 
 
 def source_stamp(record: Record, stamps: Mapping[str, str]) -> str:
-    """What a record's row was made from: its files and their sizes and modification times
-    (ETags on object storage), as listed."""
-    return "\n".join(f"{uri}\t{stamps.get(uri, '')}" for uri in (record.image_uri,
+    """What a record's row was made from: a digest of its files' names and their sizes and
+    modification times (ETags on object storage), as listed (names need not be Unicode)."""
+    text = "\n".join(f"{uri}\t{stamps.get(uri, '')}" for uri in (record.image_uri,
                                                                     *record.mask_uris))
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 def read_sources(out: Output) -> dict[str, tuple[str, float | None]]:
@@ -765,6 +766,8 @@ def read_sources(out: Output) -> dict[str, tuple[str, float | None]]:
 
 
 def write_sources(out: Output, sources: Mapping[str, tuple[str, float | None]]) -> None:
+    # ids as their rows store them (a name that is not Unicode: `valid_text`)
+    sources = {valid_text(i): v for i, v in sources.items()}
     ids = sorted(sources)
     table = pa.table({"id": pa.array(ids, pa.string()),
                       "stamp": pa.array([sources[i][0] for i in ids], pa.string()),

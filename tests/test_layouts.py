@@ -675,6 +675,9 @@ def test_images_layout(tmp_path):
     (tmp_path / "notes.csv").write_text("x")
     listing = list_records(str(tmp_path), "images")
     assert [r.id for r in listing.records] == ["deep/two", "one", "three"]
+    # counted and named (a DICOM study vanished from the bulk job's report), not bad input
+    assert [(s.path.rsplit("/", 1)[-1], s.reason, s.bad) for s in listing.skipped] == [
+        ("notes.csv", "not an image file by its extension (.csv): not processed", False)]
     assert all(r.mask_uris == () and r.label == -1 for r in listing.records)
     sample = load_record(listing.records[1])
     assert sample["mask"].shape == sample["image"].shape[:2] and not sample["mask"].any()

@@ -525,7 +525,7 @@ def test_s3_archive_with_corrupt_files_gives_exact_outputs(s3, ray_cluster, tmp_
     assert all(k.startswith("nightly/") for k in keys)
     assert {k for k in keys if not k.startswith(("nightly/masks/", "nightly/results/"))} == {
         "nightly/manifest.json", f"nightly/runs/{first['run_id']}.json",
-        f"nightly/runs/{manifest['run_id']}.json"}
+        f"nightly/runs/{manifest['run_id']}.json", "nightly/sources.parquet"}
 
     stored = json.loads(fs.cat_file("medseg-out/nightly/manifest.json"))
     assert stored == manifest
