@@ -292,12 +292,20 @@ def segmentation_group(counts: np.ndarray, hd95: np.ndarray | None = None,
     return out
 
 
+REPORT_GROUPS = ("all", "unlabelled")
+
+
+def check_group_names(class_names: Sequence[str]) -> None:
+    """Refuse class names that are the report's own group names."""
+    clash = set(REPORT_GROUPS) & {str(c) for c in class_names}
+    if clash:
+        raise ValueError(f"class names {sorted(clash)} are reserved for the report's groups")
+
+
 def _groups(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, list[int]]:
     """"all" plus one group per true class present (and "unlabelled" for label -1 when some
     images have a label): group name -> row indices."""
-    clash = {"all", "unlabelled"} & set(class_names)
-    if clash:
-        raise ValueError(f"class names {sorted(clash)} are reserved for the report's groups")
+    check_group_names(class_names)
     groups: dict[str, list[int]] = {"all": list(range(len(rows)))}
     labels = [_label(r.get("true_label")) for r in rows]
     known = sorted({lab for lab in labels if lab >= 0})

@@ -49,6 +49,7 @@ from medseg_core.evaluation import (
     FLIPS,
     BootstrapConfig,
     check_case_metric,
+    check_group_names,
     flip_tta,
     summarize,
     table_records,
@@ -554,6 +555,10 @@ def checked_class_names(cfg: Mapping[str, Any]) -> list[str]:
     """`data.class_names`, which index the true labels; the classifier bundle's predictions
     are indexed by its own names, so the two lists must be the same, in the same order."""
     names = [str(c) for c in (cfg["data"].get("class_names") or [])]
+    try:  # refused after every image was predicted
+        check_group_names(names)
+    except ValueError as exc:
+        raise ValueError(f"data.class_names: {exc}") from None
     uri = cfg["evaluate"].get("classifier")
     if uri:
         try:

@@ -288,6 +288,12 @@ def test_bad_settings_are_refused_before_any_prediction(workspace, monkeypatch) 
                           f"evaluate.out={root / 'eval-bad'}")
         with pytest.raises(ValueError, match="tta.flips must name"):
             ev.evaluate(cfg)
+    # a class named as a report group: refused once every image was predicted
+    with pytest.raises(ValueError, match=r"data.class_names: class names \['all'\] are reserved"):
+        ev.evaluate(eval_config(root, archive, "data.class_names=[all,benign,malignant]",
+                                "+data.options.class_names=[all,benign,malignant]",
+                                "evaluate.classifier=null", "evaluate.split=all",
+                                f"evaluate.out={root / 'eval-bad'}"))
     # a split of the training run's settings: refused after listing, as `fold` alone
     monkeypatch.setattr(ev, "select_records", lambda *a: pytest.fail("listed first"))
     for bad, message in ((["data.split.mode=kfold", "data.split.fold=5"],
