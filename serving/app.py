@@ -699,8 +699,9 @@ class Ingress:
             None, description="Mask encoding: `png` (base64 PNG, 255 = lesion) or `rle` "
             "(COCO uncompressed RLE, column-major). Default from the server config."),
         threshold: float | None = Query(
-            None, gt=0, lt=1, description="Foreground probability threshold in (0, 1); "
-            "default: the segmenter bundle's."),
+            None, gt=0, lt=1, allow_inf_nan=False,  # nan was "Input should be less than 1"
+            description="Foreground probability threshold in (0, 1); default: the segmenter "
+            "bundle's."),
     ) -> JSONResponse:
         t0 = time.perf_counter()
         check_query(request, PREDICT_QUERY)

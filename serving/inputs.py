@@ -227,21 +227,26 @@ def _split_parts(body: bytes, boundary: bytes) -> list[_Part]:
 
 
 def parse_multipart(body: bytes, content_type_header: str) -> Upload:
-    """The image part of a `multipart/form-data` body: the field named `file` or `image`,
-    else the first part carrying a filename. 400 when the body is malformed or has no file."""
+    """The image part of a `multipart/form-data` body: the first non-empty field named `file`
+    or `image`, else the first non-empty part carrying a filename (an empty one where all are
+    empty). 400 when the body is malformed or has no file."""
     if "boundary=" not in content_type_header.lower():
         raise ApiError(400, "bad_request", "multipart/form-data without a boundary parameter")
     boundary = header_params(content_type_header).get("boundary", "")
     if not _BOUNDARY.fullmatch(boundary):
         raise _malformed("invalid boundary parameter")
-    chosen: tuple[_Part, dict[str, str]] | None = None
+    named: list[tuple[_Part, dict[str, str]]] = []
+    with_filename: list[tuple[_Part, dict[str, str]]] = []
     for part in _split_parts(body, boundary.encode("ascii")):
         disposition = header_params(part.headers.get("content-disposition", ""))
         if disposition.get("name") in FILE_FIELDS:
-            chosen = part, disposition
-            break
-        if chosen is None and disposition.get("filename"):
-            chosen = part, disposition
+            named.append((part, disposition))
+        elif disposition.get("filename"):
+            with_filename.append((part, disposition))
+    # an empty `file` part before the image (a form's unused file input) is passed over
+    candidates = named + with_filename
+    chosen = next((c for c in candidates if c[0].end > c[0].start), None) or next(
+        iter(candidates), None)
     if chosen is None:
         raise ApiError(400, "bad_request",
                        "multipart body has no file part (send the image as field 'file')")
