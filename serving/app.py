@@ -465,11 +465,14 @@ PREDICT_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "description": "The image: raw bytes with an image Content-Type, or multipart/form-data "
-        "with the image in field `file`.",
+        "with the image in field `file` (or `image`, or else the first part with a filename; "
+        "empty parts are passed over).",
         "content": {
             **{kind: _BINARY for kind in IMAGE_CONTENT_TYPES},
-            MULTIPART: {"schema": {"type": "object", "required": ["file"], "properties": {
-                "file": {"type": "string", "format": "binary"}}}},
+            MULTIPART: {"schema": {"type": "object", "properties": {
+                "file": {"type": "string", "format": "binary"},
+                "image": {"type": "string", "format": "binary",
+                          "description": "Taken where there is no non-empty `file` part."}}}},
         },
     }
 }
@@ -491,6 +494,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _ERRORS[503]["headers"] = {"Retry-After": {
     "description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+_NOT_READY = {**_ERRORS[503], "description": "A model deployment has not answered yet, or has "
+              "no running replica (`Retry-After` says when to ask again)."}
 
 
 def error_response(status: int, code: str, message: str,
@@ -737,7 +742,7 @@ class Ingress:
         return Response(body, media_type="application/json")
 
     @app.get("/healthz", summary="Ready when both model bundles are loaded",
-             response_model=HealthResponse, responses={503: _ERRORS[503]})
+             response_model=HealthResponse, responses={503: _NOT_READY})
     async def healthz(self) -> dict[str, Any]:
         infos = await self.readiness.infos()
         return {"status": "ok",
@@ -752,7 +757,7 @@ class Ingress:
         return Response(status_code=200)
 
     @app.get("/v1/models", summary="The loaded model bundles and their settings",
-             response_model=ModelsResponse, responses={401: _ERRORS[401], 503: _ERRORS[503]},
+             response_model=ModelsResponse, responses={401: _ERRORS[401], 503: _NOT_READY},
              dependencies=[Depends(require_token)])
     async def models(self) -> dict[str, Any]:
         # asked afresh (batching is live-updatable), unlike /healthz

@@ -791,6 +791,12 @@ def test_healthz_and_models(server):
     assert {"200", "400", "401", "408", "413", "415", "422", "500", "503"} <= set(
         op["responses"])
     assert "Retry-After" in op["responses"]["503"]["headers"]
+    # as the parser takes them (the schema named `file` alone), and /healthz's own 503
+    multipart = op["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(multipart["properties"]) == {"file", "image"}
+    health_503 = spec["paths"]["/healthz"]["get"]["responses"]["503"]
+    assert "no running replica" in health_503["description"]
+    assert "Retry-After" in health_503["headers"]
     # the bearer scheme is declared, so that /docs can send the token
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert op["security"] == [{"HTTPBearer": []}]
