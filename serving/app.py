@@ -363,14 +363,15 @@ class ModelReadiness:
     prediction batches under load and report 503 for loaded models. `reset()` (a deployment
     became unavailable) makes the next `infos()` ask again.
 
-    While the infos are kept, `replicas` (running replicas per model deployment, as Serve's
-    controller reports them: it answers whatever the models' load) is asked at most every
-    `replicas_ttl_s`; a deployment with none running makes it not ready. Without this /healthz
-    answered "ok" for minutes while a segmenter whose bundle had gone bad failed every restart
-    and each prediction waited `model_timeout_s`."""
+    While the infos are kept, `replicas` (per model deployment: its running replicas and a
+    problem or None, as Serve's controller reports them: it answers whatever the models'
+    load) is asked at most every `replicas_ttl_s`; a problem makes it not ready. Without this
+    /healthz answered "ok" for minutes while a segmenter whose bundle had gone bad failed
+    every restart and each prediction waited `model_timeout_s`."""
 
     def __init__(self, calls: Mapping[str, Callable[[], Awaitable[Any]]], timeout_s: float,
-                 replicas: Callable[[], Awaitable[dict[str, int]]] | None = None,
+                 replicas: Callable[[], Awaitable[dict[str, tuple[int, str | None]]]]
+                 | None = None,
                  replicas_ttl_s: float = 5.0) -> None:
         self._calls = dict(calls)
         self._timeout_s = timeout_s
@@ -399,16 +400,16 @@ class ModelReadiness:
             return
         self._replicas_at = time.monotonic()
         try:
-            self.running = await asyncio.wait_for(self._replicas(), self._timeout_s)
+            states = await asyncio.wait_for(self._replicas(), self._timeout_s)
         except Exception as exc:  # the controller slow or restarting: keep the last answer
             logger.warning("Ingress: Serve's replica states unavailable (%s)",
                            type(exc).__name__)
             return
-        missing = [f"{name} (no running replica)" for name in self._calls
-                   if not self.running.get(name)]
-        if missing:
+        self.running = {name: running for name, (running, _) in states.items()}
+        problems = [f"{name} ({problem})" for name, (_, problem) in states.items() if problem]
+        if problems:
             self._infos = None
-            not_ready(missing)
+            not_ready(problems)
 
     def reset(self) -> None:
         self._infos = None
@@ -595,17 +596,30 @@ class Ingress:
             self.settings.health_timeout_s, self.running_replicas)
 
     # ---- helpers
-    async def running_replicas(self) -> dict[str, int]:
-        """RUNNING replicas of each model deployment, from Serve's controller."""
+    async def running_replicas(self) -> dict[str, tuple[int, str | None]]:
+        """Per model deployment, from Serve's controller: its RUNNING replicas, and why it
+        cannot answer (None where it can). None running is a problem where replicas are
+        starting or failing, or the deployment is not healthy; a healthy one scaled to zero
+        (`min_replicas: 0`) starts one for the next request."""
         app = serve.get_replica_context().app_name
         status = await asyncio.to_thread(serve.status)
         application = status.applications.get(app)
         deployments = application.deployments if application is not None else {}
-        out = {}
+        out: dict[str, tuple[int, str | None]] = {}
         for name, handle in (("segmenter", self.segmenter), ("classifier", self.classifier)):
             deployment = deployments.get(handle.deployment_name)
-            out[name] = 0 if deployment is None else int(
-                deployment.replica_states.get("RUNNING", 0))
+            if deployment is None:
+                out[name] = (0, "not deployed")
+                continue
+            # Serve's str enums (ReplicaState, DeploymentStatus) by value
+            states = {str(getattr(k, "value", k)): int(v)
+                      for k, v in deployment.replica_states.items()}
+            running = states.pop("RUNNING", 0)
+            health = str(getattr(deployment.status, "value", deployment.status))
+            problem = None
+            if not running and (any(states.values()) or health != "HEALTHY"):
+                problem = f"no running replica: {health}"
+            out[name] = (running, problem)
         return out
 
     def authorize(self, request: Request) -> None:

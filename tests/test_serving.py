@@ -695,7 +695,7 @@ def test_readiness_is_lost_when_serve_reports_a_model_deployment_without_running
     from serving.app import ModelReadiness
     from serving.inputs import ApiError
 
-    running = {"a": 1, "b": 1}
+    running = {"a": (1, None), "b": (1, None)}
     asked = []
 
     async def replicas():
@@ -712,11 +712,14 @@ def test_readiness_is_lost_when_serve_reports_a_model_deployment_without_running
         assert asked == [] and readiness.running is None
         await readiness.infos()
         assert readiness.ready and readiness.running == {"a": 1, "b": 1}
-        running["a"] = 0                              # its replicas fail to start
+        running["b"] = (0, None)                      # scaled to zero, healthy: starts one
+        await readiness.infos()                       # for the next request
+        assert readiness.ready and readiness.running == {"a": 1, "b": 0}
+        running["a"] = (0, "no running replica: UNHEALTHY")  # its replicas fail to start
         with pytest.raises(ApiError) as err:
             await readiness.infos()
         assert err.value.status == 503 and not readiness.ready
-        assert "a (no running replica)" in err.value.message
+        assert "a (no running replica: UNHEALTHY)" in err.value.message
         assert err.value.headers == {"Retry-After": "5"}
 
     asyncio.run(scenario())
