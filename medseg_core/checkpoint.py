@@ -164,6 +164,10 @@ def _validate_input(config: Mapping[str, Any]) -> None:
                          f">= 1, got {size!r}")
     if not _whole(channels):
         raise ValueError(f"bundle config in_channels must be a whole number >= 1, got {channels!r}")
+    built = config["model"].get("in_channels", channels)
+    if built != channels:  # failed only at the first prediction, in a convolution
+        raise ValueError(f"bundle config in_channels={channels} but its model takes "
+                         f"in_channels={built}")
     for key in ("mean", "std"):
         values = config[key] if isinstance(config[key], (list, tuple)) else [config[key]]
         if len(values) not in (1, channels) or not all(_number(v) for v in values) or (

@@ -137,8 +137,8 @@ class _Runner:
 
     def __init__(self, bundle: Bundle, device: str | torch.device, batch_size: int,
                  amp: bool | None, channels_last: bool | None = None) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         task = bundle.config.get("task")
         if task != self.task:  # the other model's bundle failed only at its first forward pass
             raise ValueError(f"model bundle {getattr(bundle, 'uri', None) or ''} is a {task!r} "
@@ -146,6 +146,11 @@ class _Runner:
         self.bundle = bundle
         self.config: dict[str, Any] = dict(bundle.config)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and (self.device.index or 0) >= (
+                torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            # else torch's bare AssertionError ("Torch not compiled with CUDA enabled")
+            raise ValueError(f"device {device!s}: torch sees no such CUDA device here; use "
+                             "'cpu', or run where that GPU is")
         self.batch_size = int(batch_size)
         self.model = bundle.model.to(self.device).eval()
         self.inference: dict[str, Any] = dict(self.config.get("inference") or {})

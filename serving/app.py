@@ -408,11 +408,13 @@ class ModelReadiness:
         self.running = {name: running for name, (running, _) in states.items()}
         problems = [f"{name} ({problem})" for name, (_, problem) in states.items() if problem]
         if problems:
-            self._infos = None
+            self.reset()
             not_ready(problems)
 
     def reset(self) -> None:
         self._infos = None
+        self.running = None  # asked again once ready, not reported from before
+        self._replicas_at = -math.inf
 
     def observe(self, versions: Mapping[str, str]) -> None:
         """Keep the cached infos' bundle versions at those a prediction just used, so /healthz

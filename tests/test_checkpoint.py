@@ -212,6 +212,11 @@ def test_bundle_meta_of_a_missing_bundle_or_of_another_task(tmp_path):
                         b"input_size: [32, 32]\nin_channels: 3\nmean: [0.5, 0.5, 0.5]\n"
                         b"std: [0.25, 0.25, 0.25]\nthreshold: 5.0\nclass_names: null\n"
                         b"inference: {}\n", "threshold must be strictly between 0 and 1"),
+        # failed at the first prediction, in a convolution
+        ("config.yaml", b"model: {name: unet_bn, widths: [4, 8, 16], in_channels: 3}\n"
+                        b"task: segmentation\ninput_size: [32, 32]\nin_channels: 1\nmean: 0.5\n"
+                        b"std: 0.25\nthreshold: 0.5\nclass_names: null\ninference: {}\n",
+         "in_channels=1 but its model takes in_channels=3"),
     ],
 )
 def test_garbled_files_are_reported(tmp_path, name, content, message):

@@ -496,3 +496,9 @@ def test_predictors_refuse_the_other_task_and_inputs_that_are_not_arrays(seg_uri
             clf.predict([bad], [np.zeros((20, 24), np.uint8)])
     with pytest.raises(ValueError, match=r"mask 0 must be HxW, got shape \(1, 20, 24\)"):
         clf.predict([image], [np.zeros((1, 20, 24), np.uint8)])
+    for bad in (2.5, True, 0):  # 2.5 and True were taken
+        with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
+            Segmenter(load_bundle(seg_uri), batch_size=bad)
+    if not torch.cuda.is_available():  # torch's bare AssertionError before
+        with pytest.raises(ValueError, match="torch sees no such CUDA device here"):
+            Segmenter(load_bundle(seg_uri), device="cuda")

@@ -720,6 +720,11 @@ def test_readiness_is_lost_when_serve_reports_a_model_deployment_without_running
             await readiness.infos()
         assert err.value.status == 503 and not readiness.ready
         assert "a (no running replica: UNHEALTHY)" in err.value.message
+        running["a"] = (1, None)                      # back: ready, with a fresh count
+        await readiness.infos()
+        assert readiness.running is None              # not the count from before
+        await readiness.infos()
+        assert readiness.running == {"a": 1, "b": 0}
         assert err.value.headers == {"Retry-After": "5"}
 
     asyncio.run(scenario())
