@@ -81,6 +81,7 @@ without it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import functools
 import hashlib
@@ -93,7 +94,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -554,6 +555,31 @@ def ensure_dataset(data_cfg: dict[str, Any]) -> str:
     return url
 
 
+@contextlib.contextmanager
+def _still_waiting(what: str | None, every_s: float | None = None) -> Iterator[None]:
+    """Print `what` and the seconds waited every `every_s` (default 3 x PROGRESS_EVERY_S)
+    until the block ends: a store that accepts connections and never answers kept a run
+    silent for 7 minutes before its error."""
+    if what is None:
+        yield
+        return
+    done, start = threading.Event(), time.monotonic()
+    every = 3 * PROGRESS_EVERY_S if every_s is None else every_s
+
+    def beat() -> None:
+        while not done.wait(every):
+            print(f"{what}: {time.monotonic() - start:.0f} s without an answer so far",
+                  flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True, name="medseg-still-waiting")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def list_archive(data_cfg: dict[str, Any], strict: bool | None = None,
                  stamps: bool = False) -> Listing:
     """List the archive once with its layout (`stamps`: see `list_records`). The layout's
@@ -562,16 +588,19 @@ def list_archive(data_cfg: dict[str, Any], strict: bool | None = None,
     after another class)."""
     url = ensure_dataset(data_cfg)
     endpoint = None
-    if "://" in url and not url.startswith("file://"):  # minutes where the endpoint is wrong
+    remote = "://" in url and not url.startswith("file://")
+    if remote:  # minutes where the endpoint is wrong
         endpoint = (storage_options(data_cfg) or {}).get("client_kwargs", {}).get("endpoint_url")
         print(f"[data] listing {valid_text(url)}{f' at {endpoint}' if endpoint else ''}",
               flush=True)
     try:
-        listing = list_records(
-            url, data_cfg["layout"], storage_options=storage_options(data_cfg),
-            strict=bool(data_cfg.get("strict", True) if strict is None else strict),
-            max_bytes=_max_bytes(data_cfg), stamps=stamps, **(data_cfg.get("options") or {}),
-        )
+        with _still_waiting(f"[data] still listing {valid_text(url)}" if remote else None):
+            listing = list_records(
+                url, data_cfg["layout"], storage_options=storage_options(data_cfg),
+                strict=bool(data_cfg.get("strict", True) if strict is None else strict),
+                max_bytes=_max_bytes(data_cfg), stamps=stamps,
+                **(data_cfg.get("options") or {}),
+            )
     except LayoutError as exc:
         if endpoint and "does not exist" in str(exc):
             # a server's other port (or any HTTP server) answers 404 to every S3 request

@@ -123,6 +123,29 @@ def test_a_missing_archive_or_a_layout_matching_nothing_fails_at_listing(tmp_pat
                 load_splits(make_cfg(tmp_path, url, "data=busi"))
 
 
+def test_a_listing_of_object_storage_says_what_it_waits_for(tmp_path, monkeypatch, capsys):
+    """A store that accepts connections and never answers kept a run silent for 7 minutes
+    (botocore's read timeouts, retried) before its one-line error."""
+    import time
+
+    import pipelines.data as data
+    from medseg_core.layouts import Listing
+
+    def slow_listing(*args, **kwargs):  # as an endpoint that does not answer, for a while
+        time.sleep(0.5)
+        return Listing(records=[])
+
+    monkeypatch.setattr(data, "list_records", slow_listing)
+    monkeypatch.setattr(data, "PROGRESS_EVERY_S", 0.02)
+    cfg = make_cfg(tmp_path, "s3://bucket/arc", "data=busi",
+                   "data.endpoint_url=http://127.0.0.1:9")["data"]
+    data.list_archive(cfg)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "[data] listing s3://bucket/arc at http://127.0.0.1:9"
+    assert any(x.startswith("[data] still listing s3://bucket/arc: ") and
+               x.endswith(" s without an answer so far") for x in out[1:])
+
+
 def test_an_endpoint_that_is_not_s3_is_named_where_the_archive_seems_missing(tmp_path,
                                                                             monkeypatch):
     """Another port of the store (its filer, its master) or any web server answers 404 to
