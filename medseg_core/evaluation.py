@@ -757,12 +757,10 @@ class FlipTTA:
             total = back if total is None else [t + b for t, b in zip(total, back)]
         out = [(t / len(self.flips)).astype(np.float32) for t in (total or [])]
         if self.keep_largest:
-            import torch
-
-            from medseg_core.postprocess import keep_largest
+            from medseg_core.postprocess import zero_outside_largest
 
             for p in out:
-                p *= keep_largest(torch.from_numpy(p[None]) > self.threshold)[0].numpy()
+                zero_outside_largest(p, self.threshold)
         return out
 
     def predict(self, images: Sequence[np.ndarray], threshold: float | None = None) -> list[np.ndarray]:

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from medseg_core.io import MAX_TILE_WORK_PIXELS, ImageTooLargeError, mask_2d
-from medseg_core.postprocess import keep_largest
-from medseg_core.precision import amp_dtype
+from medseg_core.postprocess import keep_largest, zero_outside_largest
+from medseg_core.precision import amp_dtype, cuda_devices
 from medseg_core.transforms import normalize_batch, resize_image, resize_mask, to_channels, to_size
 
 if TYPE_CHECKING:
@@ -146,8 +146,7 @@ class _Runner:
         self.bundle = bundle
         self.config: dict[str, Any] = dict(bundle.config)
         self.device = torch.device(device)
-        if self.device.type == "cuda" and (self.device.index or 0) >= (
-                torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        if self.device.type == "cuda" and (self.device.index or 0) >= cuda_devices():
             # else torch's bare AssertionError ("Torch not compiled with CUDA enabled")
             raise ValueError(f"device {device!s}: torch sees no such CUDA device here; use "
                              "'cpu', or run where that GPU is")
@@ -351,8 +350,7 @@ class Segmenter(_Runner):
                    for out, im in zip(outputs, images)]
         if self.keep_largest:
             for out in results:
-                keep = keep_largest(torch.from_numpy(out[None]) > self.threshold)[0]
-                out *= keep.numpy()
+                zero_outside_largest(out, self.threshold)
         return results
 
     def predict_proba(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:

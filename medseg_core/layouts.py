@@ -21,6 +21,7 @@ is reported as a duplicate.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io as _io
 import os
 import posixpath
@@ -133,6 +134,14 @@ class Listing:
     # (mtime locally, the ETag on object storage; only the size, "size:", on a filesystem
     # whose listing has no CHANGE_MARKERS), to tell a file replaced under its name
     stamps: dict[str, str] = field(default_factory=dict)
+
+
+def files_digest(record: Record, stamps: Mapping[str, str]) -> str:
+    """SHA-256 (hex) of a record's files as listed: each URI with its stamp (`Listing.stamps`),
+    so that a file replaced under its name, or a record now read from another file, digests
+    otherwise. Names need not be valid Unicode."""
+    text = "\n".join(f"{u}\t{stamps.get(u, '')}" for u in (record.image_uri, *record.mask_uris))
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ applies it alike. Connected components are found with batched torch ops on the m
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -62,3 +63,9 @@ def keep_largest(mask: torch.Tensor) -> torch.Tensor:
         best = counts == counts.max()
         out[i] = labels[i] == values[best].max()
     return out
+
+
+def zero_outside_largest(prob: np.ndarray, threshold: float) -> None:
+    """Zero, in place, an (H, W) probability map outside the largest component of its mask at
+    `threshold` (`keep_largest`)."""
+    prob *= keep_largest(torch.from_numpy(prob[None]) > threshold)[0].numpy()

@@ -50,13 +50,18 @@ def check_device(name: object, setting: str) -> str:
     return name
 
 
+def cuda_devices() -> int:
+    """The CUDA devices torch sees here (0 on a CPU-only build)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def resolve_device(name: str, setting: str = "device") -> torch.device:
     """`check_device`'s name as a torch device: auto is CUDA where torch sees a GPU, else CPU."""
     if check_device(name, setting) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":  # else torch's AssertionError, deep in the first model move
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = cuda_devices()
         if (device.index or 0) >= count:
             build = " (a CPU-only build of torch)" if torch.version.cuda is None else ""
             raise ValueError(f"{setting}={name}, but torch sees {count} CUDA device(s) "

@@ -161,7 +161,7 @@ def task_slots(num_cpus: float = 1, num_gpus: float = 0, *,
     return max(1, fits)
 
 
-def _local_path(url: str) -> str | None:
+def local_path(url: str) -> str | None:
     """The absolute path of a local `url` (a path or file://), None for any other filesystem."""
     import fsspec
 
@@ -186,7 +186,7 @@ def check_shared_paths(written: Mapping[str, str], read: Mapping[str, str],
         return
     markers: dict[str, str] = {}
     for setting, url in written.items():
-        path = _local_path(url)
+        path = local_path(url)
         if path is not None:
             os.makedirs(path, exist_ok=True)
             marker = os.path.join(path, f".medseg-shared-{uuid.uuid4().hex}")
@@ -194,7 +194,7 @@ def check_shared_paths(written: Mapping[str, str], read: Mapping[str, str],
                 pass
             markers[setting] = marker
     for setting, url in read.items():
-        path = _local_path(url)
+        path = local_path(url)
         if path is not None and os.path.exists(path):
             markers[setting] = path
     if not markers:

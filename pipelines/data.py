@@ -120,6 +120,7 @@ from medseg_core.layouts import (
     Record,
     decode_masks,
     decode_record,
+    files_digest,
     list_records,
     valid_text,
 )
@@ -587,16 +588,18 @@ def list_archive(data_cfg: dict[str, Any], strict: bool | None = None,
     them) must be those, in that order, or LayoutError (reordered, every label was named
     after another class)."""
     url = ensure_dataset(data_cfg)
-    endpoint = None
-    remote = "://" in url and not url.startswith("file://")
+    from pipelines.cluster import local_path
+
+    so = storage_options(data_cfg)
+    endpoint = (so or {}).get("client_kwargs", {}).get("endpoint_url")
+    remote = local_path(url) is None
     if remote:  # minutes where the endpoint is wrong
-        endpoint = (storage_options(data_cfg) or {}).get("client_kwargs", {}).get("endpoint_url")
         print(f"[data] listing {valid_text(url)}{f' at {endpoint}' if endpoint else ''}",
               flush=True)
     try:
         with _still_waiting(f"[data] still listing {valid_text(url)}" if remote else None):
             listing = list_records(
-                url, data_cfg["layout"], storage_options=storage_options(data_cfg),
+                url, data_cfg["layout"], storage_options=so,
                 strict=bool(data_cfg.get("strict", True) if strict is None else strict),
                 max_bytes=_max_bytes(data_cfg), stamps=stamps,
                 **(data_cfg.get("options") or {}),
@@ -649,8 +652,7 @@ def checked_hashes(records: Sequence[Record], so: dict | None, *, strict: bool,
         uris = (rec.image_uri, *rec.mask_uris)
         if not all(stamps.get(u, "").partition(":")[2] for u in uris):
             return None
-        files = "\n".join(f"{u}\t{stamps[u]}" for u in uris)
-        return hashlib.sha256(files.encode(errors="surrogateescape")).hexdigest()[:20]
+        return files_digest(rec, stamps)[:20]
 
     digests = {r.id: digest(r) for r in records}
     cache: dict[str, Any] = {}

@@ -258,13 +258,13 @@ def pack_archive(cfg: dict[str, Any]) -> dict[str, Any]:
     shards = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
     t0 = time.time()
     if backend == "local":
-        summaries, last = [], t0
+        summaries, last, packed = [], t0, 0
         for i, shard in enumerate(shards):
             summaries.append(pack_shard(i, shard, spec))
+            packed += len(shard)
             if time.time() - last >= PROGRESS_EVERY_S and i + 1 < len(shards):
                 last = time.time()
-                print(f"[pack] {i + 1}/{len(shards)} shards, "
-                      f"{sum(len(x) for x in shards[:i + 1])} records", flush=True)
+                print(f"[pack] {i + 1}/{len(shards)} shards, {packed} records", flush=True)
     else:
         import ray
 

@@ -81,7 +81,7 @@ from omegaconf import DictConfig
 from medseg_core.checkpoint import check_bundle_task
 from medseg_core.inference import check_threshold
 from medseg_core.io import is_local, move_file, remove_path
-from medseg_core.layouts import Listing, Record, list_records, valid_text
+from medseg_core.layouts import Listing, Record, files_digest, list_records, valid_text
 from medseg_core.metrics import metrics_from_counts
 from medseg_core.precision import check_device
 from medseg_core.results import error_row
@@ -742,14 +742,6 @@ def list_input(cfg: Mapping[str, Any], so: dict | None) -> Listing:
                         allow_empty=True, stamps=True, **dict(cfg.get("layout_options") or {}))
 
 
-def source_stamp(record: Record, stamps: Mapping[str, str]) -> str:
-    """What a record's row was made from: a digest of its files' names and their sizes and
-    modification times (ETags on object storage), as listed (names need not be Unicode)."""
-    text = "\n".join(f"{uri}\t{stamps.get(uri, '')}" for uri in (record.image_uri,
-                                                                    *record.mask_uris))
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-
-
 def read_sources(out: Output) -> dict[str, tuple[str, float | None]]:
     """id -> (source stamp, threshold) of the rows committed so far (`SOURCES`; empty for an
     output written before it existed, or an unreadable one)."""
@@ -856,7 +848,8 @@ def run(cfg: Mapping[str, Any], release: Callable[[], None] | None = None) -> di
     # an image replaced under its name (or a name now read from another file) since its row
     # was made is processed again: its old mask kept the old image's size for ever
     sources = read_sources(out)
-    stamps = {r.id: source_stamp(r, listing.stamps) for r in listing.records}
+    # what each row is made from: its files' names, sizes and modification times (ETags)
+    stamps = {r.id: files_digest(r, listing.stamps)[:32] for r in listing.records}
     changed = {i for i in set(state.ids) & set(stamps)
                if i in sources and sources[i][0] != stamps[i]}
     retried |= changed
